@@ -1,0 +1,73 @@
+"""Choose the `quick` preset on a 2-core CPU: pretrain candidate configs, score them on val only.
+
+Each candidate is the quick preset plus `--set`-style overrides. Per candidate: wall-clock of
+pretraining (the preset must finish in <= 10 minutes), kNN val accuracy (k=20, T=0.07) and the
+linear probe's val accuracy (weight decay chosen on val, so optimistic, but the same for all).
+The test split is never touched here; the chosen preset's test numbers come from reproduce.py.
+
+    python experiments/quick_preset_search.py --data-root ../shared/data \
+        --candidate base= --candidate e24=epochs=24 --out experiments/results/quick_preset_search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ssl_blood.cli import _apply_settings, _parse_set
+from ssl_blood.config import PretrainConfig, preset_config
+from ssl_blood.data import resolve_source
+from ssl_blood.device import describe_device
+from ssl_blood.embed import Embedder, embed_splits
+from ssl_blood.evaluate import knn_accuracy, linear_probe
+from ssl_blood.train import pretrain
+
+
+def score_on_val(checkpoint: Path) -> dict:
+    embedder = Embedder.from_checkpoint(checkpoint, "cpu")
+    source = resolve_source(embedder.spec["source"]["path"])
+    emb = embed_splits(embedder, source, ["train", "val"])
+    (tx, ty, _), (vx, vy, _) = emb.select("train"), emb.select("val")
+    probe = linear_probe(tx, ty, vx, vy, vx[:10], vy[:10], emb.class_names, device="cpu")
+    return {"knn_val_acc": knn_accuracy(tx, ty, vx, vy, len(emb.class_names)),
+            "probe_val_acc": probe["val_acc"], "probe_weight_decay": probe["weight_decay"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--method", default="simclr")
+    parser.add_argument("--candidate", action="append", required=True,
+                        help="NAME=key=value,key=value (empty overrides for the preset itself)")
+    parser.add_argument("--runs", default="runs/quick-search")
+    parser.add_argument("--out", default="experiments/results/quick_preset_search.json")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else []
+    for candidate in args.candidate:
+        name, _, spec = candidate.partition("=")
+        settings = _parse_set([s for s in spec.split(",") if s])
+        cfg = preset_config("quick", args.method)
+        cfg_dict = _apply_settings(cfg.to_dict(), settings)
+        cfg_dict["data"] = resolve_source(args.data_root).to_dict()
+        cfg = PretrainConfig.from_dict(cfg_dict)
+        run_dir = Path(args.runs) / name
+        started = time.perf_counter()
+        result = pretrain(cfg, run_dir, overwrite=True, progress=False)
+        seconds = time.perf_counter() - started
+        row = {"name": name, "overrides": settings, "device": describe_device("cpu"),
+               "pretrain_seconds": round(seconds, 1), "epochs": cfg.epochs,
+               "final_loss": result.history[-1]["loss"], **score_on_val(run_dir / "checkpoint.pt")}
+        print(json.dumps(row), file=sys.stderr)
+        results = [r for r in results if r["name"] != name] + [row]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Which device to run on, and how to name it in results."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from ssl_blood.errors import UserError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" is the GPU when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} but this torch sees no CUDA GPU; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: use auto, cpu or cuda") from None
+
+
+def describe_device(device: torch.device | str = "auto") -> str:
+    """A name for results files: the GPU's name, or the CPU with its thread count."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively here (AVX-512 BF16/AMX or AVX-512BW+)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """"auto": bf16 on CUDA and on CPUs with fast bf16; "bf16" forces it, "fp32" turns it off."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision {precision}: use auto, bf16 or fp32")
+    return precision == "bf16" or (
+        precision == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
+
+
+def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The autocast context for training at `precision` (see `uses_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from ssl_blood.augment import (AugmentConfig, BatchAugment, color_jitter, eval_preprocess,
+                               gaussian_blur, lightly_transform, sample_crop_affine, to_unit_float, warp)
+
+IDENTITY = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # normalisation that keeps [0, 1] values
+
+
+def images(n=16, size=28, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def dihedral(x):
+    """The 8 rotations/flips of an image (C, H, W)."""
+    out = []
+    for k in range(4):
+        r = torch.rot90(x, k, (1, 2))
+        out += [r, r.flip(2)]
+    return out
+
+
+def test_simclr_views_shapes_and_range():
+    cfg = AugmentConfig(hue=0.1, grayscale=0.3, blur_prob=0.5, solarize_prob=0.3)
+    v1, v2 = BatchAugment(cfg, *IDENTITY, size=24).simclr_views(images(), gen())
+    assert v1.shape == v2.shape == (16, 3, 24, 24) and v1.dtype == torch.float32
+    assert v1.min() >= 0 and v1.max() <= 1 and not torch.equal(v1, v2)
+
+
+def test_dino_multicrop_views():
+    cfg = AugmentConfig(local_views=4, local_size=12)
+    views = BatchAugment(cfg, *IDENTITY, size=28).dino_views(images(8), gen())
+    assert [tuple(v.shape) for v in views] == [(8, 3, 28, 28)] * 2 + [(8, 3, 12, 12)] * 4
+
+
+def test_parameters_differ_per_image():
+    same = images(1).expand(32, -1, -1, -1).contiguous()
+    view = BatchAugment(AugmentConfig(), *IDENTITY, size=28).view(same, gen(), 28, (0.3, 1.0))
+    distinct = {tuple(v.flatten()[:50].tolist()) for v in view}
+    assert len(distinct) > 28  # one batch, (almost) every image transformed differently
+
+
+def test_geometry_is_label_preserving_dihedral():
+    x = images(32)
+    theta = sample_crop_affine(32, (1.0, 1.0), (1.0, 1.0), 0.5, 0.5, True, gen(3), "cpu")
+    out = warp(to_unit_float(x), theta, 28)
+    seen = set()
+    for original, warped in zip(to_unit_float(x), out):
+        errors = [float((d - warped).abs().max()) for d in dihedral(original)]
+        assert min(errors) < 1e-4  # exactly one of the 8 symmetries, no interpolation blur
+        seen.add(min(range(8), key=errors.__getitem__))
+    assert len(seen) >= 6  # and the symmetries vary across the batch
+
+
+def test_crop_stays_inside_the_image():
+    theta = sample_crop_affine(500, (0.05, 1.0), (0.5, 2.0), 0.5, 0.5, True, gen(), "cpu")
+    corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, -1.0, 1.0]])
+    mapped = torch.einsum("nij,kj->nki", theta, corners)
+    assert mapped.abs().max() <= 1 + 1e-6
+
+
+def test_seeded_determinism():
+    aug = BatchAugment(AugmentConfig(blur_prob=0.5, hue=0.05), *IDENTITY, size=28)
+    a = aug.dino_views(images(), gen(7))
+    b = aug.dino_views(images(), gen(7))
+    c = aug.dino_views(images(), gen(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_no_augmentation_is_identity():
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0, vflip=0, rot90=False,
+                        jitter_prob=0)
+    x = images(4)
+    view = BatchAugment(cfg, *IDENTITY, size=28).view(x, gen(), 28, cfg.crop_scale)
+    assert torch.allclose(view, to_unit_float(x), atol=1e-5)
+
+
+def test_color_jitter_strength_zero_and_gray_stays_gray():
+    x = to_unit_float(images(8))
+    assert torch.equal(color_jitter(x, AugmentConfig(jitter_prob=1.0, brightness=0, contrast=0,
+                                                     saturation=0, hue=0), gen()), x)
+    gray = x[:, :1].expand(-1, 3, -1, -1).contiguous()
+    out = color_jitter(gray, AugmentConfig(jitter_prob=1.0, hue=0.5, saturation=0.9), gen())
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-4)  # hue/saturation move no gray pixel
+
+
+def test_blur_keeps_constant_images_and_smooths_noise():
+    flat = torch.full((4, 3, 16, 16), 0.4)
+    assert torch.allclose(gaussian_blur(flat, 1.0, (1.0, 1.0), gen()), flat, atol=1e-6)
+    noise = torch.rand(4, 3, 16, 16, generator=gen())
+    assert gaussian_blur(noise, 1.0, (1.0, 1.0), gen()).std() < noise.std() * 0.7
+
+
+def test_eval_preprocess_resizes_and_normalises():
+    x = torch.full((2, 3, 28, 28), 255, dtype=torch.uint8)
+    out = eval_preprocess(x, [0.5] * 3, [0.25] * 3, 56)
+    assert out.shape == (2, 3, 56, 56) and torch.allclose(out, torch.full_like(out, 2.0))
+
+
+def test_grayscale_input_images():
+    x = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    views = BatchAugment(AugmentConfig(hue=0.2, grayscale=0.5), [0.5], [0.2], 16).simclr_views(x, gen())
+    assert views[0].shape == (6, 1, 16, 16)
+
+
+@pytest.mark.parametrize("method, n_views", [("simclr", 2), ("dino", 2 + AugmentConfig().local_views)])
+def test_lightly_cpu_transform(method, n_views):
+    from PIL import Image
+
+    transform = lightly_transform(method, AugmentConfig(), 28, [0.5] * 3, [0.25] * 3)
+    views = transform(Image.fromarray(images(1)[0].permute(1, 2, 0).numpy()))
+    assert len(views) == n_views and views[0].shape == (3, 28, 28)

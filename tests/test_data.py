@@ -1,0 +1,168 @@
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_blood import data
+from ssl_blood.data import (DataSource, available_splits, channel_stats, load_split,
+                            read_cell_image, resolve_source, stratified_indices)
+from ssl_blood.errors import UserError
+from tests.conftest import make_npz
+
+BLOODMNIST_MD5 = "7053d0359d879ad8a5505303e11de1dc"
+
+
+def test_bloodmnist_from_shared_root(data_root):
+    source = resolve_source(str(data_root))
+    sizes = {s: len(load_split(source, s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 11959, "val": 1712, "test": 3421}
+    train = load_split(source, "train")
+    assert train.images.dtype == torch.uint8 and train.images.shape[1:] == (3, 28, 28)
+    assert train.labels.dtype == torch.int64 and set(train.labels.unique().tolist()) == set(range(8))
+    assert train.class_names[3] == "immature granulocytes" and len(train.class_names) == 8
+    assert torch.equal(train.ids, torch.arange(11959))
+    assert available_splits(source) == ("train", "val", "test")
+
+
+def test_data_root_from_environment(data_root, monkeypatch):
+    monkeypatch.setenv("SSL_BLOOD_DATA_ROOT", str(data_root))
+    assert resolve_source().path == str(data_root.resolve())
+
+
+def test_limit_is_stratified_and_keeps_ids(data_root):
+    source = resolve_source(str(data_root))
+    full = load_split(source, "test")
+    subset = load_split(source, "test", limit=400, seed=1)
+    assert len(subset) == 400
+    full_share = np.bincount(full.labels, minlength=8) / len(full)
+    sub_share = np.bincount(subset.labels, minlength=8) / 400
+    assert np.abs(full_share - sub_share).max() < 0.01
+    assert torch.equal(full.images[subset.ids], subset.images)  # ids point into the full split
+
+
+def test_stratified_indices_small_limits():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    idx = stratified_indices(labels, 10, seed=0)
+    assert len(idx) == 10 and len(set(idx)) == 10
+    assert set(labels[idx]) == {0, 1, 2}  # every class kept while the limit allows
+    assert np.array_equal(idx, stratified_indices(labels, 10, seed=0))
+    assert len(stratified_indices(labels, 2, seed=0)) == 2
+    assert len(stratified_indices(labels, 500)) == 100
+
+
+def test_wrong_md5_is_refused(data_root, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    blob = (data_root / "bloodmnist.npz").read_bytes()
+    (root / "bloodmnist.npz").write_bytes(blob[: len(blob) // 2])  # truncated download
+    with pytest.raises(UserError, match="MD5.*download it again"):
+        load_split(resolve_source(str(root)), "train")
+    assert hashlib.md5(blob).hexdigest() == BLOODMNIST_MD5
+
+
+def test_missing_file_offline_says_where_to_put_it(tmp_path, monkeypatch):
+    import medmnist
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Automatic download failed!")
+
+    monkeypatch.setattr(medmnist, "BloodMNIST", offline)
+    with pytest.raises(UserError) as err:
+        load_split(resolve_source(str(tmp_path / "empty")), "train")
+    message = str(err.value)
+    assert "download failed" in message and str(tmp_path / "empty") in message
+    assert "zenodo" in message and "\n" not in message
+
+
+def test_other_sizes_need_their_file(tmp_path, monkeypatch):
+    import medmnist
+
+    monkeypatch.setattr(medmnist, "BloodMNIST", lambda **kw: (_ for _ in ()).throw(RuntimeError()))
+    with pytest.raises(UserError, match="bloodmnist_64.npz"):
+        load_split(resolve_source(str(tmp_path), size=64), "train")
+    with pytest.raises(UserError, match="not a BloodMNIST size"):
+        resolve_source(str(tmp_path), size=50)
+
+
+def test_synthetic_npz_rgb_and_grayscale(tmp_path):
+    rgb = load_split(resolve_source(npz=str(make_npz(tmp_path / "a.npz"))), "val")
+    assert rgb.images.shape == (24, 3, 16, 16) and rgb.class_names == tuple(f"class {i}" for i in range(4))
+    gray = load_split(resolve_source(npz=str(make_npz(tmp_path / "g.npz", channels=1, classes=5))), "train")
+    assert gray.images.shape == (64, 1, 16, 16) and gray.num_classes == 5
+
+
+def test_npz_class_names_and_medmnist_names(tmp_path):
+    arrays = dict(np.load(make_npz(tmp_path / "x.npz")))
+    np.savez(tmp_path / "named.npz", class_names=np.array(["a", "b", "c", "d"]), **arrays)
+    assert load_split(resolve_source(npz=str(tmp_path / "named.npz")), "train").class_names == ("a", "b", "c", "d")
+    shutil.copy(tmp_path / "x.npz", tmp_path / "pathmnist.npz")  # a medmnist flag: names from INFO
+    names = load_split(resolve_source(npz=str(tmp_path / "pathmnist.npz")), "train").class_names
+    assert names[0] == "adipose"
+
+
+@pytest.mark.parametrize("mutate, pattern", [
+    (lambda a: a.update(train_images=a["train_images"].astype(np.float32)), "dtype float32.*uint8"),
+    (lambda a: a.update(train_images=a["train_images"][:, :, :8]), "square"),
+    (lambda a: a.update(train_images=a["train_images"][..., :2]), r"expected \(N, H, W\)"),
+    (lambda a: a.update(train_labels=a["train_labels"][:10]), "10 labels for 64 images"),
+    (lambda a: a.update(train_labels=np.zeros((64, 3), np.int64)), "multi-label"),
+    (lambda a: a.pop("train_images"), "no 'train_images'"),
+])
+def test_malformed_npz_is_refused(tmp_path, mutate, pattern):
+    arrays = dict(np.load(make_npz(tmp_path / "ok.npz")))
+    mutate(arrays)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError, match=pattern):
+        load_split(resolve_source(npz=str(tmp_path / "bad.npz")), "train")
+
+
+def test_truncated_or_missing_npz(tmp_path):
+    blob = make_npz(tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(UserError, match="truncated"):
+        load_split(resolve_source(npz=str(tmp_path / "cut.npz")), "train")
+    with pytest.raises(UserError, match="no such file"):
+        load_split(resolve_source(npz=str(tmp_path / "nope.npz")), "train")
+
+
+def test_image_folder_recursive_resized_and_counts_unreadable(image_folder, capsys):
+    cells = load_split(resolve_source(image_dir=str(image_folder), size=20), "train")
+    assert cells.images.shape == (9, 3, 20, 20) and cells.images.dtype == torch.uint8
+    assert (cells.labels == -1).all() and not cells.is_labeled
+    assert "skipped 1 unreadable image(s) of 10" in capsys.readouterr().err
+    assert available_splits(cells.source) == ("train",)
+    with pytest.raises(UserError, match="only the 'train' split"):
+        load_split(cells.source, "test")
+
+
+def test_empty_or_missing_image_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        load_split(resolve_source(image_dir=str(tmp_path / "empty")), "train")
+    with pytest.raises(UserError, match="no such folder"):
+        load_split(resolve_source(image_dir=str(tmp_path / "missing")), "train")
+
+
+def test_read_cell_image_converts_modes(tmp_path):
+    from PIL import Image
+
+    Image.new("RGBA", (60, 40), (255, 0, 0, 128)).save(tmp_path / "a.png")
+    array = read_cell_image(tmp_path / "a.png", 28)
+    assert array.shape == (3, 28, 28) and array[0].min() == 255 and array[1].max() == 0
+    assert read_cell_image(tmp_path / "a.png", 28, channels=1).shape == (1, 28, 28)
+
+
+def test_channel_stats():
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 1] = 255
+    mean, std = channel_stats(images)
+    assert mean == pytest.approx([0, 1, 0]) and std[0] == pytest.approx(1e-3)
+
+
+def test_datasource_roundtrip():
+    source = DataSource("npz", "/x/cells.npz", 16)
+    assert DataSource.from_dict(source.to_dict()) == source and source.name == "cells"
+    with pytest.raises(UserError, match="only one of"):
+        resolve_source("a", npz="b")
