@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from ssl_blood.cli import _apply_settings, _parse_set
-from ssl_blood.config import PretrainConfig, preset_config
+from dataclasses import replace
+
+from ssl_blood.config import apply_settings, parse_settings, preset_config
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
 from ssl_blood.embed import Embedder, embed_splits
@@ -50,11 +51,9 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.exists() else []
     for candidate in args.candidate:
         name, _, spec = candidate.partition("=")
-        settings = _parse_set([s for s in spec.split(",") if s])
-        cfg = preset_config("quick", args.method)
-        cfg_dict = _apply_settings(cfg.to_dict(), settings)
-        cfg_dict["data"] = resolve_source(args.data_root).to_dict()
-        cfg = PretrainConfig.from_dict(cfg_dict)
+        settings = parse_settings([s for s in spec.split(",") if s])
+        cfg = apply_settings(preset_config("quick", args.method), settings)
+        cfg = replace(cfg, data=resolve_source(args.data_root).to_dict())
         run_dir = Path(args.runs) / name
         started = time.perf_counter()
         result = pretrain(cfg, run_dir, overwrite=True, progress=False)

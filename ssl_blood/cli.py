@@ -53,35 +53,6 @@ def _refuse_existing(path: Path, overwrite: bool, what: str = "--out") -> None:
 # ----------------------------------------------------------------------------- pretrain
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """--set section.key=value (value parsed as JSON when it parses, else a string)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set augment.hue=0.1")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key] = value
-    return out
-
-
-def _apply_settings(cfg_dict: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    for dotted, value in settings.items():
-        node = cfg_dict
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise UserError(f"--set {dotted}: '{part}' is not a config section; see config.json")
-            node = node[part]
-        if leaf not in node:
-            raise UserError(f"--set {dotted}: no such setting; see config.json of a run for the keys")
-        node[leaf] = value
-    return cfg_dict
-
-
 _PRETRAIN_FLAGS = {  # argparse dest -> config field
     "method": "method", "backbone": "backbone", "epochs": "epochs", "batch_size": "batch_size",
     "optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay",
@@ -92,7 +63,7 @@ _PRETRAIN_FLAGS = {  # argparse dest -> config field
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_blood.config import PretrainConfig, preset_config
+    from ssl_blood.config import PretrainConfig, apply_settings, parse_settings, preset_config
     from ssl_blood.device import resolve_device
     from ssl_blood.train import CHECKPOINT, pretrain, resume_config
 
@@ -102,7 +73,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides["compile"] = True
     if _source_given(args):
         overrides["data"] = _source(args).to_dict()
-    settings = _parse_set(args.set or [])
+    settings = parse_settings(args.set or [])
     out = Path(args.out) if args.out else None
     if args.resume:
         if out is None:
@@ -121,7 +92,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             overrides["data"] = _source(args).to_dict()
         cfg = PretrainConfig.from_dict({**cfg.to_dict(), **overrides})
     if settings:
-        cfg = PretrainConfig.from_dict(_apply_settings(cfg.to_dict(), settings))
+        cfg = apply_settings(cfg, settings)
     out = out or Path("runs") / f"{cfg.method}-{cfg.preset}"
     result = pretrain(cfg.validate(), out, resume=args.resume, overwrite=args.overwrite)
     last = result.history[-1] if result.history else {}
@@ -433,6 +404,49 @@ def cmd_supervised(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- umap / report
+
+
+def _read_json(path: str | None, what: str) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path}: cannot read it as JSON ({exc}); give the file ssl-blood "
+                        f"wrote") from None
+
+
+def cmd_umap(args: argparse.Namespace) -> int:
+    from ssl_blood.embed import Embeddings
+    from ssl_blood.umap_ig import umap_report
+
+    emb = Embeddings.load(args.embeddings)
+    compare = Embeddings.load(args.compare) if args.compare else None
+    result = umap_report(emb, args.out, args.split, args.highlight, compare, args.seed,
+                         _read_json(args.probe, "--probe"))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    main = result["analyses"][emb.name]
+    share = main["same_class_neighbour_share"][result["highlight"]]
+    print(f"{result['highlight']} ({main['cells']} {args.split} cells, {emb.name}): "
+          f"{share:.1%} of their {main['k']} nearest neighbours share the class; nearest classes: "
+          + ", ".join(f"{r['class']} ({r['cosine_distance']:.3f})" for r in main["nearest_classes"][:3])
+          + f"; {main['subclusters']['k']} sub-clusters")
+    print("wrote " + ", ".join(result["files"] + [str(Path(args.out) / "ig_analysis.json")]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ssl_blood.report import build_report
+
+    path = build_report(args.run, args.out, limit=args.limit, device=args.device,
+                        baselines=_csv(args.baselines))
+    print(f"wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -590,7 +604,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_supervised)
+
+    p = sub.add_parser("umap", help="UMAP maps and the immature-granulocyte analysis",
+                       description="2-D UMAP (cosine) of one split coloured by class, the highlighted "
+                                   "class against the rest, and ig_analysis.json with the numbers "
+                                   "behind the picture.")
+    p.add_argument("--embeddings", required=True, metavar="EMB.npz")
+    p.add_argument("--split", default="test")
+    p.add_argument("--highlight", default="immature granulocytes", help="class to analyse")
+    p.add_argument("--compare", metavar="OTHER_EMB.npz", help="same panels for a baseline")
+    p.add_argument("--probe", metavar="linear_probe.json", help="add the class's confusion rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_umap)
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run",
+                       description="Everything of one pretraining run on one HTML page (images "
+                                   "embedded): config, training curves, evaluation with baselines, "
+                                   "confusion matrix, UMAP, IG analysis, retrieval montages. Missing "
+                                   "analyses are computed and kept in RUN/analysis/.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--out", metavar="report.html", help="default RUN_DIR/report.html")
+    p.add_argument("--baselines", default="pixels,random-init",
+                   help="baselines to compare against (comma-separated; empty for none)")
+    p.add_argument("--limit", type=int, help="stratified subset per split (quick looks)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def cli_reference_markdown() -> str:
+    """docs/cli.md: every subcommand's --help, generated (tests check the file is current)."""
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"COLUMNS": "100"}):
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parts = ["# CLI reference", "",
+                 "<!-- generated by ssl_blood.cli.cli_reference_markdown(); regenerate with\n"
+                 "     python -c \"from ssl_blood.cli import cli_reference_markdown as m; "
+                 "open('docs/cli.md', 'w').write(m())\" -->", "",
+                 "`ssl-blood COMMAND --help` prints the same. Bad input: one line on stderr, exit code 2, "
+                 "nothing overwritten; a run that stops (non-finite loss, DINO collapse): one line, "
+                 "exit code 1.", "", "```", parser.format_help().rstrip(), "```", ""]
+        for name, command in sub.choices.items():
+            parts += [f"## `ssl-blood {name}`", "", "```", command.format_help().rstrip(), "```", ""]
+    return "\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

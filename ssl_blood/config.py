@@ -109,6 +109,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set section.key=value` items -> {dotted key: value}; values parse as JSON when they
+    do (numbers, lists, booleans), else stay strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set augment.hue=0.1")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def apply_settings(cfg: PretrainConfig, settings: dict[str, Any]) -> PretrainConfig:
+    """A copy of `cfg` with dotted settings applied ({"augment.hue": 0.1}); unknown keys refused."""
+    tree = cfg.to_dict()
+    for dotted, value in settings.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise UserError(f"--set {dotted}: '{part}' is not a config section; see a run's config.json")
+            node = node[part]
+        if leaf not in node:
+            raise UserError(f"--set {dotted}: no such setting; see a run's config.json for the keys")
+        node[leaf] = value
+    return PretrainConfig.from_dict(tree)
+
+
 def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
     """The named preset for a method.
 

@@ -35,19 +35,20 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray,
 
     y_pred = scores.argmax(1)
     labels = np.arange(len(class_names))
-    with warnings.catch_warnings():  # a class absent from y_true (tiny subsets): AUC undefined
+    with warnings.catch_warnings():  # tiny subsets may miss a class: AUC is then undefined
         warnings.simplefilter("ignore")
         try:
             auc = float(getAUC(y_true, scores, "multi-class"))
         except ValueError:
             auc = float("nan")
+        balanced = float(balanced_accuracy_score(y_true, y_pred))
     auc = None if math.isnan(auc) else auc
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0)
     return {
         "acc": float(getACC(y_true, scores, "multi-class")),
         "auc": auc,
-        "balanced_acc": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_acc": balanced,
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f),
                              "support": int(s)}

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+# Okabe-Ito, reordered so the weak yellow comes last (least used, never a highlight by default)
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#000000", "#F0E442")
 DPI = 300  # publication resolution for PNGs
 
 
@@ -84,6 +85,7 @@ def training_curves_png(history: Sequence[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(epochs, [h["loss"] for h in history], color=OKABE_ITO[4], label="loss")
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("loss", color=OKABE_ITO[4])
     knn = [(h["epoch"], h["knn_val_acc"]) for h in history if "knn_val_acc" in h]
     if knn:
@@ -136,20 +138,94 @@ def _short(class_names: Sequence[str], label: int) -> str:
     return "IG" if name.startswith("immature granulocyte") else name
 
 
-def cell_grid(images: Sequence[np.ndarray], path: str | Path, title: str = "",
-              row_titles: Sequence[str] | None = None, columns: int = 8) -> Path:
-    """Rows of cell thumbnails (each row a group when `row_titles` is given)."""
+def cell_grid(groups: Sequence[Sequence[np.ndarray]], path: str | Path, title: str = "",
+              row_titles: Sequence[str] | None = None) -> Path:
+    """One row of cell thumbnails per group (e.g. the cells nearest each sub-cluster centre)."""
     plt = _pyplot()
-    rows = int(np.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.9, rows * 0.95 + 0.4), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < len(images):
-            ax.imshow(to_hwc(images[i]), interpolation="nearest",
-                      cmap="gray" if np.asarray(images[i]).shape[0] == 1 else None)
-    if row_titles:
-        for r, t in enumerate(row_titles):
-            axes[r, 0].set_title(t, fontsize=7, loc="left")
+    columns = max(1, max(len(g) for g in groups))
+    fig, axes = plt.subplots(len(groups), columns, figsize=(columns * 0.9, len(groups) * 1.0 + 0.4),
+                             squeeze=False)
+    for r, group in enumerate(groups):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(group):
+                ax.imshow(to_hwc(group[c]), interpolation="nearest",
+                          cmap="gray" if np.asarray(group[c]).shape[0] == 1 else None)
+        if row_titles:
+            axes[r, 0].set_title(row_titles[r], fontsize=7, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)[0]
+
+
+# ----------------------------------------------------------------------------- UMAP / IG
+
+
+def umap_panels_png(maps: Sequence[dict], class_names: Sequence[str], highlight: int,
+                    path: str | Path) -> list[Path]:
+    """Per embedding one row: the map coloured by class, then the same map with the highlighted
+    class in colour, the rest grey, and a thumbnail of each sub-cluster's most central cell.
+    Writes PNG and SVG. Each map is a dict with `title`, `coords` (N, 2), `labels` (N,) and
+    `thumbnails` [(xy, image)]."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    plt = _pyplot()
+    colors = class_colors(len(class_names))
+    fig, axes = plt.subplots(len(maps), 2, figsize=(12, 5.2 * len(maps)), squeeze=False)
+    for (ax_class, ax_target), m in zip(axes, maps):
+        xy, labels = np.asarray(m["coords"]), np.asarray(m["labels"])
+        for c, name in enumerate(class_names):
+            sel = labels == c
+            ax_class.scatter(xy[sel, 0], xy[sel, 1], s=3, color=colors[c], alpha=0.75,
+                             label=f"{name} ({int(sel.sum())})", linewidths=0, rasterized=True)
+        ax_class.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
+        ax_class.set_title(f"{m['title']}: classes", fontsize=10)
+        others = labels != highlight
+        ax_target.scatter(xy[others, 0], xy[others, 1], s=3, color="#d0d0d0", linewidths=0,
+                          rasterized=True, label="other classes")
+        ax_target.scatter(xy[~others, 0], xy[~others, 1], s=5, color=colors[highlight],
+                          linewidths=0, rasterized=True, label=class_names[highlight])
+        ax_target.legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+        ax_target.set_title(f"{m['title']}: {class_names[highlight]} highlighted", fontsize=10)
+        spread = xy.max(0) - xy.min(0)
+        for number, (point, image) in enumerate(m.get("thumbnails", [])):
+            box = OffsetImage(to_hwc(image), zoom=1.6, cmap="gray" if image.shape[0] == 1 else None)
+            # alternate the offsets so thumbnails of nearby sub-clusters do not cover each other
+            offset = np.array([0.18 if number % 2 == 0 else -0.18, 0.16 if number % 4 < 2 else -0.16])
+            ab = AnnotationBbox(box, point, xybox=point + offset * spread, xycoords="data",
+                                arrowprops={"arrowstyle": "-", "color": "#333333", "lw": 0.8},
+                                bboxprops={"edgecolor": colors[highlight], "linewidth": 1.5})
+            ax_target.add_artist(ab)
+        for ax in (ax_class, ax_target):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("UMAP 1")
+            ax.set_ylabel("UMAP 2")
+    fig.tight_layout()
+    return _save(fig, path, svg=True)
+
+
+def neighbour_composition_png(compositions: dict[str, dict[str, dict[str, float]]],
+                              class_names: Sequence[str], highlight: int, path: str | Path) -> Path:
+    """Stacked bars: the class make-up of each class's nearest neighbours, one panel per
+    embedding, the highlighted class first."""
+    plt = _pyplot()
+    colors = class_colors(len(class_names))
+    order = [class_names[highlight]] + [c for i, c in enumerate(class_names) if i != highlight]
+    fig, axes = plt.subplots(1, len(compositions), figsize=(6.5 * len(compositions), 3.6),
+                             squeeze=False)
+    for ax, (title, comp) in zip(axes[0], compositions.items()):
+        rows = [r for r in order if r in comp]
+        left = np.zeros(len(rows))
+        for j, name in enumerate(class_names):
+            share = np.array([comp[r][name] for r in rows])
+            ax.barh(range(len(rows)), share, left=left, color=colors[j], label=name, height=0.7)
+            left += share
+        ax.set_yticks(range(len(rows)), [_short(class_names, class_names.index(r)) for r in rows],
+                      fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of nearest neighbours")
+        ax.set_title(title, fontsize=9)
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
     return _save(fig, path)[0]

@@ -32,8 +32,12 @@ def data_root() -> Path:
     return root
 
 
+CELL_NAMES = ("basophil", "immature granulocytes", "monocyte", "neutrophil")
+
+
 def make_npz(path: Path, n_train: int = 64, n_val: int = 24, n_test: int = 24, size: int = 16,
-             channels: int = 3, classes: int = 4, seed: int = 0) -> Path:
+             channels: int = 3, classes: int = 4, seed: int = 0,
+             class_names: tuple[str, ...] | None = None) -> Path:
     """A MedMNIST-format file whose classes differ in colour and brightness (learnable)."""
     rng = np.random.default_rng(seed)
     arrays = {}
@@ -46,6 +50,8 @@ def make_npz(path: Path, n_train: int = 64, n_val: int = 24, n_test: int = 24, s
             images = images[..., 0]
         arrays[f"{split}_images"] = images
         arrays[f"{split}_labels"] = labels[:, None].astype(np.int64)
+    if class_names:
+        arrays["class_names"] = np.array(class_names)
     np.savez(path, **arrays)
     return path
 
@@ -103,7 +109,7 @@ def tiny_run(tmp_path_factory):
     from ssl_blood.train import pretrain
 
     root = tmp_path_factory.mktemp("tiny_run")
-    npz = make_npz(root / "cells.npz", n_train=96, n_val=32, n_test=40)
+    npz = make_npz(root / "cells.npz", n_train=96, n_val=32, n_test=40, class_names=CELL_NAMES)
     cfg = preset_config("quick", "simclr")
     cfg = replace(cfg, data=resolve_source(npz=str(npz)).to_dict(), epochs=3, batch_size=32,
                   warmup_epochs=1, knn_every=1, precision="fp32",

@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pytest
+
+from ssl_blood.cli import main
+from ssl_blood.embed import Embeddings
+from ssl_blood.errors import UserError
+from ssl_blood.evaluate import (classification_metrics, few_shot, knn_scores, linear_probe,
+                                mean_ci95, support_indices)
+
+NAMES = ["a", "b", "c", "d"]
+
+
+def blobs(n, classes=4, dim=16, spread=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, dim)) * 3
+    labels = np.arange(n) % classes
+    return (centres[labels] + spread * rng.normal(size=(n, dim))).astype(np.float32), labels
+
+
+def test_linear_probe_separable_reaches_100():
+    (tx, ty), (vx, vy), (sx, sy) = blobs(400), blobs(100, seed=1), blobs(200, seed=2)
+    result = linear_probe(tx, ty, vx, vy, sx, sy, NAMES, device="cpu")
+    assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0 and result["test_auc"] == 1.0
+    assert set(result["val_acc_by_weight_decay"].values()) == {1.0}
+    assert result["weight_decay"] == 0.01  # all tie on val: the strongest penalty wins
+    assert set(result["per_class"]) == set(NAMES) and result["macro_f1"] == 1.0
+
+
+def test_linear_probe_shuffled_labels_near_chance():
+    rng = np.random.default_rng(0)
+    (tx, ty), (vx, vy), (sx, sy) = blobs(800), blobs(200, seed=1), blobs(800, seed=2)
+    result = linear_probe(tx, rng.permutation(ty), vx, rng.permutation(vy), sx, rng.permutation(sy),
+                          NAMES, device="cpu")
+    assert abs(result["test_acc"] - 0.25) < 0.06 and abs(result["test_auc"] - 0.5) < 0.06
+
+
+def test_acc_and_auc_match_medmnist_evaluator(data_root):
+    from medmnist import Evaluator
+
+    evaluator = Evaluator("bloodmnist", "test", root=str(data_root))
+    y_true = evaluator.labels.squeeze()
+    rng = np.random.default_rng(0)
+    scores = rng.random((len(y_true), 8))
+    scores[np.arange(len(y_true)), y_true] += rng.random(len(y_true))  # better than chance
+    scores /= scores.sum(1, keepdims=True)
+    auc, acc = evaluator.evaluate(scores)
+    ours = classification_metrics(y_true, scores, [str(i) for i in range(8)])
+    assert ours["acc"] == pytest.approx(acc) and ours["auc"] == pytest.approx(auc)
+    assert 0.4 < acc < 0.9
+
+
+def test_auc_undefined_on_tiny_subsets_is_none():
+    result = classification_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"])
+    assert result["auc"] is None and result["acc"] == 0.5
+    json.dumps(result)  # valid JSON (no NaN)
+
+
+def test_knn_equals_numpy_reference():
+    gx, gy = blobs(300, spread=2.0)
+    qx, _ = blobs(50, spread=2.0, seed=5)
+    k, t = 7, 0.07
+    g = gx / np.linalg.norm(gx, axis=1, keepdims=True)
+    q = qx / np.linalg.norm(qx, axis=1, keepdims=True)
+    sims = q @ g.T
+    expected = np.zeros((50, 4))
+    for i in range(50):
+        top = np.argsort(-sims[i])[:k]
+        for j in top:
+            expected[i, gy[j]] += np.exp(sims[i, j] / t)
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(knn_scores(gx, gy, qx, 4, k, t), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_support_sets_are_class_balanced_and_seeded():
+    labels = np.repeat(np.arange(8), [852, 2181, 1085, 2026, 849, 993, 2330, 1643])
+    shots = support_indices(labels, 8, np.random.default_rng(0), shots=10)
+    assert np.array_equal(np.bincount(labels[shots]), [10] * 8) and len(set(shots)) == 80
+    one_percent = support_indices(labels, 8, np.random.default_rng(0), fraction=0.01)
+    counts = np.bincount(labels[one_percent], minlength=8)
+    assert counts.sum() == round(0.01 * len(labels)) == 120 and counts.max() - counts.min() <= 1
+    again = support_indices(labels, 8, np.random.default_rng(0), fraction=0.01)
+    other = support_indices(labels, 8, np.random.default_rng(1), fraction=0.01)
+    assert np.array_equal(one_percent, again) and not np.array_equal(one_percent, other)
+
+
+def test_few_shot_results_and_confidence_interval():
+    (tx, ty), (sx, sy) = blobs(200), blobs(100, seed=1)
+    results = few_shot(tx, ty, sx, sy, 4, shots=(1, 5), fractions=(0.1,), episodes=5, seed=0)
+    assert [(r["setting"], r["head"]) for r in results[:3]] == [
+        ("1-shot", "prototype"), ("1-shot", "knn"), ("1-shot", "logreg")]
+    assert all(r["episodes"] == 5 and r["mean_acc"] > 0.9 for r in results)
+    assert results[-1]["labels"] == 20 and results[0]["labels"] == 4
+    assert few_shot(tx, ty, sx, sy, 4, shots=(1,), fractions=(), episodes=5, seed=0) == results[:3]
+
+
+def test_mean_ci95_is_the_t_interval():
+    mean, half = mean_ci95([1, 2, 3, 4, 5])
+    assert mean == 3 and half == pytest.approx(2.7764451 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
+    assert mean_ci95([0.5]) == (0.5, None)
+
+
+def test_few_shot_bad_input():
+    (tx, ty), (sx, sy) = blobs(40), blobs(20, seed=1)
+    with pytest.raises(UserError, match="asked for 11 labelled images of class 0 but the train split has 10"):
+        few_shot(tx, ty, sx, sy, 4, shots=(11,), fractions=(), episodes=1)
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match=r"each fraction must be in \(0, 1\]"):
+            few_shot(tx, ty, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
+    with pytest.raises(UserError, match="unknown few-shot head 'svm'"):
+        few_shot(tx, ty, sx, sy, 4, heads=("svm",))
+
+
+def write_embeddings(path, labelled=True, splits=("train", "val", "test")):
+    parts = [blobs(n, seed=i) for i, n in enumerate((120, 40, 40))][: len(splits)]
+    emb = Embeddings(np.concatenate([p[0] for p in parts]),
+                     np.concatenate([p[1] if labelled else -np.ones_like(p[1]) for p in parts]),
+                     np.concatenate([[s] * len(p[1]) for s, p in zip(splits, parts)]),
+                     np.concatenate([np.arange(len(p[1])) for p in parts]), tuple(NAMES),
+                     {"kind": "pixels", "image_size": 4, "channels": 1})
+    emb.save(path)
+    return path
+
+
+def test_eval_commands_on_embeddings(tmp_path, capsys):
+    emb = write_embeddings(tmp_path / "e.npz")
+    capsys.readouterr()
+    assert main(["linear-probe", "--embeddings", str(emb), "--json", "--out", str(tmp_path / "lp")]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    assert {"val_acc", "test_acc", "test_auc", "balanced_acc", "macro_f1", "per_class",
+            "weight_decay"} <= probe.keys()
+    assert (tmp_path / "lp" / "confusion_matrix.png").stat().st_size > 10_000
+    assert main(["knn", "--embeddings", str(emb), "--json"]) == 0
+    knn = json.loads(capsys.readouterr().out)
+    assert knn["k"] == 20 and knn["temperature"] == 0.07 and knn["test_acc"] > 0.9
+    assert main(["few-shot", "--embeddings", str(emb), "--shots", "1,5", "--fractions", "0.1",
+                 "--episodes", "3", "--json"]) == 0
+    shots = json.loads(capsys.readouterr().out)
+    assert len(shots) == 9 and {"setting", "head", "mean_acc", "ci95", "episodes"} <= shots[0].keys()
+    assert main(["few-shot", "--embeddings", str(emb), "--shots", "5", "--fractions", ""]) == 0
+    assert "5-shot" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["linear-probe", "--embeddings", "{unlabelled}"], r"has no labels"),
+    (["knn", "--embeddings", "{trainonly}"], r"no 'test' split"),
+    (["few-shot", "--embeddings", "{good}", "--shots", "100"], r"asked for 100 labelled images"),
+    (["few-shot", "--embeddings", "{good}", "--fractions", "1.5"], r"must be in \(0, 1\]"),
+    (["few-shot", "--embeddings", "{good}", "--fractions", "x"], r"comma-separated list of float"),
+    (["linear-probe", "--embeddings", "{missing}"], r"no such file"),
+])
+def test_eval_bad_input(tmp_path, capsys, argv, pattern):
+    files = {"unlabelled": write_embeddings(tmp_path / "u.npz", labelled=False),
+             "trainonly": write_embeddings(tmp_path / "t.npz", splits=("train",)),
+             "good": write_embeddings(tmp_path / "g.npz"), "missing": tmp_path / "m.npz"}
+    capsys.readouterr()
+    code = main([a.format(**files) for a in argv])
+    err = capsys.readouterr().err
+    import re
+
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(pattern, err), err
+
+
+def test_checkpoint_from_another_dataset_is_refused(tiny_run, tmp_path, capsys):
+    from tests.conftest import make_npz
+
+    run, _ = tiny_run
+    other = make_npz(tmp_path / "five.npz", classes=5)
+    capsys.readouterr()
+    code = main(["linear-probe", "--checkpoint", str(run / "checkpoint.pt"), "--npz", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and "pretrained on data with 4 classes but this data has 5" in err
+
+
+def test_linear_probe_from_checkpoint(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    capsys.readouterr()
+    assert main(["linear-probe", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test ACC" in out and (tmp_path / "linear_probe.json").exists()
