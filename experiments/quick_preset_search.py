@@ -6,7 +6,7 @@ linear probe's val accuracy (weight decay chosen on val, so optimistic, but the 
 The test split is never touched here; the chosen preset's test numbers come from reproduce.py.
 
     python experiments/quick_preset_search.py --data-root ../shared/data \
-        --candidate base= --candidate e24=epochs=24 --out experiments/results/quick_preset_search.json
+        --candidate base= --candidate "e24=epochs=24;knn_every=-1" --out experiments/results/quick_preset_search.json
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--candidate", action="append", required=True,
-                        help="NAME=key=value,key=value (empty overrides for the preset itself)")
+                        help="NAME=key=value;key=value (empty overrides for the preset itself)")
     parser.add_argument("--runs", default="runs/quick-search")
     parser.add_argument("--out", default="experiments/results/quick_preset_search.json")
     args = parser.parse_args()
@@ -51,7 +51,7 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.exists() else []
     for candidate in args.candidate:
         name, _, spec = candidate.partition("=")
-        settings = parse_settings([s for s in spec.split(",") if s])
+        settings = parse_settings([s for s in spec.split(";") if s])
         cfg = apply_settings(preset_config("quick", args.method), settings)
         cfg = replace(cfg, data=resolve_source(args.data_root).to_dict())
         run_dir = Path(args.runs) / name

@@ -102,11 +102,13 @@ def _standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
-                 max_iter: int = 500) -> torch.nn.Linear:
-    """Multinomial logistic regression, full-batch L-BFGS, L2 penalty on the weights."""
+                 max_iter: int = 500, start: torch.nn.Linear | None = None) -> torch.nn.Linear:
+    """Multinomial logistic regression, full-batch L-BFGS, L2 penalty on the weights; starts
+    from zeros, or from `start` (a warm start along a weight-decay path)."""
     head = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        head.weight.copy_(start.weight if start is not None else torch.zeros_like(head.weight))
+        head.bias.copy_(start.bias if start is not None else torch.zeros_like(head.bias))
     optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-7, tolerance_change=1e-10,
                                   line_search_fn="strong_wolfe")
@@ -144,9 +146,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     xtr, xva, xte = tensor(train_x), tensor(val_x), tensor(test_x)
     ytr = torch.as_tensor(train_y, device=dev)
     c = len(class_names)
-    val_acc_by_wd, heads = {}, {}
-    for wd in weight_decays:
-        heads[wd] = fit_logistic(xtr, ytr, c, wd)
+    val_acc_by_wd, heads, previous = {}, {}, None
+    for wd in sorted(weight_decays, reverse=True):  # strong to weak: each fit starts from the last
+        heads[wd] = previous = fit_logistic(xtr, ytr, c, wd, start=previous)
         val_acc_by_wd[wd] = float((_softmax_scores(heads[wd], xva).argmax(1) == val_y).mean())
     # best val ACC; ties go to the stronger penalty
     best = max(weight_decays, key=lambda wd: (val_acc_by_wd[wd], wd))

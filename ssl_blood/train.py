@@ -215,6 +215,34 @@ class _PILViews(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Run:
+    """Everything one pretraining run carries from epoch to epoch."""
+
+    cfg: PretrainConfig
+    out: Path | None
+    ddp: Distributed
+    device: torch.device
+    train: CellData
+    val: CellData | None
+    dataset_info: dict[str, Any]
+    method: nn.Module  # the plain module: hooks, state_dict, eval backbone
+    model: nn.Module  # what runs the forward: the method, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: list[float]  # lr of every step
+    steps_per_epoch: int
+    images: torch.Tensor  # the train split, uint8, on the device
+    augment: BatchAugment
+    autocast: torch.autocast
+    pil_views: "_PILViews | None"
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: bool = False,
              overwrite: bool = False, progress: bool | None = None,
              on_epoch_end: Callable[[int, dict], None] | None = None) -> PretrainResult:
@@ -222,10 +250,28 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
 
     Writes OUT/config.json, OUT/metrics.jsonl and OUT/checkpoint.pt (every epoch, atomically)
     when `out_dir` is given. Under torchrun, each rank trains on a disjoint shard of every batch
-    and rank 0 writes the files.
+    and rank 0 writes the files. `on_epoch_end(epoch, record)` runs after each saved epoch.
     """
+    from tqdm.auto import tqdm
+
+    run = _setup(cfg, Path(out_dir) if out_dir is not None else None, resume, overwrite)
+    bar = tqdm(total=run.total_steps, initial=run.start_epoch * run.steps_per_epoch, unit="step",
+               disable=(progress is False) or not run.ddp.is_main, dynamic_ncols=True)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        record = _train_epoch(run, epoch, bar)
+        _finish_epoch(run, epoch, record)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.0f}",
+                        **({"knn": f"{record['knn_val_acc']:.3f}"} if "knn_val_acc" in record else {}))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    bar.close()
+    return PretrainResult(run.method, run.method.eval_backbone(), run.history, run.out)
+
+
+def _setup(cfg: PretrainConfig, out: Path | None, resume: bool, overwrite: bool) -> _Run:
+    """Check the inputs, load the data onto the device, build or restore model and optimiser;
+    only then touch the run folder."""
     cfg.validate()
-    out = Path(out_dir) if out_dir is not None else None
     ddp = Distributed.setup(cfg.device)
     if out is not None and ddp.is_main:
         prepare_run_dir(out, resume, overwrite, create=False)
@@ -237,7 +283,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
         check_resumable(PretrainConfig.from_dict(state["config"]), cfg)
     device = _device_for(cfg, ddp)
 
-    # data: the whole train split as uint8 on the training device
     source = DataSource.from_dict(cfg.data)
     train = load_split(source, "train", cfg.limit, cfg.seed)
     if len(train) < 2 * ddp.world_size:
@@ -250,15 +295,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
                     "class_names": list(train.class_names), "image_size": train.image_size,
                     "input_size": input_size, "channels": train.channels, "mean": mean, "std": std}
 
-    # model, optimiser, schedule
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, train.channels)
     method = build_method(cfg.method, backbone, cfg.simclr, cfg.dino, cfg.epochs, ddp.enabled)
-    channels_last = cfg.channels_last
-    method.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    method.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(cfg, method)
-    batches_per_epoch = len(epoch_batches(len(train), cfg.batch_size, 0, cfg.seed, ddp))
-    schedule = lr_schedule(cfg, batches_per_epoch)
+    steps_per_epoch = len(epoch_batches(len(train), cfg.batch_size, 0, cfg.seed, ddp))
     start_epoch, history = 0, []
     if state is not None:
         method.load_state_dict(state["method"])
@@ -271,62 +313,56 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
             method, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
+    pil_views = None
+    if cfg.augment_pipeline == "cpu":
+        pil_views = _PILViews(train, lightly_transform(cfg.method, cfg.augment, input_size, mean, std))
 
     if out is not None and ddp.is_main:  # inputs are good: only now touch the run folder
         prepare_run_dir(out, resume, overwrite)
         cfg.save(out / CONFIG)
         _truncate_metrics(out / METRICS, start_epoch)
-    images = train.images.to(device)
-    augment = BatchAugment(cfg.augment, mean, std, input_size)
-    autocast = autocast_for(device, cfg.precision)
-    pil_views = None
-    if cfg.augment_pipeline == "cpu":
-        pil_views = _PILViews(train, lightly_transform(cfg.method, cfg.augment, input_size, mean, std))
+    return _Run(cfg, out, ddp, device, train, val, dataset_info,
+                method, model, optimizer, lr_schedule(cfg, steps_per_epoch), steps_per_epoch,
+                train.images.to(device), BatchAugment(cfg.augment, mean, std, input_size),
+                autocast_for(device, cfg.precision), pil_views, start_epoch, history)
 
-    from tqdm.auto import tqdm
 
-    total_steps = cfg.epochs * batches_per_epoch
-    bar = tqdm(total=total_steps, initial=start_epoch * batches_per_epoch, unit="step",
-               disable=(progress is False) or not ddp.is_main, dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        method.train()
-        batches = epoch_batches(len(train), cfg.batch_size, epoch, cfg.seed, ddp)
-        gen = torch.Generator(device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + ddp.rank))
-        view_source = _view_batches(batches, cfg, images, augment, gen, pil_views, epoch)
-        loss_sum = torch.zeros((), device=device)
-        started = time.perf_counter()
-        for i, views in enumerate(view_source):
-            step = epoch * batches_per_epoch + i
-            loss = training_step(model, method, optimizer, views, epoch, step, total_steps,
-                                 schedule[step], autocast, channels_last)
-            loss_sum += loss
-            if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == len(batches):
-                _stop_if_not_finite(loss_sum, epoch, step, cfg)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / (i + 1):.4f}")
-            bar.update(1)
-        seconds = time.perf_counter() - started
-        ddp.average_buffers(method)
-        epoch_loss = float(ddp.mean(loss_sum / max(1, len(batches))))
-        images_per_s = sum(len(b) for b in batches) * ddp.world_size / seconds
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": schedule[step],
-                  "img_s": images_per_s, "seconds": seconds}
-        if val is not None and ddp.is_main and _knn_due(cfg, epoch):
-            record["knn_val_acc"] = _knn_monitor(method.eval_backbone(), train, val, mean, std,
-                                                 input_size, device, cfg)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.4f}", img_s=f"{images_per_s:.0f}",
-                        **({"knn": f"{record['knn_val_acc']:.3f}"} if "knn_val_acc" in record else {}))
-        record.update(method.check_collapse(epoch_loss, epoch + 1))
-        history.append(record)
-        if out is not None and ddp.is_main:
-            atomic_save(_checkpoint(cfg, method, optimizer, epoch + 1, dataset_info, history),
-                        out / CHECKPOINT)
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        ddp.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-    bar.close()
-    return PretrainResult(method, method.eval_backbone(), history, out)
+def _train_epoch(run: _Run, epoch: int, bar) -> dict[str, Any]:
+    """One pass over this rank's batches; returns the epoch's record (loss, lr, img/s)."""
+    cfg = run.cfg
+    run.method.train()
+    batches = epoch_batches(len(run.train), cfg.batch_size, epoch, cfg.seed, run.ddp)
+    gen = torch.Generator(run.device).manual_seed(epoch_seed(cfg.seed, epoch, 1 + run.ddp.rank))
+    loss_sum = torch.zeros((), device=run.device)
+    started = time.perf_counter()
+    for i, views in enumerate(_view_batches(batches, cfg, run.images, run.augment, gen,
+                                            run.pil_views, epoch)):
+        step = epoch * run.steps_per_epoch + i
+        loss_sum += training_step(run.model, run.method, run.optimizer, views, epoch, step,
+                                  run.total_steps, run.schedule[step], run.autocast,
+                                  cfg.channels_last)
+        if (i + 1) % FINITE_CHECK_EVERY == 0 or i + 1 == len(batches):
+            _stop_if_not_finite(loss_sum, epoch, step, cfg)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / (i + 1):.4f}")
+        bar.update(1)
+    seconds = time.perf_counter() - started
+    run.ddp.average_buffers(run.method)
+    return {"epoch": epoch + 1, "loss": float(run.ddp.mean(loss_sum / max(1, len(batches)))),
+            "lr": run.schedule[(epoch + 1) * run.steps_per_epoch - 1],
+            "img_s": sum(len(b) for b in batches) * run.ddp.world_size / seconds, "seconds": seconds}
+
+
+def _finish_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
+    """kNN monitor when due, collapse check, then metrics line and checkpoint (rank 0)."""
+    if run.val is not None and run.ddp.is_main and _knn_due(run.cfg, epoch):
+        record["knn_val_acc"] = _knn_monitor(run, run.method.eval_backbone())
+    record.update(run.method.check_collapse(record["loss"], epoch + 1))
+    run.history.append(record)
+    if run.out is not None and run.ddp.is_main:
+        atomic_save(_checkpoint(run, epoch + 1), run.out / CHECKPOINT)
+        with open(run.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    run.ddp.barrier()
 
 
 def training_step(model: nn.Module, method: nn.Module, optimizer: torch.optim.Optimizer,
@@ -385,30 +421,29 @@ def _knn_due(cfg: PretrainConfig, epoch: int) -> bool:
     return last or (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0)
 
 
-def _knn_monitor(backbone: nn.Module, train: CellData, val: CellData, mean, std, input_size: int,
-                 device: torch.device, cfg: PretrainConfig) -> float:
-    gallery = extract_features(backbone, train.images, mean, std, input_size, device)
-    queries = extract_features(backbone, val.images, mean, std, input_size, device)
-    return knn_accuracy(gallery, train.labels.numpy(), queries, val.labels.numpy(),
-                        train.num_classes, cfg.knn_k, cfg.knn_temperature)
+def _knn_monitor(run: _Run, backbone: nn.Module) -> float:
+    info = run.dataset_info
+    features = [extract_features(backbone, part.images, info["mean"], info["std"],
+                                 info["input_size"], run.device) for part in (run.train, run.val)]
+    return knn_accuracy(features[0], run.train.labels.numpy(), features[1], run.val.labels.numpy(),
+                        run.train.num_classes, run.cfg.knn_k, run.cfg.knn_temperature)
 
 
-def _checkpoint(cfg: PretrainConfig, method: nn.Module, optimizer: torch.optim.Optimizer,
-                epoch: int, dataset_info: dict, history: list[dict]) -> dict[str, Any]:
+def _checkpoint(run: _Run, epoch: int) -> dict[str, Any]:
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
         "format_version": FORMAT_VERSION,
         "ssl_blood_version": __version__,
-        "config": cfg.to_dict(),
-        "dataset": dataset_info,
-        "backbone_name": cfg.backbone,
-        "backbone": method.eval_backbone().state_dict(),
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "config": run.cfg.to_dict(),
+        "dataset": run.dataset_info,
+        "backbone_name": run.cfg.backbone,
+        "backbone": run.method.eval_backbone().state_dict(),
+        "method": run.method.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "epoch": epoch,
-        "history": history,
+        "history": run.history,
         "rng": rng,
     }
 
