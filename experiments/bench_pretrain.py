@@ -47,7 +47,7 @@ def images_per_second(step: Callable[[], torch.Tensor], batch: int, device: torc
         step()
     sync(device)
     done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    while done == 0 or time.perf_counter() - started < seconds:
         loss = step()
         done += 1
     float(loss)  # wait for the queue to drain

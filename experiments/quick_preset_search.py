@@ -58,7 +58,8 @@ def main() -> int:
         started = time.perf_counter()
         result = pretrain(cfg, run_dir, overwrite=True, progress=False)
         seconds = time.perf_counter() - started
-        row = {"name": name, "overrides": settings, "device": describe_device("cpu"),
+        config = {k: v for k, v in cfg.to_dict().items() if k != "data"}
+        row = {"name": name, "overrides": settings, "config": config, "device": describe_device("cpu"),
                "pretrain_seconds": round(seconds, 1), "epochs": cfg.epochs,
                "final_loss": result.history[-1]["loss"], **score_on_val(run_dir / "checkpoint.pt")}
         print(json.dumps(row), file=sys.stderr)

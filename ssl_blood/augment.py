@@ -28,7 +28,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 class AugmentConfig:
     """Parameters of one view; probabilities are per image."""
 
-    crop_scale: tuple[float, float] = (0.25, 1.0)  # area fraction kept by the random resized crop
+    crop_scale: tuple[float, float] = (0.14, 1.0)  # area fraction kept by the random resized crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of the crop
     hflip: float = 0.5
     vflip: float = 0.5

@@ -29,8 +29,8 @@ class PretrainConfig:
     epochs: int = 200
     batch_size: int = 512  # global batch (split across DDP ranks)
     optimizer: str = "lars"
-    lr: float = 0.3  # at batch 256; scaled linearly with the global batch size
-    weight_decay: float = 1e-6
+    lr: float = 0.4  # at batch 256, scaled linearly with the global batch (solo-learn CIFAR recipe)
+    weight_decay: float = 1e-5
     warmup_epochs: int = 10
     final_lr_ratio: float = 0.0  # cosine decay ends at lr * final_lr_ratio
     input_size: int | None = None  # side of the views the model sees; None = the image size
@@ -143,15 +143,18 @@ def apply_settings(cfg: PretrainConfig, settings: dict[str, Any]) -> PretrainCon
 def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
     """The named preset for a method.
 
-    quick: a plain 6-layer CNN that finishes on a 2-core CPU in under 10 minutes.
-    full: ResNet-18 with the small-image stem; the accuracy setting, meant for a GPU.
+    quick: sized for a 2-core CPU, under 10 minutes (measured: docs/results.md). SimCLR trains the
+    wide plain CNN for 8 epochs (on val, width beat epochs: experiments/results/
+    quick_preset_search.json); DINO, whose steps cost ~2.4x more, the narrow one for 12 epochs.
+    full: ResNet-18 with the small-image stem, 200 epochs, batch 512; meant for a GPU.
     """
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if method not in METHOD_NAMES:
         raise UserError(f"unknown method '{method}'; choose one of {', '.join(METHOD_NAMES)}")
     if preset == "quick":
-        cfg = PretrainConfig(method=method, preset=preset, backbone="cnn6", epochs=12,
+        backbone, epochs = ("cnn6-wide", 8) if method == "simclr" else ("cnn6", 12)
+        cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
                              batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-5,
                              warmup_epochs=1, knn_every=4)
     else:

@@ -89,7 +89,7 @@ def tiny_config(synthetic_npz: Path):
     from ssl_blood.data import resolve_source
 
     cfg = preset_config("quick", "simclr")
-    return replace(cfg, data=resolve_source(npz=str(synthetic_npz)).to_dict(), epochs=2,
+    return replace(cfg, data=resolve_source(npz=str(synthetic_npz)).to_dict(), backbone="cnn6", epochs=2,
                    batch_size=16, warmup_epochs=1, knn_every=1, precision="fp32",
                    simclr=replace(cfg.simclr, projection_hidden_dim=64, projection_dim=32),
                    dino=replace(cfg.dino, output_dim=128, hidden_dim=64, bottleneck_dim=32))
@@ -111,7 +111,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     npz = make_npz(root / "cells.npz", n_train=96, n_val=32, n_test=40, class_names=CELL_NAMES)
     cfg = preset_config("quick", "simclr")
-    cfg = replace(cfg, data=resolve_source(npz=str(npz)).to_dict(), epochs=3, batch_size=32,
+    cfg = replace(cfg, data=resolve_source(npz=str(npz)).to_dict(), backbone="cnn6", epochs=3, batch_size=32,
                   warmup_epochs=1, knn_every=1, precision="fp32",
                   simclr=replace(cfg.simclr, projection_hidden_dim=64, projection_dim=32))
     pretrain(cfg, root / "run", progress=False)

@@ -10,7 +10,7 @@ import pytest
 from ssl_blood.cli import main
 from tests.conftest import make_npz
 
-TINY = ["--epochs", "1", "--batch-size", "16", "--set", "simclr.projection_hidden_dim=32",
+TINY = ["--backbone", "cnn6", "--epochs", "1", "--batch-size", "16", "--set", "simclr.projection_hidden_dim=32",
         "--set", "simclr.projection_dim=16", "--knn-every", "-1", "--device", "cpu"]
 
 
