@@ -10,6 +10,7 @@
 #   bench      experiments/bench_pretrain.py: model-only vs lightly vs ssl-blood, SimCLR 200 epochs
 #   retrieval  experiments/bench_retrieval.py: real embeddings + 1M x 512 IVF
 #   probe      one SimCLR full-preset run (seed 0) through reproduce.py: linear probe, kNN, few-shot
+#   ablate     experiments/ablate.py over experiments/configs/gpu_round1_simclr.txt (val only)
 set -uo pipefail
 OUT=${OUT:-/tmp/ssl-blood-out}
 SIZE=${SIZE:-full}
@@ -22,10 +23,12 @@ if [ "$SIZE" = tiny ]; then
   BENCH="--seconds 2 --warmup 1 --epochs 1 --workers 2"
   RETRIEVAL="--synthetic-n 20000 --nlist 64 --queries 100 --nprobes 1,4,16 --repeats 2"
   PROBE="--smoke"
+  ABLATE="--preset quick --candidate tiny=epochs=1;limit=200;backbone=cnn6;knn_every=-1"
 else
   BENCH="--seconds 15"
   RETRIEVAL=""
   PROBE="--episodes 10 --supervised-epochs 0"
+  ABLATE="--preset full --candidates-file experiments/configs/gpu_round1_simclr.txt"
 fi
 
 run() {  # name, command...: time it, keep its log, never abort the script
@@ -43,6 +46,8 @@ for stage in $STAGES; do
     retrieval) run retrieval python3 experiments/bench_retrieval.py --data-root "$DATA" $RETRIEVAL --out "$OUT/bench_retrieval.json" ;;
     probe) run probe python3 experiments/reproduce.py --data-root "$DATA" --seeds 0 --methods simclr $PROBE \
              --runs /tmp/ssl-blood-runs --out "$OUT/bloodmnist_seed0.json" --docs "$OUT/results_seed0.md" ;;
+    ablate) run ablate python3 experiments/ablate.py --data-root "$DATA" $ABLATE --runs /tmp/ssl-blood-ablate \
+             --out "$OUT/ablations.json" ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
 done

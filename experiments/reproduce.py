@@ -99,6 +99,9 @@ def main() -> int:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--supervised-epochs", type=int, default=100, help="0 skips the reference")
     parser.add_argument("--runs", default="runs/reproduce")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="continue each run folder that already holds a checkpoint of the same "
+                             "config (finished runs are only evaluated) instead of pretraining anew")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch: checks the path")
     parser.add_argument("--out", default=str(REPO / "experiments/results/bloodmnist.json"))
     parser.add_argument("--docs", default=str(REPO / "docs/results.md"))
@@ -130,12 +133,15 @@ def main() -> int:
         runs = []
         for seed in seeds:
             run_dir = Path(args.runs) / f"{method}-{preset}-seed{seed}"
-            t0 = time.perf_counter()
-            pretrain(replace(cfg, seed=seed), run_dir, overwrite=True, progress=False)
-            seconds = time.perf_counter() - t0
+            reuse = args.reuse_runs and (run_dir / "checkpoint.pt").is_file()
+            trained = pretrain(replace(cfg, seed=seed), run_dir, resume=reuse, overwrite=not reuse,
+                               progress=False)
+            # Training time = sum of the epoch times in metrics.jsonl (excludes the kNN monitor),
+            # so a reused run reports the time it took when it was trained.
+            seconds = sum(record["seconds"] for record in trained.history)
             emb = embed_splits(Embedder.from_checkpoint(run_dir / "checkpoint.pt"), source,
                                ["train", "val", "test"], limit)
-            row = {"seed": seed, "pretrain_seconds": seconds, "run_dir": str(run_dir),
+            row = {"seed": seed, "pretrain_seconds": seconds, "run_dir": str(run_dir), "reused": reuse,
                    **evaluate(emb, few_kwargs)}
             runs.append(row)
             print(json.dumps({"method": method, **{k: v for k, v in row.items() if k != "few_shot"}}),
@@ -181,7 +187,7 @@ def _mean_std(s: dict | None) -> str:
 ABLATION_FILES = {  # title: (file, note)
     "quick preset search (CPU, pretraining configs scored on val only)": (
         REPO / "experiments/results/quick_preset_search.json",
-        "Written by experiments/quick_preset_search.py. Some of these runs shared the two cores "
+        "Written by experiments/ablate.py --preset quick. Some of these runs shared the two cores "
         "with other work, so their seconds are upper bounds; the chosen preset is timed alone in "
         "the table at the top."),
     "GPU ablations": (REPO / "experiments/results/ablations.json", ""),
@@ -216,7 +222,7 @@ def results_markdown(r: dict[str, Any], ablations: dict[str, tuple[list[dict], s
              "scored once; kNN = weighted cosine kNN (k=20, T=0.07) with train as the gallery; "
              "few-shot = best of the prototype / kNN / logistic heads, mean over episodes; mean ± "
              "std over pretraining seeds.", "",
-             "| features | linear probe ACC | linear probe AUC | kNN ACC | 1 % labels | 10 per class | pretraining |",
+             "| features | linear probe ACC | linear probe AUC | kNN ACC | 1 % labels | 10 per class | pretraining (training time) |",
              "|---|---|---|---|---|---|---|"]
     for method, m in r["methods"].items():
         s = m["summary"]

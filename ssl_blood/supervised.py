@@ -104,7 +104,7 @@ def train_supervised(cfg: SupervisedConfig, out_dir: str | Path | None = None,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(index)
+            loss_sum += float(loss.detach()) * len(index)
         scheduler.step()
         val_scores = predict_scores(model, val.images, mean, std, size, device)
         val_acc = float((val_scores.argmax(1) == val.labels.numpy()).mean())

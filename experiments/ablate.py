@@ -1,12 +1,17 @@
-"""Choose the `quick` preset on a 2-core CPU: pretrain candidate configs, score them on val only.
+"""Ablations: pretrain candidate configs, score them on val only, append to a results file.
 
-Each candidate is the quick preset plus `--set`-style overrides. Per candidate: wall-clock of
-pretraining (the preset must finish in <= 10 minutes), kNN val accuracy (k=20, T=0.07) and the
-linear probe's val accuracy (weight decay chosen on val, so optimistic, but the same for all).
-The test split is never touched here; the chosen preset's test numbers come from reproduce.py.
+Each candidate is a preset plus `--set`-style overrides (`NAME=key=value;key=value`), or lines of
+a file with that form (`--candidates-file`). Per candidate: the device, the wall clock of
+pretraining, kNN val accuracy (k=20, T=0.07) and the linear probe's val accuracy (weight decay
+chosen on val: optimistic, but the same for every candidate). The test split is never touched;
+test numbers of a chosen config come from reproduce.py.
 
-    python experiments/quick_preset_search.py --data-root ../shared/data \
+    # how the quick preset was chosen (2-core CPU)
+    python experiments/ablate.py --preset quick --data-root ../shared/data \
         --candidate base= --candidate "e24=epochs=24;knn_every=-1" --out experiments/results/quick_preset_search.json
+    # GPU round (issue 6)
+    python experiments/ablate.py --preset full --candidates-file experiments/configs/gpu_round1.txt \
+        --out experiments/results/ablations.json
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ from ssl_blood.train import pretrain
 
 
 def score_on_val(checkpoint: Path) -> dict:
-    embedder = Embedder.from_checkpoint(checkpoint, "cpu")
+    embedder = Embedder.from_checkpoint(checkpoint)
     source = resolve_source(embedder.spec["source"]["path"])
     emb = embed_splits(embedder, source, ["train", "val"])
     (tx, ty, _), (vx, vy, _) = emb.select("train"), emb.select("val")
-    probe = linear_probe(tx, ty, vx, vy, vx[:10], vy[:10], emb.class_names, device="cpu")
+    probe = linear_probe(tx, ty, vx, vy, vx[:10], vy[:10], emb.class_names)  # "test" unused
     return {"knn_val_acc": knn_accuracy(tx, ty, vx, vy, len(emb.class_names)),
             "probe_val_acc": probe["val_acc"], "probe_weight_decay": probe["weight_decay"]}
 
@@ -41,25 +46,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--method", default="simclr")
-    parser.add_argument("--candidate", action="append", required=True,
+    parser.add_argument("--preset", default="quick", choices=["quick", "full"])
+    parser.add_argument("--candidate", action="append", default=[],
                         help="NAME=key=value;key=value (empty overrides for the preset itself)")
-    parser.add_argument("--runs", default="runs/quick-search")
-    parser.add_argument("--out", default="experiments/results/quick_preset_search.json")
+    parser.add_argument("--candidates-file", help="one candidate per line, '#' comments")
+    parser.add_argument("--runs", default="runs/ablations")
+    parser.add_argument("--out", default="experiments/results/ablations.json")
     args = parser.parse_args()
+    if args.candidates_file:
+        lines = Path(args.candidates_file).read_text().splitlines()
+        args.candidate += [l.strip() for l in lines if l.strip() and not l.lstrip().startswith("#")]
+    if not args.candidate:
+        parser.error("give --candidate or --candidates-file")
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else []
     for candidate in args.candidate:
         name, _, spec = candidate.partition("=")
         settings = parse_settings([s for s in spec.split(";") if s])
-        cfg = apply_settings(preset_config("quick", args.method), settings)
+        cfg = apply_settings(preset_config(args.preset, args.method), settings)
         cfg = replace(cfg, data=resolve_source(args.data_root).to_dict())
         run_dir = Path(args.runs) / name
         started = time.perf_counter()
         result = pretrain(cfg, run_dir, overwrite=True, progress=False)
         seconds = time.perf_counter() - started
         config = {k: v for k, v in cfg.to_dict().items() if k != "data"}
-        row = {"name": name, "overrides": settings, "config": config, "device": describe_device("cpu"),
+        row = {"name": name, "overrides": settings, "config": config, "device": describe_device(cfg.device),
                "pretrain_seconds": round(seconds, 1), "epochs": cfg.epochs,
                "final_loss": result.history[-1]["loss"], **score_on_val(run_dir / "checkpoint.pt")}
         print(json.dumps(row), file=sys.stderr)
