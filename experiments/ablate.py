@@ -10,7 +10,7 @@ test numbers of a chosen config come from reproduce.py.
     python experiments/ablate.py --preset quick --data-root ../shared/data \
         --candidate base= --candidate "e24=epochs=24;knn_every=-1" --out experiments/results/quick_preset_search.json
     # GPU round (issue 6)
-    python experiments/ablate.py --preset full --candidates-file experiments/configs/gpu_round1.txt \
+    python experiments/ablate.py --preset full --candidates-file experiments/configs/gpu_round1_simclr.txt \
         --out experiments/results/ablations.json
 """
 

@@ -21,12 +21,12 @@ python3 -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'c
 
 if [ "$SIZE" = tiny ]; then
   BENCH="--seconds 2 --warmup 1 --epochs 1 --workers 2"
-  RETRIEVAL="--synthetic-n 20000 --nlist 64 --queries 100 --nprobes 1,4,16 --repeats 2"
+  RETRIEVAL="--synthetic-n 20000 --nlist 64 --real-nlist 32 --nprobes 1,4,16 --repeats 1"
   PROBE="--smoke"
   ABLATE="--preset quick --candidate tiny=epochs=1;limit=200;backbone=cnn6;knn_every=-1"
 else
   BENCH="--seconds 15"
-  RETRIEVAL=""
+  RETRIEVAL="--repeats 2"
   PROBE="--episodes 10 --supervised-epochs 0"
   ABLATE="--preset full --candidates-file experiments/configs/gpu_round1_simclr.txt"
 fi

@@ -10,6 +10,7 @@ anchors of ../shared/ANCHORS.md beside it).
     python experiments/reproduce.py --data-root ../shared/data                 # preset for the device
     python experiments/reproduce.py --preset quick --seeds 0 --methods simclr  # one CPU run
     python experiments/reproduce.py --smoke --out /tmp/r.json --docs /tmp/r.md # the test's path
+    python experiments/reproduce.py --docs-only          # docs/results.md from the results file
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ def main() -> int:
                         help="continue each run folder that already holds a checkpoint of the same "
                              "config (finished runs are only evaluated) instead of pretraining anew")
     parser.add_argument("--smoke", action="store_true", help="tiny subset, 1 epoch: checks the path")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="only regenerate --docs from the results file --out (e.g. after new ablations)")
     parser.add_argument("--out", default=str(REPO / "experiments/results/bloodmnist.json"))
     parser.add_argument("--docs", default=str(REPO / "docs/results.md"))
     args = parser.parse_args()
+    if args.docs_only:
+        Path(args.docs).write_text(results_markdown(json.loads(Path(args.out).read_text()), load_ablations()))
+        print(f"wrote {args.docs} from {args.out}", file=sys.stderr)
+        return 0
 
     device = resolve_device("auto")
     preset = args.preset or ("full" if device.type == "cuda" else "quick")
@@ -201,11 +208,15 @@ def load_ablations() -> dict[str, tuple[list[dict], str]]:
 
 def ablation_markdown(title: str, rows: list[dict], note: str = "") -> list[str]:
     lines = ["", f"## Ablations: {title}", ""] + ([note, ""] if note else []) + [
-             "| run | overrides | device | pretraining | kNN val ACC | linear probe val ACC |",
-             "|---|---|---|---|---|---|"]
+             "| run | method, backbone, epochs, crop scale | overrides | device | pretraining | "
+             "kNN val ACC | linear probe val ACC |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r.get("overrides", {}).items()) or "preset"
-        lines.append(f"| {r['name']} | {overrides} | {r['device']} | {r['pretrain_seconds']:.0f} s | "
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in r.get("overrides", {}).items()) or "none"
+        cfg = r.get("config") or {}
+        setting = (f"{cfg['method']}, {cfg['backbone']}, {cfg['epochs']}, "
+                   f"{'-'.join(map(str, cfg['augment']['crop_scale']))}") if cfg else "–"
+        lines.append(f"| {r['name']} | {setting} | {overrides} | {r['device']} | {r['pretrain_seconds']:.0f} s | "
                      f"{_pct(r.get('knn_val_acc'))} | {_pct(r.get('probe_val_acc'))} |")
     return lines
 
