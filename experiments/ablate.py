@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dataclasses import replace
 
+from ssl_blood.checkpoint import write_json
 from ssl_blood.config import apply_settings, parse_settings, preset_config
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
@@ -76,8 +77,7 @@ def main() -> int:
                "final_loss": result.history[-1]["loss"], **score_on_val(run_dir / "checkpoint.pt")}
         print(json.dumps(row), file=sys.stderr)
         results = [r for r in results if r["name"] != name] + [row]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, out)
     return 0
 
 

@@ -21,12 +21,12 @@ import os
 import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from ssl_blood.augment import BatchAugment
+from ssl_blood.checkpoint import write_json
 from ssl_blood.config import PretrainConfig, preset_config
 from ssl_blood.data import channel_stats, load_split, resolve_source
 from ssl_blood.device import autocast as autocast_for, describe_device, resolve_device, uses_bf16
@@ -161,9 +161,7 @@ def main() -> int:
             result["simclr_200_epochs_s"] = seconds
     else:
         result["pretrain_note"] = "not timed on this device (a GPU job); pass --epochs N to time N"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ssl_blood.checkpoint import write_json
 from ssl_blood.device import describe_device, resolve_device
 from ssl_blood.embed import Embedder, Embeddings, embed_splits, l2_normalize
 from ssl_blood.index import CellIndex, faiss_gpus
@@ -207,9 +207,7 @@ def main() -> int:
         result["synthetic_ivf"] = bench_ivf_synthetic(args.synthetic_n, args.synthetic_dim, args.clusters,
                                                       args.noise, args.queries, args.k, args.nlist,
                                                       nprobes, args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     print(json.dumps(result, indent=2))
     return 0
 

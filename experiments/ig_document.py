@@ -36,6 +36,7 @@ def page(run: Path, config: dict, device: str, probe: dict, pixel_probe: dict, r
     others = sorted(((c, s) for c, s in comp[ig].items() if c != ig), key=lambda x: -x[1])
     same = {c: comp[c][c] for c in comp}
     sub = ours["subclusters"]
+    umap = ours["umap"]
     conf = ours["linear_probe_confusion"]
     confused = sorted(((c, n) for c, n in conf["true_as"].items() if c != ig and n), key=lambda x: -x[1])
     lines = [
@@ -56,7 +57,8 @@ def page(run: Path, config: dict, device: str, probe: dict, pixel_probe: dict, r
         f"![UMAP of the test split, classes and IG highlighted]({figures}/umap.png)", "",
         "Left: every test cell, coloured by class (Okabe-Ito palette). Right: IG in colour, the "
         "rest grey, with the most central cell of each IG sub-cluster as a thumbnail. The lower "
-        "row is the same for raw pixels. UMAP (cosine, 15 neighbours, min_dist 0.1, seed 0) "
+        f"row is the same for raw pixels. UMAP ({umap['metric']}, {umap['n_neighbors']} neighbours, "
+        f"min_dist {umap['min_dist']}, seed {umap['random_state']}) "
         "keeps neighbourhoods but not distances, so the numbers below are computed in the full "
         "embedding space, not on the map.", "",
         "## Who are the neighbours of an immature granulocyte?", "",
@@ -85,7 +87,7 @@ def page(run: Path, config: dict, device: str, probe: dict, pixel_probe: dict, r
         "## What the linear probe makes of IG", "",
         f"Recall {pct(conf['recall'])}, precision {pct(conf['precision'])} on test. True IG cells "
         "predicted as another class: " + (", ".join(f"{c} {n}" for c, n in confused) or "none") + ".", "",
-        f"Files: `ig_analysis.json` beside the figures holds every number above.", ""]
+        "Files: `ig_analysis.json` beside the figures holds every number above.", ""]
     return "\n".join(lines)
 
 

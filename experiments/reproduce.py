@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_blood.checkpoint import write_json
 from ssl_blood.config import preset_config
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.device import describe_device, resolve_device
@@ -131,10 +132,9 @@ def main() -> int:
         "smoke": args.smoke, "limit": limit, "seeds": seeds, "methods": {}, "baselines": {},
         "targets": TARGETS}
     for method in methods:
-        cfg = replace(preset_config(preset, method), data=source.to_dict(), limit=limit,
-                      knn_every=-1 if args.smoke else preset_config(preset, method).knn_every)
+        cfg = replace(preset_config(preset, method), data=source.to_dict(), limit=limit)
         if args.smoke:
-            cfg = replace(cfg, backbone="cnn6", epochs=1, warmup_epochs=0, batch_size=64,
+            cfg = replace(cfg, backbone="cnn6", epochs=1, warmup_epochs=0, batch_size=64, knn_every=-1,
                           simclr=replace(cfg.simclr, projection_hidden_dim=64, projection_dim=32),
                           dino=replace(cfg.dino, output_dim=256, hidden_dim=64, bottleneck_dim=32))
         runs = []
@@ -169,9 +169,7 @@ def main() -> int:
         result["supervised"] = {k: v for k, v in sup.items() if k not in ("history", "per_class",
                                                                          "confusion_matrix")}
     result["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(result, args.out)
     Path(args.docs).parent.mkdir(parents=True, exist_ok=True)
     Path(args.docs).write_text(results_markdown(result, load_ablations()))
     print(f"wrote {out} and {args.docs}", file=sys.stderr)

@@ -9,6 +9,7 @@ the whole method: heads, teacher, loss centre), optimizer, epoch (completed epoc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,15 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def write_json(value: Any, path: str | Path) -> Path:
+    """`value` as indented JSON with a final newline (the format of every ssl-blood results
+    file), creating the parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n")
+    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -327,6 +327,7 @@ def _per_class_table(result: dict) -> str:
 
 
 def cmd_linear_probe(args: argparse.Namespace) -> int:
+    from ssl_blood.checkpoint import write_json
     from ssl_blood.evaluate import probe_embeddings
     from ssl_blood.plots import confusion_matrix_png
 
@@ -337,7 +338,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     result["confusion_matrix_png"] = str(confusion_matrix_png(
         result["confusion_matrix"], emb.class_names, out / "confusion_matrix.png",
         f"Linear probe, test: {emb.name}"))
-    (out / "linear_probe.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out / "linear_probe.json")
     if args.json:
         print(json.dumps(result))
         return 0

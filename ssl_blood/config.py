@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_blood.augment import AugmentConfig
+from ssl_blood.checkpoint import write_json
 from ssl_blood.errors import UserError
 from ssl_blood.methods import METHOD_NAMES, DINOConfig, SimCLRConfig
 
@@ -66,7 +67,7 @@ class PretrainConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainConfig":

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ssl_blood.checkpoint import write_json
 from ssl_blood.errors import UserError
 
 ANALYSIS_DIR = "analysis"
@@ -82,7 +83,7 @@ def _cached_json(path: Path, compute) -> Any:
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    write_json(value, path)
     return value
 
 
@@ -102,10 +103,12 @@ def _evaluations(out: Path, embeddings: dict) -> dict[str, Any]:
 
 
 def _umap(out: Path, embeddings: dict, probe: dict) -> dict[str, Any] | None:
-    from ssl_blood.umap_ig import IG, umap_report
+    from ssl_blood.umap_ig import IG, class_index, umap_report
 
     emb = embeddings["model"]
-    if not any(c.lower().startswith(IG) for c in emb.class_names):
+    try:
+        class_index(emb.class_names, IG)
+    except UserError:  # the data has no immature-granulocyte class
         return None
     path = out / "umap" / "ig_analysis.json"
     if path.exists():

@@ -19,7 +19,7 @@ from torch import nn
 
 from ssl_blood import __version__
 from ssl_blood.augment import AugmentConfig, BatchAugment, eval_preprocess
-from ssl_blood.checkpoint import FORMAT_VERSION, atomic_save
+from ssl_blood.checkpoint import FORMAT_VERSION, atomic_save, write_json
 from ssl_blood.data import DataSource, channel_stats, load_split
 from ssl_blood.device import describe_device, resolve_device
 from ssl_blood.errors import UserError
@@ -128,8 +128,6 @@ def train_supervised(cfg: SupervisedConfig, out_dir: str | Path | None = None,
 
 def _write(out: Path, cfg: SupervisedConfig, model: Classifier, result: dict, source: DataSource,
            train, mean, std) -> None:
-    import json
-
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = asdict(cfg)
     cfg_dict["method"] = "supervised"
@@ -142,4 +140,4 @@ def _write(out: Path, cfg: SupervisedConfig, model: Classifier, result: dict, so
         "backbone_name": cfg.backbone, "backbone": model.backbone.state_dict(),
         "method": model.state_dict(), "epoch": cfg.epochs, "history": result["history"],
     }, out / "checkpoint.pt")
-    (out / "supervised.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out / "supervised.json")

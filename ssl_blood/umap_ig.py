@@ -10,12 +10,12 @@ representative cells, and the IG rows of a linear probe's confusion matrix when 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ssl_blood.checkpoint import write_json
 from ssl_blood.embed import Embeddings, l2_normalize
 from ssl_blood.errors import UserError
 from ssl_blood.index import CellIndex
@@ -198,7 +198,7 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
             row_titles=[f"sub-cluster {c + 1} ({n} cells)" for c, n in enumerate(groups["sizes"])]))
     result = {"highlight": emb.class_names[target], "split": split, "seed": seed,
               "analyses": analyses, "files": [str(f) for f in files]}
-    (out / "ig_analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out / "ig_analysis.json")
     return result
 
 
