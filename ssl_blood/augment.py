@@ -2,7 +2,8 @@
 
 Why hand-written: torchvision's v2 transforms draw one set of parameters per call (per batch),
 and PIL pipelines (lightly's transforms) run per image on the CPU, which starves a GPU on
-28-px images (see ../shared/ANCHORS.md: 5k img/s vs 20k). Here each view of a whole batch costs
+28-px images (5k img/s from 16 DataLoader workers against 20k img/s on an H100, see
+docs/benchmarks.md). Here each view of a whole batch costs
 one `grid_sample` (crop + flips + 90-degree rotation in one affine matrix) and a handful of
 element-wise kernels, with every parameter drawn per image from a seeded `torch.Generator`.
 
@@ -42,10 +43,6 @@ class AugmentConfig:
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # in pixels of the output view
     solarize_prob: float = 0.0
-    # DINO multi-crop: the two global views use crop_scale at the model's input size.
-    local_views: int = 6
-    local_size: int = 12
-    local_scale: tuple[float, float] = (0.05, 0.3)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
@@ -223,15 +220,24 @@ def solarize(x: torch.Tensor, p: float, gen: torch.Generator, threshold: float =
 # ----------------------------------------------------------------------------- views
 
 
+@dataclass(frozen=True)
+class ViewGroup:
+    """`count` views of side `size` px whose crops keep an area fraction in `scale`."""
+
+    count: int
+    size: int
+    scale: tuple[float, float]
+
+
 class BatchAugment:
     """Makes normalised views of a uint8 batch on whatever device the batch lives on.
 
-    >>> aug = BatchAugment(AugmentConfig(), mean=[.5] * 3, std=[.25] * 3, size=28)
-    >>> v1, v2 = aug.simclr_views(images_uint8, torch.Generator().manual_seed(0))
+    >>> aug = BatchAugment(AugmentConfig(), mean=[.5] * 3, std=[.25] * 3)
+    >>> v1, v2 = aug.views([ViewGroup(2, 28, (0.14, 1.0))], images_uint8, torch.Generator())
     """
 
-    def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float], size: int):
-        self.cfg, self.mean, self.std, self.size = cfg, list(mean), list(std), size
+    def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float]):
+        self.cfg, self.mean, self.std = cfg, list(mean), list(std)
 
     def view(self, images: torch.Tensor, gen: torch.Generator, size: int,
              scale: tuple[float, float]) -> torch.Tensor:
@@ -247,20 +253,10 @@ class BatchAugment:
         x = solarize(x, cfg.solarize_prob, gen)
         return normalize(x, self.mean, self.std)
 
-    def simclr_views(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        """Two views at the model's input size."""
-        return [self.view(images, gen, self.size, self.cfg.crop_scale) for _ in range(2)]
-
-    def dino_views(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        """Two global views at the input size, then `local_views` small local crops."""
-        cfg = self.cfg
-        globals_ = [self.view(images, gen, self.size, cfg.crop_scale) for _ in range(2)]
-        locals_ = [self.view(images, gen, cfg.local_size, cfg.local_scale)
-                   for _ in range(cfg.local_views)]
-        return globals_ + locals_
-
-    def views(self, method: str, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        return self.dino_views(images, gen) if method == "dino" else self.simclr_views(images, gen)
+    def views(self, groups: Sequence[ViewGroup], images: torch.Tensor,
+              gen: torch.Generator) -> list[torch.Tensor]:
+        """Every view a method asks for (its `view_spec`), group by group, in order."""
+        return [self.view(images, gen, g.size, g.scale) for g in groups for _ in range(g.count)]
 
 
 def eval_preprocess(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
@@ -271,32 +267,3 @@ def eval_preprocess(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=size < x.shape[-1])
     return normalize(x, mean, std)
-
-
-# ----------------------------------------------------------------------------- lightly (CPU)
-
-
-def lightly_transform(method: str, cfg: AugmentConfig, size: int, mean: Sequence[float],
-                      std: Sequence[float]):
-    """lightly's PIL transform closest to `cfg`, for `--augment cpu` (comparison path).
-
-    lightly's colour jitter is one torchvision ColorJitter and its rotation is a fixed 90
-    degrees with probability `rr_prob`, so the two pipelines match in spirit, not bit for bit.
-    """
-    from lightly.transforms import DINOTransform, SimCLRTransform
-
-    common = dict(
-        hf_prob=cfg.hflip, vf_prob=cfg.vflip, rr_prob=0.5 if cfg.rot90 else 0.0,
-        cj_prob=cfg.jitter_prob, cj_strength=1.0, cj_bright=cfg.brightness,
-        cj_contrast=cfg.contrast, cj_sat=cfg.saturation, cj_hue=cfg.hue,
-        random_gray_scale=cfg.grayscale, sigmas=cfg.blur_sigma,
-        normalize={"mean": list(mean), "std": list(std)},
-    )
-    if method == "dino":
-        return DINOTransform(
-            global_crop_size=size, global_crop_scale=cfg.crop_scale, local_crop_size=cfg.local_size,
-            local_crop_scale=cfg.local_scale, n_local_views=cfg.local_views,
-            gaussian_blur=(cfg.blur_prob, cfg.blur_prob, cfg.blur_prob),
-            solarization_prob=cfg.solarize_prob, **common)
-    return SimCLRTransform(input_size=size, min_scale=cfg.crop_scale[0],
-                           gaussian_blur=cfg.blur_prob, **common)

@@ -1,16 +1,17 @@
-"""checkpoint.pt: tensors and plain Python values only, so `torch.load(weights_only=True)` works.
+"""checkpoint.pt, the one format every training command writes (pretraining, supervised,
+fine-tuning): tensors and plain Python values only, so `torch.load(weights_only=True)` works.
 
-Keys: format_version, ssl_blood_version, config (PretrainConfig as a dict), dataset (name, source,
-num_classes, class_names, image_size, input_size, channels, mean, std), backbone_name,
-backbone (state_dict of the backbone that is evaluated: DINO's teacher), method (state_dict of
-the whole method: heads, teacher, loss centre), optimizer, epoch (completed epochs), rng.
+Keys: format_version, ssl_blood_version, kind ("pretrain", "supervised", "fine-tune"), config,
+dataset (name, source, num_classes, class_names, image_size, input_size, channels, mean, std),
+backbone_name, backbone_stem, backbone (state_dict of the backbone that is evaluated: DINO's
+teacher), method (state_dict of the whole model: heads, teacher, loss centre), optimizer, epoch
+(completed epochs), history (one record per epoch: the truth metrics.jsonl is rebuilt from),
+rng. Loading checks keys, types and that every weight is finite.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,54 +19,117 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_blood import __version__
 from ssl_blood.errors import UserError
+from ssl_blood.runs import refuse_existing, sha256_file, torch_save
 
-FORMAT_VERSION = 1
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+FORMAT_VERSION = 2
+DATASET_KEYS = {"name": str, "source": dict, "num_classes": int, "class_names": list,
+                "image_size": int, "input_size": int, "channels": int, "mean": list, "std": list}
+_OLD_BACKBONES = {"resnet18-s2": ("resnet18", "s2"), "resnet18-imagenet": ("resnet18", "s4")}
 
 
-def write_json(value: Any, path: str | Path) -> Path:
-    """`value` as indented JSON with a final newline (the format of every ssl-blood results
-    file), creating the parent folders; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-    return path
+def dataset_info(source: dict, class_names: Any, image_size: int, input_size: int, channels: int,
+                 mean: list[float], std: list[float], name: str) -> dict[str, Any]:
+    """What a checkpoint records of its data: enough to preprocess new images the same way."""
+    return {"name": name, "source": source, "num_classes": len(class_names),
+            "class_names": list(class_names), "image_size": int(image_size),
+            "input_size": int(input_size), "channels": int(channels),
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def make_checkpoint(kind: str, config: dict, dataset: dict, backbone_name: str, backbone_stem: str,
+                    backbone: nn.Module, model: nn.Module, epoch: int, history: list[dict],
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The checkpoint dict; refuses (RunFailed) to hold non-finite weights."""
+    from ssl_blood.errors import RunFailed
+
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise RunFailed(f"the weights became non-finite ({len(bad)} tensors, e.g. {bad[0]}) by "
+                        f"epoch {epoch}; lower the learning rate; the last good checkpoint is kept")
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format_version": FORMAT_VERSION, "ssl_blood_version": __version__, "kind": kind,
+        "config": config, "dataset": dataset, "backbone_name": backbone_name,
+        "backbone_stem": backbone_stem, "backbone": backbone.state_dict(),
+        "method": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        "epoch": int(epoch), "history": history, "rng": rng,
+    }
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
+    return torch_save(ckpt, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint written by `ssl-blood pretrain`."""
+    """Load and check a checkpoint written by ssl-blood (format 1 or 2)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint {path}: no such file; give the checkpoint.pt of a "
-                        f"pretraining run")
+        raise UserError(f"`checkpoint` {path}: no such file; give the checkpoint.pt of a run",
+                        param="checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated "
-                        f"or not an ssl-blood checkpoint") from None
-    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise UserError(f"{path} is not an ssl-blood checkpoint (no format_version); give the "
-                        f"checkpoint.pt written by ssl-blood pretrain")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {ckpt['format_version']}, newer than this "
-                        f"ssl-blood understands ({FORMAT_VERSION}); upgrade ssl-blood")
+                        f"or not an ssl-blood checkpoint", param="checkpoint") from None
+    _check_structure(ckpt, path)
+    if ckpt["format_version"] == 1:
+        ckpt = _upgrade_v1(ckpt)
+    bad = non_finite_tensors(ckpt["backbone"])
+    if bad:
+        raise UserError(f"`checkpoint` {path} holds non-finite weights ({len(bad)} tensors, e.g. "
+                        f"{bad[0]}); it comes from a diverged run: use an earlier checkpoint or "
+                        f"train again with a lower learning rate", param="checkpoint")
     return ckpt
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _check_structure(ckpt: Any, path: Path) -> None:
+    def refuse(what: str) -> UserError:
+        return UserError(f"{path} is not a valid ssl-blood checkpoint ({what}); give the "
+                         f"checkpoint.pt a run wrote", param="checkpoint")
+
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format_version"), int):
+        raise refuse("no format_version")
+    if ckpt["format_version"] > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {ckpt['format_version']}, newer than this "
+                        f"ssl-blood understands ({FORMAT_VERSION}); upgrade ssl-blood",
+                        param="checkpoint")
+    for key, kind in {"config": dict, "dataset": dict, "backbone_name": str, "backbone": dict,
+                      "epoch": int}.items():
+        if not isinstance(ckpt.get(key), kind):
+            raise refuse(f"'{key}' missing or not a {kind.__name__}")
+    for key, kind in DATASET_KEYS.items():
+        value = ckpt["dataset"].get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise refuse(f"dataset.{key} missing or not a {kind.__name__}")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["backbone"].values()):
+        raise refuse("backbone weights are not all tensors")
+    if not all(math.isfinite(float(v)) for v in ckpt["dataset"]["mean"] + ckpt["dataset"]["std"]):
+        raise refuse("non-finite normalisation statistics")
+
+
+def _upgrade_v1(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 had no stem (its names carried it) and no kind."""
+    from ssl_blood.models import resolve_stem
+
+    name, stem = _OLD_BACKBONES.get(ckpt["backbone_name"],
+                                    (ckpt["backbone_name"], resolve_stem("auto", ckpt["dataset"]["input_size"])))
+    config = dict(ckpt["config"])
+    if config.get("backbone") in _OLD_BACKBONES:
+        config["backbone"], config["stem"] = _OLD_BACKBONES[config["backbone"]]
+    kind = "supervised" if config.get("method") == "supervised" else "pretrain"
+    return {**ckpt, "backbone_name": name, "backbone_stem": stem, "config": config, "kind": kind,
+            "history": ckpt.get("history", [])}
 
 
 @dataclass
@@ -74,6 +138,7 @@ class TrainedBackbone:
 
     model: nn.Module
     name: str
+    stem: str
     dataset: dict[str, Any]
     config: dict[str, Any]
     sha256: str
@@ -82,28 +147,46 @@ class TrainedBackbone:
     def input_size(self) -> int:
         return int(self.dataset["input_size"])
 
+    @property
+    def precision(self) -> str:
+        """The precision it was trained in ("auto" for a supervised run)."""
+        return str(self.config.get("precision", "auto"))
 
-def load_backbone(path: str | Path) -> TrainedBackbone:
-    """The evaluation backbone of a checkpoint, in eval mode on the CPU."""
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.config.get("channels_last", False))
+
+
+def backbone_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """The evaluation backbone of a loaded checkpoint, in eval mode on the CPU."""
     from ssl_blood.models import build_backbone
 
+    model = build_backbone(ckpt["backbone_name"], int(ckpt["dataset"]["channels"]),
+                           ckpt["backbone_stem"])
+    try:
+        model.load_state_dict(ckpt["backbone"])
+    except RuntimeError as exc:
+        raise UserError(f"the checkpoint's backbone weights do not fit a {ckpt['backbone_name']} "
+                        f"({str(exc).splitlines()[0][:120]}); the file was edited or is damaged",
+                        param="checkpoint") from None
+    return model.eval()
+
+
+def load_backbone(path: str | Path) -> TrainedBackbone:
+    """The evaluation backbone of a checkpoint file, in eval mode on the CPU."""
     ckpt = load_checkpoint(path)
-    model = build_backbone(ckpt["backbone_name"], int(ckpt["dataset"]["channels"]))
-    model.load_state_dict(ckpt["backbone"])
-    model.eval()
-    return TrainedBackbone(model, ckpt["backbone_name"], ckpt["dataset"], ckpt["config"],
-                           sha256_file(path))
+    return TrainedBackbone(backbone_from_checkpoint(ckpt), ckpt["backbone_name"],
+                           ckpt["backbone_stem"], ckpt["dataset"], ckpt["config"], sha256_file(path))
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
+def export_backbone(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Write the evaluation backbone's plain state_dict (loadable without ssl-blood)."""
     ckpt = load_checkpoint(checkpoint)
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as backbone.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(ckpt["backbone"], out)
-    return {"backbone": ckpt["backbone_name"], "out": str(out),
+    out = refuse_existing(out, overwrite)
+    if out.is_dir():
+        raise UserError(f"`out` {out} is a folder; give a file name such as backbone.pt", param="out")
+    torch_save(ckpt["backbone"], out)
+    return {"backbone": ckpt["backbone_name"], "stem": ckpt["backbone_stem"], "out": str(out),
             "parameters": sum(t.numel() for t in ckpt["backbone"].values()),
             "input_size": ckpt["dataset"]["input_size"], "mean": ckpt["dataset"]["mean"],
             "std": ckpt["dataset"]["std"]}

@@ -1,4 +1,4 @@
-"""Which device to run on, and how to name it in results."""
+"""Which device to run on, in which precision, and how to name it in results."""
 
 from __future__ import annotations
 
@@ -8,17 +8,19 @@ import torch
 
 from ssl_blood.errors import UserError
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     """"auto" is the GPU when torch sees one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} but this torch sees no CUDA GPU; use --device cpu")
+        raise UserError(f"`device` {device} but this torch sees no CUDA GPU; use cpu", param="device")
     try:
         return torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device}: use auto, cpu or cuda") from None
+        raise UserError(f"`device` {device}: use auto, cpu or cuda", param="device") from None
 
 
 def describe_device(device: torch.device | str = "auto") -> str:
@@ -39,12 +41,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
     """"auto": bf16 on CUDA and on CPUs with fast bf16; "bf16" forces it, "fp32" turns it off."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--precision {precision}: use auto, bf16 or fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"`precision` {precision}: use auto, bf16 or fp32", param="precision")
     return precision == "bf16" or (
         precision == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
 
 
 def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """The autocast context for training at `precision` (see `uses_bf16`)."""
+    """The autocast context for `precision` (see `uses_bf16`)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))

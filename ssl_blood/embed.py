@@ -1,15 +1,21 @@
-"""Backbone features of cell images, and the embeddings.npz file every analysis reads.
+"""Backbone features of cell images, and the embeddings file every analysis reads.
 
-An `Embedder` turns uint8 images into feature vectors. It is built from a JSON-able spec that
-travels with the embeddings file and the index, so a query image later gets exactly the
-preprocessing the gallery got: a trained checkpoint (identified by its SHA-256), an untrained
-backbone (`random-init`), or standardised raw pixels (`pixels`).
+An `Embedder` turns uint8 images into feature vectors. Its `EmbedderSpec` travels with the
+embeddings file and the index, so a query image later gets exactly the preprocessing the
+gallery got, and results made from different embedders are never mixed up: `identity` names
+what made the features (a checkpoint's SHA-256, or a baseline with a digest of its statistics).
+
+embeddings.npz holds: features (N, D) (float32, or float16 with `dtype="float16"`), labels,
+split, ids, class_names, embedder (the spec as JSON), subset (the `limit` and seed the cells
+were drawn with, if any), coords (2-D UMAP per cell, optional) and per-cell metadata columns
+(`meta:<name>`, e.g. file path, patient or slide id). L2-normalised features are derived on load.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,81 +23,118 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_blood.augment import eval_preprocess
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import resolve_device
 from ssl_blood.errors import UserError
+from ssl_blood.runs import atomic_write, sha256_bytes, sha256_file
 
 BASELINES = ("pixels", "random-init")
-
-
-@torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, mean: Sequence[float],
-                     std: Sequence[float], input_size: int, device: torch.device,
-                     batch_size: int = 1024, progress: bool = False) -> np.ndarray:
-    """Backbone features (N, D) float32 of uint8 images (N, C, H, W), model in eval mode."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    chunks = []
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="embed",
-                      leave=False):
-        x = eval_preprocess(images[start:start + batch_size].to(device, non_blocking=True),
-                            mean, std, input_size)
-        with autocast:
-            chunks.append(model(x).float().cpu())
-    model.train(was_training)
-    features = torch.cat(chunks) if chunks else torch.zeros(0, 0)
-    return features.numpy().astype(np.float32, copy=False)
+EMBEDDER_KINDS = ("checkpoint",) + BASELINES
+FEATURE_DTYPES = ("float32", "float16")
+EXPORT_FORMATS = ("npz", "csv", "parquet")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-# ----------------------------------------------------------------------------- embedders
+# ----------------------------------------------------------------------------- the spec
 
 
-def embedder_identity(spec: dict[str, Any]) -> str:
-    """The checkpoint's SHA-256, or a stable name for a baseline ("random-init:resnet18:seed0")."""
-    if spec["kind"] == "checkpoint":
-        return spec["sha256"]
-    if spec["kind"] == "random-init":
-        return f"random-init:{spec['backbone']}:seed{spec['seed']}"
-    return spec["kind"]
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """What an embedder is, in JSON-able form: enough to rebuild it and to recognise it."""
+
+    kind: str  # "checkpoint", "pixels" or "random-init"
+    identity: str  # "sha256:<checkpoint>", "pixels:<digest>", "random-init:<...>:<digest>"
+    image_size: int
+    channels: int
+    num_classes: int
+    source: dict
+    input_size: int | None = None
+    mean: list[float] | None = None  # per channel, for backbones
+    std: list[float] | None = None
+    backbone: str | None = None
+    stem: str | None = None
+    seed: int | None = None
+    checkpoint: str | None = None  # path of the checkpoint file
+    precision: str = "fp32"  # as it was trained: bf16 features on fast-bf16 CPUs and GPUs
+    channels_last: bool = False
+    pixel_mean: list[float] | None = field(default=None, repr=False)  # per pixel, for `pixels`
+    pixel_std: list[float] | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "EmbedderSpec":
+        known = {f.name for f in fields(cls)}
+        try:
+            spec = cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, AttributeError) as exc:
+            raise UserError(f"the embedder recorded in the file is damaged ({exc}); re-run "
+                            f"ssl-blood embed", param="embeddings") from None
+        if spec.kind not in EMBEDDER_KINDS or not isinstance(spec.image_size, int):
+            raise UserError(f"the embedder recorded in the file ({spec.kind!r}) is not one "
+                            f"ssl-blood makes; re-run ssl-blood embed", param="embeddings")
+        return spec
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plots."""
+        if self.kind == "checkpoint":
+            return f"{self.backbone} ({Path(self.checkpoint or '').parent.name})"
+        if self.kind == "random-init":
+            return f"random-init {self.backbone}"
+        return "raw pixels"
+
+
+def _stats_digest(*arrays: Sequence[float]) -> str:
+    return sha256_bytes(*(np.asarray(a, dtype=np.float32).tobytes() for a in arrays))[:16]
 
 
 class Embedder:
     """Images in, features out; `spec` rebuilds the same embedder elsewhere."""
 
-    def __init__(self, spec: dict[str, Any], model: nn.Module | None, device: torch.device):
+    def __init__(self, spec: EmbedderSpec, model: nn.Module | None, device: torch.device):
         self.spec, self.model, self.device = spec, model, device
 
     @property
     def identity(self) -> str:
-        return embedder_identity(self.spec)
+        return self.spec.identity
 
     @property
     def image_size(self) -> int:
-        return int(self.spec["image_size"])
+        return self.spec.image_size
 
     @property
     def channels(self) -> int:
-        return int(self.spec["channels"])
+        return self.spec.channels
 
-    def __call__(self, images: torch.Tensor, progress: bool = False) -> np.ndarray:
-        if images.shape[1:] != (self.channels, self.image_size, self.image_size):
-            raise UserError(f"images of shape {tuple(images.shape[1:])} do not match the "
-                            f"{self.channels}x{self.image_size}x{self.image_size} this embedder "
-                            f"was built for")
-        if self.spec["kind"] == "pixels":
-            flat = images.reshape(len(images), -1).float().div(255).numpy()
-            return ((flat - np.asarray(self.spec["pixel_mean"], np.float32))
-                    / np.asarray(self.spec["pixel_std"], np.float32)).astype(np.float32)
-        return extract_features(self.model, images, self.spec["mean"], self.spec["std"],
-                                int(self.spec["input_size"]), self.device, progress=progress)
+    def check_images(self, images: torch.Tensor, what: str = "the images") -> None:
+        want = (self.channels, self.image_size, self.image_size)
+        if tuple(images.shape[1:]) != want:
+            raise UserError(f"{what} are {tuple(images.shape[1:])} (channels, height, width) but "
+                            f"this embedder was made for {want}; give data of that shape (size, "
+                            f"or a checkpoint trained on such data)", param="size")
+
+    def __call__(self, images: torch.Tensor, progress: bool | None = False) -> np.ndarray:
+        from ssl_blood.inference import run_model
+
+        self.check_images(images)
+        spec = self.spec
+        if spec.kind == "pixels":
+            mean = np.asarray(spec.pixel_mean, np.float32)
+            std = np.asarray(spec.pixel_std, np.float32)
+            out = np.empty((len(images), mean.size), dtype=np.float32)
+            for start in range(0, len(images), 4096):  # chunks: images may be memory-mapped
+                flat = images[start:start + 4096].reshape(-1, mean.size).float().div(255).numpy()
+                out[start:start + 4096] = (flat - mean) / std
+            return out
+        return run_model(self.model, images, spec.mean, spec.std, int(spec.input_size),
+                         self.device, precision=spec.precision, channels_last=spec.channels_last,
+                         progress=progress, desc=f"embedding ({spec.label})")
 
     # -- constructors ---------------------------------------------------------------
 
@@ -101,60 +144,77 @@ class Embedder:
 
         trained = load_backbone(path)
         ds = trained.dataset
-        spec = {"kind": "checkpoint", "checkpoint": str(Path(path).resolve()),
-                "sha256": trained.sha256, "backbone": trained.name,
-                "input_size": ds["input_size"], "image_size": ds["image_size"],
-                "channels": ds["channels"], "mean": ds["mean"], "std": ds["std"],
-                "num_classes": ds["num_classes"], "source": ds["source"]}
+        spec = EmbedderSpec(
+            kind="checkpoint", identity=f"sha256:{trained.sha256}", image_size=ds["image_size"],
+            channels=ds["channels"], num_classes=ds["num_classes"], source=ds["source"],
+            input_size=ds["input_size"], mean=ds["mean"], std=ds["std"], backbone=trained.name,
+            stem=trained.stem, checkpoint=str(Path(path).resolve()), precision=trained.precision,
+            channels_last=trained.channels_last)
         dev = resolve_device(device)
         return cls(spec, trained.model.to(dev), dev)
 
     @classmethod
     def baseline(cls, kind: str, train: CellData, backbone: str = "resnet18", seed: int = 0,
-                 device: str = "auto") -> "Embedder":
+                 device: str = "auto", stem: str = "auto") -> "Embedder":
         """`pixels` or `random-init`, with statistics from the train split."""
-        common = {"image_size": train.image_size, "channels": train.channels,
-                  "source": train.source.to_dict(), "num_classes": train.num_classes}
+        from ssl_blood.models import resolve_stem
+
+        common = dict(image_size=train.image_size, channels=train.channels,
+                      num_classes=train.num_classes, source=train.source.to_dict())
         if kind == "pixels":
-            flat = train.images.reshape(len(train), -1).float().div(255)
-            spec = {"kind": "pixels", "pixel_mean": flat.mean(0).tolist(),
-                    "pixel_std": flat.std(0).clamp_min(1e-3).tolist(), **common}
+            mean, std = _pixel_stats(train.images)
+            spec = EmbedderSpec(kind="pixels", identity=f"pixels:{_stats_digest(mean, std)}",
+                                pixel_mean=mean, pixel_std=std, **common)
             return cls(spec, None, torch.device("cpu"))
         if kind == "random-init":
             mean, std = channel_stats(train.images)
-            spec = {"kind": "random-init", "backbone": backbone, "seed": seed,
-                    "input_size": train.image_size, "mean": mean, "std": std, **common}
+            stem = resolve_stem(stem, train.image_size)
+            spec = EmbedderSpec(
+                kind="random-init", identity=f"random-init:{backbone}:{stem}:seed{seed}:"
+                f"{_stats_digest(mean, std)}", input_size=train.image_size, mean=mean, std=std,
+                backbone=backbone, stem=stem, seed=seed, precision="auto", **common)
             return cls.from_spec(spec, device)
-        raise UserError(f"unknown --baseline '{kind}'; choose one of {', '.join(BASELINES)}")
+        raise UserError(f"unknown baseline '{kind}'; choose one of {', '.join(BASELINES)}",
+                        param="baseline")
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any], device: str = "auto") -> "Embedder":
+    def from_spec(cls, spec: EmbedderSpec, device: str = "auto") -> "Embedder":
         """Rebuild an embedder from its spec; a checkpoint must still have the recorded hash."""
-        kind = spec.get("kind")
-        if kind == "checkpoint":
-            from ssl_blood.checkpoint import sha256_file
-
-            path = Path(spec["checkpoint"])
+        if spec.kind == "checkpoint":
+            path = Path(spec.checkpoint or "")
             if not path.is_file():
-                raise UserError(f"the checkpoint {path} recorded with these embeddings is gone; "
-                                f"put it back or rebuild the index from new embeddings")
-            if sha256_file(path) != spec["sha256"]:
+                raise UserError(f"the checkpoint {path} these embeddings were made with is gone; "
+                                f"put it back or embed again", param="checkpoint")
+            if f"sha256:{sha256_file(path)}" != spec.identity:
                 raise UserError(f"the checkpoint {path} changed since these embeddings were made "
-                                f"(SHA-256 differs); re-run ssl-blood embed and index")
+                                f"(SHA-256 differs); re-run ssl-blood embed and index",
+                                param="checkpoint")
             return cls.from_checkpoint(path, device)
-        if kind == "random-init":
+        if spec.kind == "random-init":
             from ssl_blood.models import build_backbone
 
-            torch.manual_seed(int(spec["seed"]))
-            model = build_backbone(spec["backbone"], int(spec["channels"])).eval()
+            torch.manual_seed(int(spec.seed or 0))
+            model = build_backbone(spec.backbone, spec.channels, spec.stem or "s1").eval()
             dev = resolve_device(device)
             return cls(spec, model.to(dev), dev)
-        if kind == "pixels":
-            return cls(spec, None, torch.device("cpu"))
-        raise UserError(f"unknown embedder kind {kind!r} in the file's metadata; re-run ssl-blood embed")
+        return cls(spec, None, torch.device("cpu"))
 
 
-# ----------------------------------------------------------------------------- file
+def _pixel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-pixel mean and std of uint8 images in [0, 1] units, in chunks."""
+    n = len(images)
+    total = np.zeros(int(np.prod(images.shape[1:])), dtype=np.float64)
+    squares = np.zeros_like(total)
+    for start in range(0, n, 4096):
+        flat = images[start:start + 4096].reshape(-1, total.size).double().div(255).numpy()
+        total += flat.sum(0)
+        squares += (flat * flat).sum(0)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares - n * mean * mean, 0) / max(n - 1, 1))
+    return mean.astype(np.float32).tolist(), np.maximum(std, 1e-3).astype(np.float32).tolist()
+
+
+# ----------------------------------------------------------------------------- the file
 
 
 @dataclass
@@ -166,90 +226,198 @@ class Embeddings:
     split: np.ndarray  # (N,) str
     ids: np.ndarray  # (N,) int64, index within the split
     class_names: tuple[str, ...]
-    embedder: dict[str, Any]  # the Embedder spec (checkpoint path + hash, or baseline)
+    embedder: EmbedderSpec
+    subset: dict = field(default_factory=dict)  # {"limit": N, "seed": s} when a subset
+    metadata: dict[str, np.ndarray] = field(default_factory=dict)  # per-cell strings
+    coords: np.ndarray | None = None  # (N, 2) UMAP coordinates, when computed
+
+    def __post_init__(self) -> None:
+        self.features = np.asarray(self.features, dtype=np.float32)
 
     @property
     def dim(self) -> int:
         return int(self.features.shape[1])
 
-    @property
+    @cached_property
     def features_l2(self) -> np.ndarray:
         return l2_normalize(self.features)
 
     @property
-    def checkpoint_sha256(self) -> str:
-        return embedder_identity(self.embedder)
+    def identity(self) -> str:
+        return self.embedder.identity
 
     @property
     def name(self) -> str:
-        """A short label for tables and plots."""
-        if self.embedder["kind"] == "checkpoint":
-            return f"{self.embedder['backbone']} ({Path(self.embedder['checkpoint']).parent.name})"
-        if self.embedder["kind"] == "random-init":
-            return f"random-init {self.embedder['backbone']}"
-        return "raw pixels"
+        return self.embedder.label
+
+    @property
+    def source(self) -> DataSource:
+        return DataSource.from_dict(self.embedder.source)
 
     def splits(self) -> list[str]:
         return list(dict.fromkeys(self.split.tolist()))
 
-    def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features, labels, ids) of one split."""
+    def split_images(self, split: str) -> np.ndarray | None:
+        """uint8 images (N, C, H, W) of a split of the data these embeddings came from, indexed
+        by id; None when that data cannot be loaded any more (moved, deleted)."""
+        try:
+            return load_split(self.source, split).images.numpy()
+        except UserError:
+            return None
+
+    def mask(self, split: str) -> np.ndarray:
         mask = self.split == split
         if not mask.any():
             raise UserError(f"the embeddings hold no '{split}' split (they hold "
-                            f"{', '.join(self.splits())}); embed it with --splits")
+                            f"{', '.join(self.splits())}); embed it with splits", param="split")
+        return mask
+
+    def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features, labels, ids) of one split."""
+        mask = self.mask(split)
         return self.features[mask], self.labels[mask], self.ids[mask]
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, features=self.features.astype(np.float32),
-                 features_l2=self.features_l2, labels=self.labels.astype(np.int64),
-                 split=self.split.astype(str), ids=self.ids.astype(np.int64),
-                 class_names=np.asarray(self.class_names, dtype=str),
-                 checkpoint_sha256=np.asarray(self.checkpoint_sha256),
-                 backbone=np.asarray(self.embedder.get("backbone", "pixels")),
-                 image_size=np.asarray(self.embedder["image_size"]),
-                 embedder=np.asarray(json.dumps(self.embedder)))
-        tmp.replace(path)
+    def save(self, path: str | Path, dtype: str = "float32") -> Path:
+        if dtype not in FEATURE_DTYPES:
+            raise UserError(f"`dtype` {dtype} is not one of {', '.join(FEATURE_DTYPES)}", param="dtype")
+        arrays = dict(
+            features=self.features.astype(dtype), labels=self.labels.astype(np.int64),
+            split=self.split.astype(str), ids=self.ids.astype(np.int64),
+            class_names=np.asarray(self.class_names, dtype=str),
+            embedder=np.asarray(json.dumps(self.embedder.to_dict())),
+            subset=np.asarray(json.dumps(self.subset)),
+            **{f"meta:{k}": np.asarray(v, dtype=str) for k, v in self.metadata.items()})
+        if self.coords is not None:
+            arrays["coords"] = np.asarray(self.coords, dtype=np.float32)
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "Embeddings":
+        """Read and check an embeddings file: a damaged or hand-edited one is refused."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"--embeddings {path}: no such file; make one with ssl-blood embed")
+            raise UserError(f"`embeddings` {path}: no such file; make one with ssl-blood embed",
+                            param="embeddings")
         try:
             with np.load(path, allow_pickle=False) as f:
                 missing = {"features", "labels", "split", "ids", "class_names", "embedder"} - set(f.files)
                 if missing:
                     raise UserError(f"{path} lacks {sorted(missing)}; it is not an ssl-blood "
-                                    f"embeddings file: make one with ssl-blood embed")
-                emb = cls(f["features"].astype(np.float32), f["labels"].astype(np.int64),
-                          f["split"].astype(str), f["ids"].astype(np.int64),
-                          tuple(str(c) for c in f["class_names"]), json.loads(str(f["embedder"])))
+                                    f"embeddings file: make one with ssl-blood embed",
+                                    param="embeddings")
+                emb = cls(f["features"].astype(np.float32), f["labels"], f["split"].astype(str),
+                          f["ids"], tuple(str(c) for c in f["class_names"]),
+                          EmbedderSpec.from_dict(json.loads(str(f["embedder"]))),
+                          json.loads(str(f["subset"])) if "subset" in f.files else {},
+                          {k[5:]: f[k].astype(str) for k in f.files if k.startswith("meta:")},
+                          f["coords"].astype(np.float32) if "coords" in f.files else None)
         except UserError:
             raise
         except Exception as exc:
             raise UserError(f"cannot read embeddings {path} ({type(exc).__name__}); the file is "
-                            f"truncated or not an npz: re-run ssl-blood embed") from None
-        if emb.features.ndim != 2 or len(emb.features) != len(emb.labels):
-            raise UserError(f"{path}: features of shape {emb.features.shape} do not match "
-                            f"{len(emb.labels)} labels; re-run ssl-blood embed")
+                            f"truncated or not an npz: re-run ssl-blood embed",
+                            param="embeddings") from None
+        emb.check(path)
         return emb
+
+    def check(self, where: str | Path = "embeddings") -> None:
+        """Shapes, types and values agree with each other (a hand-edited file may not)."""
+        n = len(self.features)
+
+        def refuse(what: str) -> UserError:
+            return UserError(f"{where}: {what}; the file was edited or damaged: re-run ssl-blood "
+                             f"embed", param="embeddings")
+
+        if self.features.ndim != 2 or n == 0:
+            raise refuse(f"features of shape {self.features.shape}, expected (N > 0, D)")
+        for name in ("labels", "split", "ids"):
+            if np.ndim(getattr(self, name)) != 1 or len(getattr(self, name)) != n:
+                raise refuse(f"{name} has {len(getattr(self, name))} entries for {n} features")
+        if not (np.issubdtype(self.labels.dtype, np.integer) and np.issubdtype(self.ids.dtype, np.integer)):
+            raise refuse("labels and ids must be integers")
+        self.labels, self.ids = self.labels.astype(np.int64), self.ids.astype(np.int64)
+        if self.labels.min(initial=0) < -1 or self.labels.max(initial=-1) >= len(self.class_names):
+            raise refuse(f"labels outside -1..{len(self.class_names) - 1}")
+        if not np.isfinite(self.features).all():
+            raise refuse("non-finite features")
+        for name, column in self.metadata.items():
+            if len(column) != n:
+                raise refuse(f"metadata '{name}' has {len(column)} entries for {n} features")
+        if self.coords is not None and self.coords.shape != (n, 2):
+            raise refuse(f"coords of shape {self.coords.shape}, expected ({n}, 2)")
+        for split in self.splits():
+            ids = self.ids[self.split == split]
+            if len(np.unique(ids)) != len(ids):
+                raise refuse(f"repeated ids in split '{split}'")
+
+    def table(self) -> "Any":
+        """One row per cell: id, split, label, class name, metadata, then f0..f{D-1}
+        (a pandas DataFrame, for CSV / parquet export)."""
+        import pandas as pd
+
+        names = np.asarray(list(self.class_names) + [""], dtype=object)
+        columns: dict[str, Any] = {"id": self.ids, "split": self.split, "label": self.labels,
+                                   "class_name": names[self.labels]}
+        columns.update({k: v for k, v in self.metadata.items()})
+        frame = pd.DataFrame(columns)
+        features = pd.DataFrame(self.features, columns=[f"f{i}" for i in range(self.dim)])
+        return pd.concat([frame, features], axis=1)
+
+    def export(self, path: str | Path, fmt: str = "npz", dtype: str = "float32") -> Path:
+        """Write as ssl-blood's npz, or as a CSV / parquet table readable without ssl-blood."""
+        if fmt not in EXPORT_FORMATS:
+            raise UserError(f"`format` {fmt} is not one of {', '.join(EXPORT_FORMATS)}", param="format")
+        if fmt == "npz":
+            return self.save(path, dtype)
+        table = self.table()
+        if fmt == "csv":
+            return atomic_write(path, lambda f: f.write(table.to_csv(index=False).encode()))
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UserError("parquet needs pyarrow: pip install 'ssl-blood[parquet]', or use "
+                            "format csv", param="format") from None
+        return atomic_write(path, lambda f: table.to_parquet(f, index=False))
 
 
 def embed_splits(embedder: Embedder, source: DataSource, splits: Sequence[str],
-                 limit: int | None = None, seed: int = 0, progress: bool = False) -> Embeddings:
+                 limit: int | None = None, seed: int = 0, progress: bool | None = False) -> Embeddings:
     """Embed the given splits of a source into one Embeddings object."""
     parts = [load_split(source, s, limit, seed) for s in splits]
+    for part in parts:
+        embedder.check_images(part.images, f"the {part.split} images of {source.name}")
     class_names = next((p.class_names for p in parts if p.class_names), ())
     features = [embedder(p.images, progress=progress) for p in parts]
+    keys = sorted({k for p in parts for k in p.metadata})
+    metadata = {k: np.concatenate([p.metadata.get(k, np.full(len(p), "")) for p in parts]).astype(str)
+                for k in keys}
+    spec = embedder.spec if embedder.spec.source == source.to_dict() else replace(
+        embedder.spec, source=source.to_dict())
     return Embeddings(
         features=np.concatenate(features).astype(np.float32),
         labels=np.concatenate([p.labels.numpy() for p in parts]),
         split=np.concatenate([np.full(len(p), p.split) for p in parts]).astype(str),
         ids=np.concatenate([p.ids.numpy() for p in parts]),
         class_names=tuple(class_names),
-        embedder=embedder.spec,
+        embedder=spec,
+        subset={"limit": limit, "seed": seed} if limit is not None else {},
+        metadata=metadata,
     )
+
+
+def embed_checkpoint(checkpoint: str | Path, source: DataSource | None = None,
+                     splits: Sequence[str] = ("train", "val", "test"), limit: int | None = None,
+                     device: str = "auto", progress: bool | None = False) -> Embeddings:
+    """Embed `splits` of `source` (default: the data the checkpoint was trained on) with a
+    checkpoint's backbone. Labelled data with another number of classes than the checkpoint's
+    own is refused: that is almost always the wrong data (embed it explicitly to transfer)."""
+    embedder = Embedder.from_checkpoint(checkpoint, device)
+    source = source or DataSource.from_dict(embedder.spec.source)
+    emb = embed_splits(embedder, source, splits, limit, progress=progress)
+    trained = embedder.spec.num_classes
+    if trained and emb.class_names and trained != len(emb.class_names):
+        raise UserError(f"the checkpoint was pretrained on data with {trained} classes but this "
+                        f"data has {len(emb.class_names)}; evaluate it on its own dataset, or "
+                        f"embed this data with ssl-blood embed and pass the embeddings",
+                        param="checkpoint")
+    return emb

@@ -2,7 +2,8 @@
 
 Matplotlib with the Agg backend (no screen needed). Classes get the Okabe-Ito palette, which
 stays distinguishable under the common colour-vision deficiencies; more than eight classes fall
-back to tab20.
+back to tab20. Text is never parsed as mathtext: a class or file named `$\\x$` is drawn as typed.
+Figures are written atomically (`runs.save_figure`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # names are data, not TeX
     import matplotlib.pyplot as plt
 
     return plt
@@ -35,16 +37,17 @@ def class_colors(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(n)]
 
 
-def _save(fig, path: str | Path, svg: bool = False) -> list[Path]:
+def _save(fig, path: str | Path, svg: bool = False, dpi: int = DPI) -> list[Path]:
+    from ssl_blood.runs import save_figure
+
     plt = _pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = [path]
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    if svg:
-        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
-        written.append(path.with_suffix(".svg"))
-    plt.close(fig)
+    try:
+        written = [save_figure(fig, path, dpi=dpi, bbox_inches="tight")]
+        if svg:
+            written.append(save_figure(fig, path.with_suffix(".svg"), bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return written
 
 
@@ -132,18 +135,24 @@ def retrieval_montage(rows: Sequence[dict], class_names: Sequence[str], path: st
 
 
 def _short(class_names: Sequence[str], label: int) -> str:
+    """A class name that fits under a thumbnail: long multi-word names become their initials
+    ("immature granulocytes" -> "IG")."""
     if label < 0 or label >= len(class_names):
         return "unlabelled"
     name = class_names[label]
-    return "IG" if name.startswith("immature granulocyte") else name
+    words = name.split()
+    return "".join(w[0] for w in words).upper() if len(name) > 12 and len(words) > 1 else name
 
 
 def cell_grid(groups: Sequence[Sequence[np.ndarray]], path: str | Path, title: str = "",
-              row_titles: Sequence[str] | None = None) -> Path:
-    """One row of cell thumbnails per group (e.g. the cells nearest each sub-cluster centre)."""
+              row_titles: Sequence[str] | None = None,
+              captions: Sequence[Sequence[str]] | None = None, dpi: int = DPI) -> Path:
+    """One row of cell thumbnails per group (e.g. the cells nearest each sub-cluster centre),
+    optionally a caption under each cell."""
     plt = _pyplot()
     columns = max(1, max(len(g) for g in groups))
-    fig, axes = plt.subplots(len(groups), columns, figsize=(columns * 0.9, len(groups) * 1.0 + 0.4),
+    height = 1.0 + (0.3 if captions else 0.0)
+    fig, axes = plt.subplots(len(groups), columns, figsize=(columns * 0.9, len(groups) * height + 0.4),
                              squeeze=False)
     for r, group in enumerate(groups):
         for c, ax in enumerate(axes[r]):
@@ -151,11 +160,14 @@ def cell_grid(groups: Sequence[Sequence[np.ndarray]], path: str | Path, title: s
             if c < len(group):
                 ax.imshow(to_hwc(group[c]), interpolation="nearest",
                           cmap="gray" if np.asarray(group[c]).shape[0] == 1 else None)
+                if captions:
+                    ax.text(0.5, -0.05, captions[r][c], transform=ax.transAxes, ha="center",
+                            va="top", fontsize=5)
         if row_titles:
             axes[r, 0].set_title(row_titles[r], fontsize=7, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)[0]
+    return _save(fig, path, dpi=dpi)[0]
 
 
 # ----------------------------------------------------------------------------- UMAP / IG
@@ -228,4 +240,30 @@ def neighbour_composition_png(compositions: dict[str, dict[str, dict[str, float]
         ax.set_xlabel("share of nearest neighbours")
         ax.set_title(title, fontsize=9)
     axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+    return _save(fig, path)[0]
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def curves_png(series: Sequence[dict], path: str | Path, xlabel: str, ylabel: str, title: str,
+               log_x: bool = False) -> Path:
+    """Lines with shaded bands: each series a dict with `label`, `x`, `y` and optional `std`
+    (band = mean +- std) and `style` ("o-", "s--", ...)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for number, s in enumerate(series):
+        color = OKABE_ITO[number % len(OKABE_ITO)]
+        x, y = np.asarray(s["x"], dtype=float), np.asarray(s["y"], dtype=float)
+        ax.plot(x, y, s.get("style", "o-"), color=color, label=s["label"], markersize=4)
+        if s.get("std") is not None:
+            std = np.asarray(s["std"], dtype=float)
+            ax.fill_between(x, y - std, y + std, color=color, alpha=0.18, linewidth=0)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
     return _save(fig, path)[0]

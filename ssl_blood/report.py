@@ -1,9 +1,6 @@
-"""report.html: everything of one run on one page, images embedded, nothing fetched.
-
-The report reads what the run folder holds (config.json, metrics.jsonl, checkpoint.pt) and the
-analyses kept in RUN/analysis/; what is missing there is computed first with the library's own
-commands (embed, baselines, linear probe, kNN, UMAP + IG analysis, a retrieval montage) and
-kept, so a second report is fast. Analyses are redone when the checkpoint or --limit changes.
+"""report.html: everything of one run on one page, images and the interactive map embedded,
+nothing fetched. The numbers and pictures come from `ssl_blood.analysis` (computed or reused);
+this module only renders them.
 """
 
 from __future__ import annotations
@@ -14,134 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from ssl_blood.checkpoint import write_json
 from ssl_blood.errors import UserError
-
-ANALYSIS_DIR = "analysis"
-
-
-# ----------------------------------------------------------------------------- analyses
-
-
-def _load_history(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file() or not path.read_text().strip():
-        raise UserError(f"{run} has no metrics.jsonl; give the folder of a pretraining run "
-                        f"(ssl-blood pretrain --out DIR)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def prepare_analysis(run: Path, limit: int | None = None, device: str = "auto",
-                     baselines: Sequence[str] = ("pixels", "random-init")) -> dict[str, Any]:
-    """Compute (or reuse) everything the report shows; returns paths and results."""
-    from ssl_blood.checkpoint import sha256_file
-    from ssl_blood.data import DataSource, available_splits, load_split
-    from ssl_blood.embed import Embedder, Embeddings, embed_splits
-    from ssl_blood.plots import training_curves_png
-
-    checkpoint = run / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise UserError(f"{run} has no checkpoint.pt; the run has not finished an epoch yet")
-    out = run / ANALYSIS_DIR
-    out.mkdir(exist_ok=True)
-    stamp = {"checkpoint_sha256": sha256_file(checkpoint), "limit": limit, "baselines": list(baselines)}
-    stamp_path = out / "analysis.json"
-    fresh = not stamp_path.exists() or json.loads(stamp_path.read_text()) != stamp
-    if fresh:  # another checkpoint or subset: nothing cached is valid
-        for old in out.rglob("*"):
-            if old.is_file():
-                old.unlink()
-    result: dict[str, Any] = {"dir": out, "curves": training_curves_png(_load_history(run),
-                                                                        out / "training_curves.png")}
-    model = Embedder.from_checkpoint(checkpoint, device)
-    source = DataSource.from_dict(model.spec["source"])
-    splits = list(available_splits(source))
-    train = load_split(source, "train", limit) if baselines else None
-    embedders = {"model": model, **{kind: Embedder.baseline(kind, train, model.spec["backbone"], 0, device)
-                                    for kind in baselines}}
-    embeddings = {}
-    for name, embedder in embedders.items():
-        path = out / f"embeddings-{name}.npz"
-        if not path.exists():
-            embed_splits(embedder, source, splits, limit).save(path)
-        embeddings[name] = Embeddings.load(path)
-    result["embeddings"] = embeddings
-    labelled = set(splits) >= {"train", "val", "test"} and all(
-        (embeddings["model"].select(s)[1] >= 0).all() for s in ("train", "val", "test"))
-    result["labelled"] = labelled
-    if labelled:
-        result.update(_evaluations(out, embeddings))
-        result["umap"] = _umap(out, embeddings, result["probes"]["model"])
-    result["montage"] = _montage(out, embeddings["model"], source, splits)
-    stamp_path.write_text(json.dumps(stamp) + "\n")
-    return result
-
-
-def _cached_json(path: Path, compute) -> Any:
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    write_json(value, path)
-    return value
-
-
-def _evaluations(out: Path, embeddings: dict) -> dict[str, Any]:
-    from ssl_blood.evaluate import knn_embeddings, probe_embeddings
-    from ssl_blood.plots import confusion_matrix_png
-
-    probes = {n: _cached_json(out / f"linear_probe-{n}.json", lambda e=e: probe_embeddings(e))
-              for n, e in embeddings.items()}
-    knns = {n: _cached_json(out / f"knn-{n}.json", lambda e=e: knn_embeddings(e))
-            for n, e in embeddings.items()}
-    confusion = out / "confusion_matrix.png"
-    if not confusion.exists():
-        confusion_matrix_png(probes["model"]["confusion_matrix"], embeddings["model"].class_names,
-                             confusion, "Linear probe, test split")
-    return {"probes": probes, "knns": knns, "confusion": confusion}
-
-
-def _umap(out: Path, embeddings: dict, probe: dict) -> dict[str, Any] | None:
-    from ssl_blood.umap_ig import IG, class_index, umap_report
-
-    emb = embeddings["model"]
-    try:
-        class_index(emb.class_names, IG)
-    except UserError:  # the data has no immature-granulocyte class
-        return None
-    path = out / "umap" / "ig_analysis.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    return umap_report(emb, out / "umap", "test", IG, embeddings.get("pixels"), 0, probe)
-
-
-def _montage(out: Path, emb, source, splits: list[str]) -> Path:
-    """A few query cells (one per class from test, else the first cells) and their neighbours."""
-    from ssl_blood.data import load_split
-    from ssl_blood.index import CellIndex
-    from ssl_blood.plots import retrieval_montage
-    from ssl_blood.retrieval import neighbours
-
-    path = out / "retrieval.png"
-    if path.exists():
-        return path
-    query_split = "test" if "test" in splits else "train"
-    gx, gy, gids = emb.select("train")
-    qx, qy, qids = emb.select(query_split)
-    index = CellIndex.build(gx, labels=gy, ids=gids, use_gpu=False)
-    picks = [int(np.flatnonzero(qy == c)[0]) for c in np.unique(qy)][:8] if (qy >= 0).all() \
-        else list(range(min(4, len(qy))))
-    exclude = qids[picks] if query_split == "train" else None
-    sims, pos = neighbours(index, qx[picks], 7, exclude)
-    gallery = load_split(source, "train").images.numpy()
-    queries = load_split(source, query_split).images.numpy()
-    names = list(emb.class_names)
-    rows = [{"query": queries[qids[p]],
-             "caption": f"{query_split} #{qids[p]}\n" + (names[qy[p]] if qy[p] >= 0 else "query"),
-             "neighbours": [gallery[gids[j]] for j in pos[r]], "labels": gy[pos[r]].tolist(),
-             "similarities": sims[r].tolist()} for r, p in enumerate(picks)]
-    return retrieval_montage(rows, names, path)
+from ssl_blood.runs import RunDir, write_text
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -183,15 +54,20 @@ def _evaluation_section(analysis: dict) -> str:
     rows = []
     for name, emb in analysis["embeddings"].items():
         p, k = analysis["probes"][name], analysis["knns"][name]
+        clusters = p.get("test_clusters") or {}
         rows.append([emb.name if name == "model" else f"baseline: {emb.name}", p["val_acc"],
-                     p["test_acc"], p["test_auc"], p["balanced_acc"], p["macro_f1"], k["test_acc"]])
+                     p["test_acc"], p["test_auc"], p["balanced_acc"], p["macro_f1"], k["test_acc"],
+                     clusters.get("nmi"), clusters.get("ari"), clusters.get("purity")])
     probe = analysis["probes"]["model"]
     per_class = [[n, m["precision"], m["recall"], m["f1"], m["support"]]
                  for n, m in probe["per_class"].items()]
     return (_table(["features", "probe val ACC", "probe test ACC", "probe test AUC",
-                    "balanced ACC", "macro-F1", "kNN test ACC (k=20)"], rows)
+                    "balanced ACC", "macro-F1", "kNN test ACC (k=20)", "k-means NMI", "ARI",
+                    "purity"], rows)
             + "<p class='muted'>Linear probe: logistic regression on frozen features, weight decay "
-              "chosen on val, test scored once. kNN: DINO's weighted cosine kNN, train as gallery.</p>"
+              "chosen on val, test scored once. kNN: DINO's weighted cosine kNN, train as gallery. "
+              "k-means (k = number of classes, cosine) on the test split: how well unsupervised "
+              "clusters recover the classes.</p>"
             + "<h3>Per class (linear probe, test)</h3>"
             + _table(["class", "precision", "recall", "F1", "support"], per_class)
             + _img(analysis.get("confusion"), "confusion matrix", 640))
@@ -225,6 +101,18 @@ def _ig_section(analysis: dict) -> str:
             + _img(files.get("ig_subclusters.png"), "IG sub-cluster montage", 720))
 
 
+def _map_section(analysis: dict) -> str:
+    path = analysis.get("map")
+    if path is None or not Path(path).exists():
+        return "<p class='muted'>No interactive map.</p>"
+    page = html.escape(Path(path).read_text(), quote=True)
+    return ("<p class='muted'>Hover a cell to see it, click it to list its nearest cells, click the "
+            "legend to hide a class, select with the box or lasso tool to count classes and "
+            "download ids. (Also saved as analysis/map.html.)</p>"
+            f'<iframe title="interactive map" srcdoc="{page}" style="width:100%;height:720px;'
+            'border:1px solid #ddd"></iframe>')
+
+
 def render(run: Path, config: dict | None, history: list[dict], analysis: dict) -> str:
     from ssl_blood import __version__
 
@@ -245,6 +133,7 @@ def render(run: Path, config: dict | None, history: list[dict], analysis: dict) 
 <details><summary>per-epoch metrics</summary>{_table(['epoch', 'loss', 'kNN val ACC', 'img/s', 'seconds'], curve_rows)}</details>
 <h2>Evaluation (frozen features)</h2>{_evaluation_section(analysis)}
 <h2>UMAP and immature granulocytes</h2>{_ig_section(analysis)}
+<h2>Interactive map</h2>{_map_section(analysis)}
 <h2>Retrieval</h2><p class="muted">Query cells (left) and their nearest train cells by cosine similarity;
 frames are coloured by class.</p>{_img(analysis.get('montage'), 'retrieval montage')}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(cfg, indent=2))}</pre>
@@ -253,21 +142,19 @@ frames are coloured by class.</p>{_img(analysis.get('montage'), 'retrieval monta
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None, limit: int | None = None,
-                 device: str = "auto", baselines: Sequence[str] = ("pixels", "random-init")) -> Path:
-    """Write the run's one-file HTML report; returns its path."""
-    from ssl_blood.embed import BASELINES
+                 device: str = "auto", baselines: Sequence[str] = ("pixels", "random-init"),
+                 progress: bool | None = None) -> Path:
+    """Write the run's one-file HTML report (holding the run folder's lock); returns its path.
+    Bad input is refused before anything in the folder changes."""
+    from ssl_blood.analysis import check_inputs, prepare_analysis
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"--run {run}: no such folder; give the folder of a pretraining run")
-    unknown = [b for b in baselines if b not in BASELINES]
-    if unknown:
-        raise UserError(f"--baselines {unknown[0]}: choose from {', '.join(BASELINES)}")
-    history = _load_history(run)
-    config_path = run / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else None
-    analysis = prepare_analysis(run, limit, device, baselines)
-    path = Path(out) if out else run / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(run, config, history, analysis))
+    run = RunDir(run_dir)
+    check_inputs(run, limit, baselines)
+    path = Path(out) if out else run.report
+    if path.is_dir():
+        raise UserError(f"`out` {path} is a folder; give a file name such as report.html", param="out")
+    with run.lock():
+        analysis = prepare_analysis(run.path, limit, device, baselines, progress)
+        config = json.loads(run.config.read_text()) if run.config.exists() else None
+        write_text(path, render(run.path, config, analysis["history"], analysis))
     return path

@@ -2,34 +2,43 @@
 
 A query is an image file or a cell of a dataset split; it is embedded with the embedder the
 index records (same checkpoint, same preprocessing), then searched. Quality is precision@k and
-mAP@10 of every query of a split against the gallery, overall and per class.
+mAP@10 of every query of a split against the gallery, overall and per class. Places an
+approximate index could not fill (position -1) count as misses, never as neighbours.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ssl_blood.data import DataSource, read_cell_image, load_split
-from ssl_blood.embed import Embedder
+from ssl_blood.data import DataSource, load_split
+from ssl_blood.embed import Embedder, Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
+from ssl_blood.folders import read_cell_image
 from ssl_blood.index import CellIndex
-
-IG = "immature granulocytes"
 
 
 def embedder_for(index: CellIndex, device: str = "auto") -> Embedder:
     """The embedder recorded in the index (checks the checkpoint's hash)."""
-    return Embedder.from_spec(index.meta["embedder"], device)
+    return Embedder.from_spec(EmbedderSpec.from_dict(index.meta["embedder"]), device)
+
+
+def gallery_source(index: CellIndex) -> DataSource:
+    """The data the gallery cells were embedded from."""
+    return DataSource.from_dict(index.meta["embedder"]["source"])
 
 
 def images_from_files(paths: Sequence[str], embedder: Embedder) -> torch.Tensor:
-    """Query image files as uint8 (N, C, H, W) at the embedder's image size; see
-    `data.read_cell_image` for how other sizes, grayscale and RGBA are converted."""
-    return torch.from_numpy(np.stack([read_cell_image(p, embedder.image_size, embedder.channels)
-                                      for p in paths]))
+    """Query image files as uint8 (N, C, H, W) at the embedder's image size and channels; see
+    `folders.read_cell_image` for how other sizes, bit depths and colour modes are converted."""
+    images = np.stack([read_cell_image(p, embedder.image_size) for p in paths])
+    if embedder.channels == 1:  # a grayscale model: luminance of the RGB image
+        luma = np.tensordot(np.array([0.299, 0.587, 0.114]), images.astype(np.float32), ([0], [1]))
+        images = np.rint(luma)[:, None].astype(np.uint8)
+    return torch.from_numpy(images)
 
 
 def images_from_split(source: DataSource, split: str, ids: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
@@ -37,29 +46,37 @@ def images_from_split(source: DataSource, split: str, ids: Sequence[int]) -> tup
     data = load_split(source, split)
     bad = [i for i in ids if not 0 <= i < len(data)]
     if bad:
-        raise UserError(f"--ids {bad[0]} is out of range: the {split} split has {len(data)} cells "
-                        f"(ids 0..{len(data) - 1})")
+        raise UserError(f"`ids` {bad[0]} is out of range: the {split} split has {len(data)} cells "
+                        f"(ids 0..{len(data) - 1})", param="ids")
     index = torch.as_tensor(list(ids), dtype=torch.long)
     return data.images[index], data.labels[index].numpy()
 
 
 def neighbours(index: CellIndex, features: np.ndarray, k: int,
-               exclude_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, gallery positions), each (Q, k); with `exclude_ids` a query never gets
-    the gallery cell with its own id back (a query from the gallery split)."""
+               exclude_ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, gallery positions), each (Q, k), best first, -1 / -inf where fewer than
+    k were found. With `exclude_ids` (queries from the gallery's own split) a query never gets
+    the gallery cell with its own id back."""
     if exclude_ids is None:
         return index.search(features, k)
+    if k >= index.ntotal:
+        raise UserError(f"`k` {k} must be smaller than the {index.ntotal} gallery cells when the "
+                        f"queries come from the gallery's own split (a cell is not its own "
+                        f"neighbour); use a smaller k", param="k")
     similarity, position = index.search(features, k + 1)
-    keep = index.gallery_ids[position] != np.asarray(exclude_ids)[:, None]
-    # drop the self-match where present, else the last neighbour
-    keep[keep.all(1), -1] = False
-    rows = len(features)
-    return similarity[keep].reshape(rows, k), position[keep].reshape(rows, k)
+    own = np.asarray(exclude_ids, dtype=np.int64)[:, None]
+    keep = (position >= 0) & (index.gallery_ids[np.maximum(position, 0)] != own)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept ones first, ranks preserved
+    rows = np.arange(len(position))[:, None]
+    kept = keep[rows, order]
+    return (np.where(kept, similarity[rows, order], -np.inf).astype(np.float32),
+            np.where(kept, position[rows, order], -1))
 
 
 def describe(index: CellIndex, similarity: np.ndarray, position: np.ndarray,
-             queries: Sequence[dict]) -> list[dict[str, Any]]:
-    """JSON-able answers: per query its description and the ranked neighbours."""
+             queries: Sequence[dict], metadata: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """JSON-able answers: per query its description, how many neighbours were found, and the
+    ranked neighbours (with their metadata, e.g. file path, when given per gallery cell)."""
     names = index.meta.get("class_names", [])
 
     def label_name(label: int) -> str | None:
@@ -67,12 +84,31 @@ def describe(index: CellIndex, similarity: np.ndarray, position: np.ndarray,
 
     answers = []
     for q, sims, pos in zip(queries, similarity, position):
-        answers.append({"query": q, "neighbours": [
+        found = [(s, p) for s, p in zip(sims, pos) if p >= 0]
+        answers.append({"query": q, "found": len(found), "neighbours": [
             {"rank": r + 1, "id": int(index.gallery_ids[p]), "split": index.meta.get("gallery_split"),
              "label": int(index.gallery_labels[p]), "class": label_name(int(index.gallery_labels[p])),
-             "similarity": round(float(s), 6)}
-            for r, (s, p) in enumerate(zip(sims, pos))]})
+             "similarity": round(float(s), 6),
+             **{k: str(v[p]) for k, v in (metadata or {}).items()}}
+            for r, (s, p) in enumerate(found)]})
     return answers
+
+
+def gallery_metadata(index: CellIndex) -> dict[str, np.ndarray]:
+    """Per-gallery-cell metadata (file path, manifest columns) from the embeddings file the
+    index was built from, aligned with the index's gallery; empty when unavailable."""
+    path = index.meta.get("embeddings_file")
+    if not path or not Path(path).is_file():
+        return {}
+    emb = Embeddings.load(path)
+    if emb.identity != index.meta["identity"] or not emb.metadata:
+        return {}
+    mask = emb.split == index.meta["gallery_split"]
+    by_id = {int(i): row for row, i in enumerate(emb.ids[mask])}
+    rows = [by_id.get(int(i)) for i in index.gallery_ids]
+    if any(r is None for r in rows):
+        return {}
+    return {k: v[mask][rows] for k, v in emb.metadata.items()}
 
 
 # ----------------------------------------------------------------------------- quality
@@ -82,7 +118,8 @@ def retrieval_metrics(query_labels: np.ndarray, neighbour_labels: np.ndarray,
                       gallery_labels: np.ndarray, class_names: Sequence[str],
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """precision@k (share of the top k with the query's class) and mAP@10 (AP@10 =
-    sum_i P@i * rel_i / min(R, 10), R = gallery cells of the query's class), overall and per class."""
+    sum_i P@i * rel_i / min(R, 10), R = gallery cells of the query's class), overall and per
+    class. A neighbour label of -2 marks a place the index could not fill: never relevant."""
     kmax = neighbour_labels.shape[1]
     relevant = neighbour_labels == query_labels[:, None]  # (Q, k)
     gallery_counts = np.bincount(gallery_labels[gallery_labels >= 0], minlength=len(class_names))
@@ -103,9 +140,13 @@ def retrieval_metrics(query_labels: np.ndarray, neighbour_labels: np.ndarray,
         mask = query_labels == c
         if mask.any():
             result["per_class"][name] = summary(mask)
-    if IG in result["per_class"]:
-        result["immature_granulocytes"] = result["per_class"][IG]
     return result
+
+
+def neighbour_labels(index: CellIndex, position: np.ndarray) -> np.ndarray:
+    """Labels of the neighbours, -2 where the index found none (matches no class, not even
+    the unknown label -1)."""
+    return np.where(position >= 0, index.gallery_labels[np.maximum(position, 0)], -2)
 
 
 def evaluate_index(index: CellIndex, query_features: np.ndarray, query_labels: np.ndarray,
@@ -113,7 +154,29 @@ def evaluate_index(index: CellIndex, query_features: np.ndarray, query_labels: n
     """Retrieval quality of labelled queries against the index's labelled gallery."""
     if (index.gallery_labels < 0).any() or (query_labels < 0).any():
         raise UserError("retrieval evaluation needs labelled gallery and query cells; this "
-                        "data has unknown labels")
+                        "data has unknown labels", param="split")
     _, position = neighbours(index, query_features, k, exclude_ids)
-    return retrieval_metrics(query_labels, index.gallery_labels[position], index.gallery_labels,
-                             index.meta.get("class_names", []))
+    result = retrieval_metrics(query_labels, neighbour_labels(index, position),
+                               index.gallery_labels, index.meta.get("class_names", []))
+    result["unfilled"] = int((position < 0).sum())  # neighbour places the index left empty
+    return result
+
+
+def evaluate_embeddings(emb: Embeddings, gallery_split: str, query_split: str,
+                        k: int = 10) -> dict[str, Any]:
+    """The same evaluation for an embeddings file (e.g. a baseline), with an exact index."""
+    index = CellIndex.from_embeddings(emb, gallery_split, kind="flat", use_gpu=False)
+    qx, qy, qids = emb.select(query_split)
+    exclude = qids if query_split == gallery_split else None
+    return evaluate_index(index, qx, qy, k, exclude)
+
+
+def montage_rows(gallery_images: np.ndarray, query_images: Sequence[np.ndarray],
+                 captions: Sequence[str], answers: Sequence[dict]) -> list[dict[str, Any]]:
+    """Rows for `plots.retrieval_montage`: each query with its found neighbours' images
+    (`gallery_images` indexed by gallery id), labels and similarities."""
+    return [{"query": image, "caption": caption,
+             "neighbours": [gallery_images[n["id"]] for n in answer["neighbours"]],
+             "labels": [n["label"] for n in answer["neighbours"]],
+             "similarities": [n["similarity"] for n in answer["neighbours"]]}
+            for image, caption, answer in zip(query_images, captions, answers)]

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ssl_blood.checkpoint import write_json
 from ssl_blood.embed import Embeddings, l2_normalize
 from ssl_blood.errors import UserError
 from ssl_blood.index import CellIndex
+from ssl_blood.runs import write_json
 
 IG = "immature granulocytes"
 UMAP_NEIGHBOURS, UMAP_MIN_DIST = 15, 0.1
@@ -32,7 +32,8 @@ def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = UMAP_NEIGHB
 
     if len(features) <= n_neighbors:
         raise UserError(f"UMAP needs more than n_neighbors={n_neighbors} cells, the split has "
-                        f"{len(features)}; embed more cells (a larger --limit or another split)")
+                        f"{len(features)}; embed more cells (a larger limit or another split)",
+                        param="split")
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist,
                         metric="cosine", random_state=seed, n_jobs=1)  # seeded: one thread anyway
     coords = reducer.fit_transform(features).astype(np.float32)
@@ -40,16 +41,27 @@ def fit_umap(features: np.ndarray, seed: int = 0, n_neighbors: int = UMAP_NEIGHB
                     "random_state": seed, "umap_learn": umap.__version__}
 
 
-def class_index(class_names: Sequence[str], name: str) -> int:
-    """Position of a class by exact or unambiguous prefix match ("immature" finds IG)."""
+def _find_class(class_names: Sequence[str], name: str) -> int | None:
     lowered = [c.lower() for c in class_names]
     if name.lower() in lowered:
         return lowered.index(name.lower())
     matches = [i for i, c in enumerate(lowered) if c.startswith(name.lower())]
-    if len(matches) != 1:
-        raise UserError(f"--highlight '{name}' is not a class of these embeddings; choose one of "
-                        f"{', '.join(class_names)}")
-    return matches[0]
+    return matches[0] if len(matches) == 1 else None
+
+
+def has_class(class_names: Sequence[str], name: str) -> bool:
+    """Whether `name` is a class (exactly or as an unambiguous prefix)."""
+    return _find_class(class_names, name) is not None
+
+
+def class_index(class_names: Sequence[str], name: str) -> int:
+    """Position of a class by exact or unambiguous prefix match ("immature" finds IG)."""
+    found = _find_class(class_names, name)
+    if found is None:
+        raise UserError(f"`highlight` '{name}' is not a class of these embeddings; choose one of "
+                        f"{', '.join(class_names) or '(none: the data is unlabelled)'}",
+                        param="highlight")
+    return found
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -64,10 +76,11 @@ def neighbour_composition(features: np.ndarray, labels: np.ndarray, class_names:
     k = min(k, len(features) - 1)
     index = CellIndex.build(features, labels=labels, ids=np.arange(len(features)), use_gpu=False)
     _, position = neighbours(index, features, k, exclude_ids=np.arange(len(features)))
-    neighbour_labels = labels[position]
+    neighbour_labels = np.where(position >= 0, labels[np.maximum(position, 0)], -1)
     result = {}
     for c, name in enumerate(class_names):
         rows = neighbour_labels[labels == c]
+        rows = rows[rows >= 0]
         if len(rows):
             counts = np.bincount(rows.ravel(), minlength=len(class_names))
             result[name] = {other: float(counts[j] / counts.sum()) for j, other in enumerate(class_names)}
@@ -105,7 +118,8 @@ def subclusters(features: np.ndarray, seed: int = 0, ks: Sequence[int] = SUBCLUS
     normed = l2_normalize(features)
     ks = [k for k in ks if 2 <= k < len(normed)]
     if not ks:
-        raise UserError(f"{len(normed)} cells are too few to look for sub-clusters; embed more cells")
+        raise UserError(f"{len(normed)} cells are too few to look for sub-clusters; embed more "
+                        f"cells", param="split")
     fits, scores = {}, {}
     for k in ks:
         fits[k] = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(normed)
@@ -140,8 +154,10 @@ def confusion_rows(probe: dict[str, Any], target: str) -> dict[str, Any]:
 def analyse(features: np.ndarray, labels: np.ndarray, class_names: Sequence[str], target: int,
             seed: int = 0, k: int = 20, probe: dict | None = None) -> dict[str, Any]:
     """Every number of the IG analysis for one embedding of one split."""
-    if (labels < 0).any():
-        raise UserError("the IG analysis needs labelled cells; these embeddings have unknown labels")
+    if (labels < 0).all():
+        raise UserError("the class analysis needs labelled cells; these embeddings have none",
+                        param="embeddings")
+    features, labels = features[labels >= 0], labels[labels >= 0]
     composition = neighbour_composition(features, labels, class_names, k)
     name = class_names[target]
     result = {
@@ -164,11 +180,16 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
                 compare: Embeddings | None = None, seed: int = 0,
                 probe: dict | None = None) -> dict[str, Any]:
     """Write umap.png/.svg, ig_subclusters.png, ig_neighbours.png and ig_analysis.json."""
-    from ssl_blood.plots import neighbour_composition_png, umap_panels_png, cell_grid
+    from ssl_blood.plots import cell_grid, neighbour_composition_png, umap_panels_png
 
     out = Path(out_dir)
     target = class_index(emb.class_names, highlight)
-    images = _split_images(emb, split)  # for thumbnails; None when the data is not reachable
+    for e in [emb] + ([compare] if compare is not None else []):
+        _, y, _ = e.select(split)
+        if not (y == target).any():
+            raise UserError(f"the {split} split has no '{emb.class_names[target]}' cells to "
+                            f"highlight; choose another split or class", param="highlight")
+    images = emb.split_images(split)  # for thumbnails; None when the data is not reachable
     maps, analyses = [], {}
     for e in [emb] + ([compare] if compare is not None else []):
         title = e.name if e.name not in analyses else f"{e.name} (compared)"
@@ -177,12 +198,11 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
         analysis = analyse(x, y, e.class_names, target, seed, probe=probe if e is emb else None)
         analysis.update({"embeddings": e.name, "split": split, "umap": params})
         analyses[title] = analysis
-        # one thumbnail per IG sub-cluster: its most central cell, at that cell's map position
+        # one thumbnail per sub-cluster: its most central cell, at that cell's map position
         target_rows = np.flatnonzero(y == target)
         central = [target_rows[group[0]] for group in analysis["subclusters"]["representatives"]]
         thumbnails = [] if images is None else [(coords[r], images[ids[r]]) for r in central]
         maps.append({"title": title, "coords": coords, "labels": y, "thumbnails": thumbnails})
-    out.mkdir(parents=True, exist_ok=True)
     files = umap_panels_png(maps, emb.class_names, target, out / "umap.png")
     files.append(neighbour_composition_png({n: a["neighbour_composition"] for n, a in analyses.items()},
                                            emb.class_names, target, out / "ig_neighbours.png"))
@@ -197,19 +217,6 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
                   f"the cells nearest one centre",
             row_titles=[f"sub-cluster {c + 1} ({n} cells)" for c, n in enumerate(groups["sizes"])]))
     result = {"highlight": emb.class_names[target], "split": split, "seed": seed,
-              "analyses": analyses, "files": [str(f) for f in files]}
+              "subset": emb.subset or None, "analyses": analyses, "files": [str(f) for f in files]}
     write_json(result, out / "ig_analysis.json")
     return result
-
-
-def _split_images(emb: Embeddings, split: str):
-    """uint8 images (N, C, H, W) of the split, indexed by dataset id; None if unavailable."""
-    from ssl_blood.data import DataSource, load_split
-
-    source = emb.embedder.get("source")
-    if not source:
-        return None
-    try:
-        return load_split(DataSource.from_dict(source), split).images.numpy()
-    except UserError:
-        return None

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ssl_blood.augment import (AugmentConfig, BatchAugment, color_jitter, eval_preprocess,
-                               gaussian_blur, lightly_transform, sample_crop_affine, to_unit_float, warp)
+from ssl_blood.augment import (AugmentConfig, BatchAugment, ViewGroup, color_jitter,
+                               eval_preprocess, gaussian_blur, sample_crop_affine, to_unit_float, warp)
 
 IDENTITY = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # normalisation that keeps [0, 1] values
 
@@ -25,22 +25,45 @@ def dihedral(x):
     return out
 
 
-def test_simclr_views_shapes_and_range():
+def test_two_views_shapes_and_range():
     cfg = AugmentConfig(hue=0.1, grayscale=0.3, blur_prob=0.5, solarize_prob=0.3)
-    v1, v2 = BatchAugment(cfg, *IDENTITY, size=24).simclr_views(images(), gen())
+    v1, v2 = BatchAugment(cfg, *IDENTITY).views([ViewGroup(2, 24, (0.14, 1.0))], images(), gen())
     assert v1.shape == v2.shape == (16, 3, 24, 24) and v1.dtype == torch.float32
     assert v1.min() >= 0 and v1.max() <= 1 and not torch.equal(v1, v2)
 
 
-def test_dino_multicrop_views():
-    cfg = AugmentConfig(local_views=4, local_size=12)
-    views = BatchAugment(cfg, *IDENTITY, size=28).dino_views(images(8), gen())
+def test_multicrop_view_groups():
+    groups = [ViewGroup(2, 28, (0.35, 1.0)), ViewGroup(4, 12, (0.05, 0.3))]
+    views = BatchAugment(AugmentConfig(), *IDENTITY).views(groups, images(8), gen())
     assert [tuple(v.shape) for v in views] == [(8, 3, 28, 28)] * 2 + [(8, 3, 12, 12)] * 4
+
+
+def test_crop_area_and_aspect_follow_their_distributions():
+    """Area fraction uniform in `scale`, log aspect ratio uniform in `ratio` (torchvision's
+    RandomResizedCrop), before the clamp to the image."""
+    import math
+
+    n = 20000
+    theta = sample_crop_affine(n, (0.2, 0.6), (3 / 4, 4 / 3), 0.0, 0.0, False, gen(1), "cpu")
+    half_w, half_h = theta[:, 0, 0], theta[:, 1, 1]
+    area = half_w * half_h  # (2 hw * 2 hh) / (2 * 2): fraction of the image
+    log_ratio = torch.log(half_w / half_h)
+    inside = (half_w < 1) & (half_h < 1)
+    assert inside.float().mean() > 0.99
+    a = area[inside]
+    assert a.min() >= 0.2 - 1e-6 and a.max() <= 0.6 + 1e-6
+    assert abs(float(a.mean()) - 0.4) < 0.01 and abs(float(a.std()) - 0.4 / math.sqrt(12)) < 0.01
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    assert log_ratio.min() >= lo - 1e-5 and log_ratio.max() <= hi + 1e-5
+    assert abs(float(log_ratio.mean())) < 0.01
+    assert abs(float(log_ratio.std()) - (hi - lo) / math.sqrt(12)) < 0.01
+    centre = theta[:, :, 2]
+    assert (centre.abs() <= (1 - torch.stack([half_w, half_h], 1)) + 1e-6).all()  # crop inside
 
 
 def test_parameters_differ_per_image():
     same = images(1).expand(32, -1, -1, -1).contiguous()
-    view = BatchAugment(AugmentConfig(), *IDENTITY, size=28).view(same, gen(), 28, (0.3, 1.0))
+    view = BatchAugment(AugmentConfig(), *IDENTITY).view(same, gen(), 28, (0.3, 1.0))
     distinct = {tuple(v.flatten()[:50].tolist()) for v in view}
     assert len(distinct) > 28  # one batch, (almost) every image transformed differently
 
@@ -65,10 +88,11 @@ def test_crop_stays_inside_the_image():
 
 
 def test_seeded_determinism():
-    aug = BatchAugment(AugmentConfig(blur_prob=0.5, hue=0.05), *IDENTITY, size=28)
-    a = aug.dino_views(images(), gen(7))
-    b = aug.dino_views(images(), gen(7))
-    c = aug.dino_views(images(), gen(8))
+    aug = BatchAugment(AugmentConfig(blur_prob=0.5, hue=0.05), *IDENTITY)
+    groups = [ViewGroup(2, 28, (0.35, 1.0)), ViewGroup(6, 12, (0.05, 0.3))]
+    a = aug.views(groups, images(), gen(7))
+    b = aug.views(groups, images(), gen(7))
+    c = aug.views(groups, images(), gen(8))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
 
@@ -77,7 +101,7 @@ def test_no_augmentation_is_identity():
     cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0, vflip=0, rot90=False,
                         jitter_prob=0)
     x = images(4)
-    view = BatchAugment(cfg, *IDENTITY, size=28).view(x, gen(), 28, cfg.crop_scale)
+    view = BatchAugment(cfg, *IDENTITY).view(x, gen(), 28, cfg.crop_scale)
     assert torch.allclose(view, to_unit_float(x), atol=1e-5)
 
 
@@ -105,14 +129,6 @@ def test_eval_preprocess_resizes_and_normalises():
 
 def test_grayscale_input_images():
     x = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
-    views = BatchAugment(AugmentConfig(hue=0.2, grayscale=0.5), [0.5], [0.2], 16).simclr_views(x, gen())
+    views = BatchAugment(AugmentConfig(hue=0.2, grayscale=0.5), [0.5], [0.2]).views(
+        [ViewGroup(2, 16, (0.14, 1.0))], x, gen())
     assert views[0].shape == (6, 1, 16, 16)
-
-
-@pytest.mark.parametrize("method, n_views", [("simclr", 2), ("dino", 2 + AugmentConfig().local_views)])
-def test_lightly_cpu_transform(method, n_views):
-    from PIL import Image
-
-    transform = lightly_transform(method, AugmentConfig(), 28, [0.5] * 3, [0.25] * 3)
-    views = transform(Image.fromarray(images(1)[0].permute(1, 2, 0).numpy()))
-    assert len(views) == n_views and views[0].shape == (3, 28, 28)

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_blood import data
 from ssl_blood.data import (DataSource, available_splits, channel_stats, load_split,
-                            read_cell_image, resolve_source, stratified_indices)
+                            resolve_source, stratified_indices)
 from ssl_blood.errors import UserError
-from tests.conftest import make_npz
+from tests.helpers import make_npz
 
 BLOODMNIST_MD5 = "7053d0359d879ad8a5505303e11de1dc"
 
@@ -69,11 +68,21 @@ def test_missing_file_offline_says_where_to_put_it(tmp_path, monkeypatch):
         raise RuntimeError("Automatic download failed!")
 
     monkeypatch.setattr(medmnist, "BloodMNIST", offline)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError) as err:
         load_split(resolve_source(str(tmp_path / "empty")), "train")
     message = str(err.value)
     assert "download failed" in message and str(tmp_path / "empty") in message
     assert "zenodo" in message and "\n" not in message
+
+
+def test_mistyped_data_root_is_not_created(tmp_path, monkeypatch):
+    import medmnist
+
+    monkeypatch.setattr(medmnist, "BloodMNIST", lambda **kw: pytest.fail("must not download"))
+    with pytest.raises(UserError, match="no such folder"):
+        load_split(resolve_source(str(tmp_path / "typo")), "train")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_other_sizes_need_their_file(tmp_path, monkeypatch):
@@ -84,6 +93,9 @@ def test_other_sizes_need_their_file(tmp_path, monkeypatch):
         load_split(resolve_source(str(tmp_path), size=64), "train")
     with pytest.raises(UserError, match="not a BloodMNIST size"):
         resolve_source(str(tmp_path), size=50)
+    for size in (8, 300):
+        with pytest.raises(UserError, match="outside 16-256"):
+            resolve_source(str(tmp_path), size=size)
 
 
 def test_synthetic_npz_rgb_and_grayscale(tmp_path):
@@ -127,33 +139,6 @@ def test_truncated_or_missing_npz(tmp_path):
         load_split(resolve_source(npz=str(tmp_path / "nope.npz")), "train")
 
 
-def test_image_folder_recursive_resized_and_counts_unreadable(image_folder, capsys):
-    cells = load_split(resolve_source(image_dir=str(image_folder), size=20), "train")
-    assert cells.images.shape == (9, 3, 20, 20) and cells.images.dtype == torch.uint8
-    assert (cells.labels == -1).all() and not cells.is_labeled
-    assert "skipped 1 unreadable image(s) of 10" in capsys.readouterr().err
-    assert available_splits(cells.source) == ("train",)
-    with pytest.raises(UserError, match="only the 'train' split"):
-        load_split(cells.source, "test")
-
-
-def test_empty_or_missing_image_folder(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no images"):
-        load_split(resolve_source(image_dir=str(tmp_path / "empty")), "train")
-    with pytest.raises(UserError, match="no such folder"):
-        load_split(resolve_source(image_dir=str(tmp_path / "missing")), "train")
-
-
-def test_read_cell_image_converts_modes(tmp_path):
-    from PIL import Image
-
-    Image.new("RGBA", (60, 40), (255, 0, 0, 128)).save(tmp_path / "a.png")
-    array = read_cell_image(tmp_path / "a.png", 28)
-    assert array.shape == (3, 28, 28) and array[0].min() == 255 and array[1].max() == 0
-    assert read_cell_image(tmp_path / "a.png", 28, channels=1).shape == (1, 28, 28)
-
-
 def test_channel_stats():
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     images[:, 1] = 255
@@ -161,8 +146,18 @@ def test_channel_stats():
     assert mean == pytest.approx([0, 1, 0]) and std[0] == pytest.approx(1e-3)
 
 
+def test_channel_stats_in_chunks_equal_one_pass():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    x = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    mean, std = channel_stats(images, chunk=7)
+    assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-6)
+    assert std == pytest.approx(x.std(1).tolist(), abs=1e-6)
+
+
 def test_datasource_roundtrip():
     source = DataSource("npz", "/x/cells.npz", 16)
     assert DataSource.from_dict(source.to_dict()) == source and source.name == "cells"
+    old = DataSource.from_dict({"kind": "image-dir", "path": "/x/smears", "size": 28})  # format 1
+    assert old.layout == "auto" and old.split_fractions == (0.7, 0.1, 0.2)
     with pytest.raises(UserError, match="only one of"):
         resolve_source("a", npz="b")

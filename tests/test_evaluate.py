@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings
+from ssl_blood.embed import Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
-from ssl_blood.evaluate import (classification_metrics, few_shot, knn_scores, linear_probe,
-                                mean_ci95, support_indices)
+from ssl_blood.evaluate import (PROBE_WEIGHT_DECAYS, classification_metrics, cluster_metrics,
+                                few_shot, knn_embeddings, knn_scores, linear_probe, mean_ci95,
+                                probe_embeddings, support_indices)
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -23,8 +24,10 @@ def test_linear_probe_separable_reaches_100():
     (tx, ty), (vx, vy), (sx, sy) = blobs(400), blobs(100, seed=1), blobs(200, seed=2)
     result = linear_probe(tx, ty, vx, vy, sx, sy, NAMES, device="cpu")
     assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0 and result["test_auc"] == 1.0
-    assert set(result["val_acc_by_weight_decay"].values()) == {1.0}
-    assert result["weight_decay"] == 0.01  # all tie on val: the strongest penalty wins
+    assert result["val_acc_by_weight_decay"]["0.0"] == 1.0
+    best = max(float(k) for k, v in result["val_acc_by_weight_decay"].items() if v == 1.0)
+    assert result["weight_decay"] == best  # ties on val: the strongest penalty wins
+    assert result["weight_decay_grid"] == sorted(PROBE_WEIGHT_DECAYS)
     assert set(result["per_class"]) == set(NAMES) and result["macro_f1"] == 1.0
 
 
@@ -73,6 +76,35 @@ def test_knn_equals_numpy_reference():
     np.testing.assert_allclose(knn_scores(gx, gy, qx, 4, k, t), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_knn_on_the_gallery_split_never_votes_for_itself():
+    gx, gy = blobs(200, spread=2.5)
+    wrong = gy.copy()
+    wrong[:20] = (gy[:20] + 1) % 4  # mislabelled cells: their own vote would say "wrong label"
+    ids = np.arange(200)
+    scores = knn_scores(gx, wrong, gx[:20], 4, k=5, exclude_ids=ids[:20], gallery_ids=ids)
+    assert (scores.argmax(1) == gy[:20]).mean() > 0.8  # neighbours, not themselves, decide
+    self_included = knn_scores(gx, wrong, gx[:20], 4, k=5)
+    assert (self_included.argmax(1) == wrong[:20]).mean() > (scores.argmax(1) == wrong[:20]).mean()
+
+
+def test_knn_masks_unfilled_neighbours():
+    from ssl_blood.index import CellIndex
+
+    gx, gy = blobs(400, spread=0.2)
+    index = CellIndex.build(gx, labels=gy, kind="ivf", nlist=40, nprobe=1, use_gpu=False)
+    scores = knn_scores(gx, gy, gx[:30], 4, k=200, index=index)
+    assert np.isfinite(scores).all() and np.allclose(scores.sum(1), 1)
+    assert (scores.argmax(1) == gy[:30]).all()
+
+
+def test_cluster_metrics():
+    x, y = blobs(400, spread=0.2)
+    good = cluster_metrics(x, y, 4)
+    assert good["nmi"] > 0.99 and good["ari"] > 0.99 and good["purity"] == 1.0
+    noise = cluster_metrics(np.random.default_rng(0).normal(size=(400, 16)), y, 4)
+    assert noise["nmi"] < 0.1 and abs(noise["ari"]) < 0.05 and noise["purity"] < 0.4
+
+
 def test_support_sets_are_class_balanced_and_seeded():
     labels = np.repeat(np.arange(8), [852, 2181, 1085, 2026, 849, 993, 2330, 1643])
     shots = support_indices(labels, 8, np.random.default_rng(0), shots=10)
@@ -85,14 +117,24 @@ def test_support_sets_are_class_balanced_and_seeded():
     assert np.array_equal(one_percent, again) and not np.array_equal(one_percent, other)
 
 
-def test_few_shot_results_and_confidence_interval():
-    (tx, ty), (sx, sy) = blobs(200), blobs(100, seed=1)
-    results = few_shot(tx, ty, sx, sy, 4, shots=(1, 5), fractions=(0.1,), episodes=5, seed=0)
-    assert [(r["setting"], r["head"]) for r in results[:3]] == [
-        ("1-shot", "prototype"), ("1-shot", "knn"), ("1-shot", "logreg")]
-    assert all(r["episodes"] == 5 and r["mean_acc"] > 0.9 for r in results)
+def test_few_shot_head_is_chosen_on_val():
+    (tx, ty), (vx, vy), (sx, sy) = blobs(200), blobs(80, seed=1), blobs(100, seed=2)
+    results = few_shot(tx, ty, vx, vy, sx, sy, 4, shots=(1, 5), fractions=(0.1,), episodes=5, seed=0)
+    assert [r["setting"] for r in results] == ["1-shot", "5-shot", "0.1 of train"]
+    for r in results:
+        assert set(r["heads"]) == {"prototype", "knn", "logreg"} and r["chosen_on"] == "val"
+        assert r["head"] == max(r["heads"], key=lambda h: r["heads"][h]["val_acc"])
+        assert r["mean_acc"] == r["heads"][r["head"]]["test_acc"] and r["episodes"] == 5
     assert results[-1]["labels"] == 20 and results[0]["labels"] == 4
-    assert few_shot(tx, ty, sx, sy, 4, shots=(1,), fractions=(), episodes=5, seed=0) == results[:3]
+    again = few_shot(tx, ty, vx, vy, sx, sy, 4, shots=(1,), fractions=(), episodes=5, seed=0)
+    assert again == results[:1]
+
+
+def test_test_labels_never_choose_the_head():
+    (tx, ty), (vx, vy), (sx, sy) = blobs(200), blobs(80, seed=1), blobs(100, seed=2)
+    a = few_shot(tx, ty, vx, vy, sx, sy, 4, shots=(5,), fractions=(), episodes=3)
+    b = few_shot(tx, ty, vx, vy, sx, (sy + 1) % 4, 4, shots=(5,), fractions=(), episodes=3)
+    assert a[0]["head"] == b[0]["head"]  # other test labels, same choice
 
 
 def test_mean_ci95_is_the_t_interval():
@@ -104,23 +146,44 @@ def test_mean_ci95_is_the_t_interval():
 def test_few_shot_bad_input():
     (tx, ty), (sx, sy) = blobs(40), blobs(20, seed=1)
     with pytest.raises(UserError, match="asked for 11 labelled images of class 0 but the train split has 10"):
-        few_shot(tx, ty, sx, sy, 4, shots=(11,), fractions=(), episodes=1)
+        few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(11,), fractions=(), episodes=1)
     for bad in (0.0, 1.5):
-        with pytest.raises(UserError, match=r"each fraction must be in \(0, 1\]"):
-            few_shot(tx, ty, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
+        with pytest.raises(UserError, match=r"fraction .* must be in \(0, 1\]"):
+            few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
     with pytest.raises(UserError, match="unknown few-shot head 'svm'"):
-        few_shot(tx, ty, sx, sy, 4, heads=("svm",))
+        few_shot(tx, ty, sx, sy, sx, sy, 4, heads=("svm",))
 
 
-def write_embeddings(path, labelled=True, splits=("train", "val", "test")):
+def write_embeddings(path, labelled=True, splits=("train", "val", "test"), subset=None):
     parts = [blobs(n, seed=i) for i, n in enumerate((120, 40, 40))][: len(splits)]
     emb = Embeddings(np.concatenate([p[0] for p in parts]),
                      np.concatenate([p[1] if labelled else -np.ones_like(p[1]) for p in parts]),
                      np.concatenate([[s] * len(p[1]) for s, p in zip(splits, parts)]),
                      np.concatenate([np.arange(len(p[1])) for p in parts]), tuple(NAMES),
-                     {"kind": "pixels", "image_size": 4, "channels": 1})
+                     SPEC, subset=subset or {})
     emb.save(path)
     return path
+
+
+SPEC = EmbedderSpec(kind="pixels", identity="pixels:test", image_size=4, channels=1, num_classes=4,
+                    source={"kind": "npz", "path": "/nowhere.npz", "size": 4})
+
+
+def test_results_say_which_embeddings_and_subset(tmp_path):
+    full = Embeddings.load(write_embeddings(tmp_path / "f.npz"))
+    part = Embeddings.load(write_embeddings(tmp_path / "p.npz", subset={"limit": 40, "seed": 0}))
+    for result in (probe_embeddings(full), knn_embeddings(full)):
+        assert result["subset"] is None and result["identity"] == "pixels:test"
+    assert probe_embeddings(part)["subset"] == {"limit": 40, "seed": 0}
+    assert knn_embeddings(part)["subset"] == {"limit": 40, "seed": 0}
+    assert probe_embeddings(full)["test_clusters"]["nmi"] > 0.9
+
+
+def test_unlabelled_cells_are_skipped_by_labelled_evaluation(tmp_path):
+    emb = Embeddings.load(write_embeddings(tmp_path / "f.npz"))
+    emb.labels[:30] = -1  # unlabelled training cells serve pretraining only
+    result = probe_embeddings(emb)
+    assert result["test_acc"] > 0.9
 
 
 def test_eval_commands_on_embeddings(tmp_path, capsys):
@@ -129,15 +192,15 @@ def test_eval_commands_on_embeddings(tmp_path, capsys):
     assert main(["linear-probe", "--embeddings", str(emb), "--json", "--out", str(tmp_path / "lp")]) == 0
     probe = json.loads(capsys.readouterr().out)
     assert {"val_acc", "test_acc", "test_auc", "balanced_acc", "macro_f1", "per_class",
-            "weight_decay"} <= probe.keys()
+            "weight_decay", "weight_decay_grid", "test_clusters", "identity", "subset"} <= probe.keys()
     assert (tmp_path / "lp" / "confusion_matrix.png").stat().st_size > 10_000
     assert main(["knn", "--embeddings", str(emb), "--json"]) == 0
     knn = json.loads(capsys.readouterr().out)
     assert knn["k"] == 20 and knn["temperature"] == 0.07 and knn["test_acc"] > 0.9
     assert main(["few-shot", "--embeddings", str(emb), "--shots", "1,5", "--fractions", "0.1",
                  "--episodes", "3", "--json"]) == 0
-    shots = json.loads(capsys.readouterr().out)
-    assert len(shots) == 9 and {"setting", "head", "mean_acc", "ci95", "episodes"} <= shots[0].keys()
+    shots = json.loads(capsys.readouterr().out)["results"]
+    assert len(shots) == 3 and {"setting", "head", "mean_acc", "ci95", "episodes", "heads"} <= shots[0].keys()
     assert main(["few-shot", "--embeddings", str(emb), "--shots", "5", "--fractions", ""]) == 0
     assert "5-shot" in capsys.readouterr().out
 
@@ -146,7 +209,7 @@ def test_eval_commands_on_embeddings(tmp_path, capsys):
     (["linear-probe", "--embeddings", "{unlabelled}"], r"has no labels"),
     (["knn", "--embeddings", "{trainonly}"], r"no 'test' split"),
     (["few-shot", "--embeddings", "{good}", "--shots", "100"], r"asked for 100 labelled images"),
-    (["few-shot", "--embeddings", "{good}", "--fractions", "1.5"], r"must be in \(0, 1\]"),
+    (["few-shot", "--embeddings", "{good}", "--fractions", "1.5"], r"fraction 1.5 must be in \(0, 1\]"),
     (["few-shot", "--embeddings", "{good}", "--fractions", "x"], r"comma-separated list of float"),
     (["linear-probe", "--embeddings", "{missing}"], r"no such file"),
 ])
@@ -163,7 +226,7 @@ def test_eval_bad_input(tmp_path, capsys, argv, pattern):
 
 
 def test_checkpoint_from_another_dataset_is_refused(tiny_run, tmp_path, capsys):
-    from tests.conftest import make_npz
+    from tests.helpers import make_npz
 
     run, _ = tiny_run
     other = make_npz(tmp_path / "five.npz", classes=5)

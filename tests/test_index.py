@@ -14,6 +14,9 @@ def clustered(n=2000, dim=32, clusters=20, seed=0):
     return (centres[labels] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32), labels
 
 
+META = {"identity": "abc", "class_names": [], "embedder": {}, "gallery_split": "train"}
+
+
 def brute_force(gallery, queries, k):
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -32,6 +35,34 @@ def test_exact_search_equals_numpy_brute_force():
     assert sims.dtype == np.float32 and pos.dtype == np.int64
 
 
+def test_ivf_padding_is_masked():
+    """An IVF search whose probed lists hold fewer than k vectors pads with -1: kept as -1 and
+    -inf, never as a real neighbour."""
+    gallery, _ = clustered(400, clusters=20)
+    index = CellIndex.build(gallery, kind="ivf", nlist=40, nprobe=1, use_gpu=False)
+    sims, pos = index.search(gallery[:20], 100)
+    assert (pos < 0).any()
+    assert np.isneginf(sims[pos < 0]).all() and np.isfinite(sims[pos >= 0]).all()
+    assert ((pos >= 0).sum(1) < 100).all()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw", "auto"])
+def test_every_kind_finds_near_duplicates(kind, tmp_path):
+    gallery, labels = clustered(3000)
+    index = CellIndex.build(gallery, labels=labels, kind=kind, use_gpu=False, nprobe=32)
+    assert index.kind == ("flat" if kind == "auto" else kind)
+    _, pos = index.search(gallery[:50] + 1e-4, 1)
+    assert (pos[:, 0] == np.arange(50)).mean() > 0.95
+    index.save(tmp_path / kind)
+    assert CellIndex.load(tmp_path / kind, use_gpu=False).search(gallery[:3], 2)[1].shape == (3, 2)
+
+
+def test_auto_kind_by_size():
+    from ssl_blood.index import AUTO_FLAT_BELOW, choose_kind
+
+    assert choose_kind(AUTO_FLAT_BELOW - 1) == "flat" and choose_kind(AUTO_FLAT_BELOW) != "flat"
+
+
 def test_k_larger_than_gallery_is_clamped():
     index = CellIndex.build(np.eye(3, dtype=np.float32), use_gpu=False)
     sims, pos = index.search(np.eye(3, dtype=np.float32), 10)
@@ -42,7 +73,8 @@ def test_save_load_roundtrip_keeps_metadata(tmp_path):
     gallery, labels = clustered(300)
     ids = np.arange(300) * 3
     index = CellIndex.build(gallery, labels=labels, ids=ids, use_gpu=False,
-                            meta={"checkpoint_sha256": "abc123", "class_names": ["a"]})
+                            meta={"identity": "abc123", "class_names": [str(c) for c in range(20)],
+                                  "embedder": {}, "gallery_split": "train"})
     index.save(tmp_path / "idx")
     meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
     assert meta["dim"] == 32 and meta["kind"] == "flat" and meta["gallery_ids"][1] == 3
@@ -54,8 +86,8 @@ def test_save_load_roundtrip_keeps_metadata(tmp_path):
 
 def test_mismatches_are_refused(tmp_path):
     gallery, _ = clustered(100)
-    CellIndex.build(gallery, use_gpu=False, meta={"checkpoint_sha256": "abc"}).save(tmp_path / "idx")
-    with pytest.raises(UserError, match="built from checkpoint abc.*not def"):
+    CellIndex.build(gallery, use_gpu=False, meta=META).save(tmp_path / "idx")
+    with pytest.raises(UserError, match="built from abc, not def"):
         CellIndex.load(tmp_path / "idx", expected_identity="def")
     with pytest.raises(UserError, match="32-d vectors but the embeddings are 64-d"):
         CellIndex.load(tmp_path / "idx", expected_dim=64)
@@ -70,7 +102,7 @@ def test_missing_or_corrupt_index_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not an ssl-blood index"):
         CellIndex.load(tmp_path / "empty")
-    CellIndex.build(clustered(50)[0], use_gpu=False).save(tmp_path / "idx")
+    CellIndex.build(clustered(50)[0], use_gpu=False, meta=META).save(tmp_path / "idx")
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(UserError, match="corrupt"):
         CellIndex.load(tmp_path / "idx")
@@ -89,12 +121,32 @@ def test_ivf_recall_on_a_clustered_gallery(kind):
 
 
 def test_ivf_bad_parameters():
-    with pytest.raises(UserError, match="--nlist 500 exceeds the 100"):
+    with pytest.raises(UserError, match="nlist 500 must be between 1 and the 100"):
         CellIndex.build(clustered(100)[0], kind="ivf", nlist=500)
-    with pytest.raises(UserError, match="--pq-m 5 must divide the dimension 32"):
+    with pytest.raises(UserError, match="pq_m 5 must divide the dimension 32"):
         CellIndex.build(clustered(1000)[0], kind="ivfpq", nlist=8, pq_m=5)
+    with pytest.raises(UserError, match="nprobe 50 must be between 1 and nlist 8"):
+        CellIndex.build(clustered(1000)[0], kind="ivf", nlist=8, nprobe=50)
     with pytest.raises(UserError, match="unknown index kind"):
-        CellIndex.build(clustered(10)[0], kind="hnsw")
+        CellIndex.build(clustered(10)[0], kind="lsh")
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: m.update(gallery_ids=m["gallery_ids"][:-1]), "gallery ids or labels do not match"),
+    (lambda m: m.update(gallery_labels=[99] * len(m["gallery_labels"])), "gallery labels outside"),
+    (lambda m: m.pop("identity"), "'identity' missing"),
+    (lambda m: m.update(dim="32"), "'dim' missing or not a int"),
+    (lambda m: m.update(ntotal=5), "holds 100 x 32 vectors"),
+])
+def test_hand_edited_meta_is_refused(tmp_path, edit, pattern):
+    gallery, labels = clustered(100, clusters=2)
+    CellIndex.build(gallery, labels=labels, use_gpu=False,
+                    meta={**META, "class_names": ["a", "b"]}).save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    edit(meta)
+    (tmp_path / "idx" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=pattern):
+        CellIndex.load(tmp_path / "idx", use_gpu=False)
 
 
 @pytest.mark.skipif(faiss_gpus() == 0, reason="the installed faiss has no GPU support (faiss-cpu)")

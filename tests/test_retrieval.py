@@ -7,7 +7,7 @@ from PIL import Image
 from ssl_blood.cli import main
 from ssl_blood.index import CellIndex
 from ssl_blood.retrieval import neighbours, retrieval_metrics
-from tests.conftest import CELL_NAMES
+from tests.helpers import CELL_NAMES
 
 
 def test_precision_and_map_on_known_neighbours():
@@ -26,6 +26,32 @@ def test_precision_and_map_on_known_neighbours():
     assert m["overall"]["queries"] == 2
 
 
+def test_unfilled_neighbours_never_count():
+    """-2 marks a place an approximate index left empty: a miss, never a hit."""
+    m = retrieval_metrics(np.array([0, 0]), np.array([[0, -2, -2], [0, 0, 0]]), np.array([0] * 5 + [1]),
+                          ["a", "b"], ks=(1, 3))
+    assert m["overall"]["precision@3"] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_ivf_padding_is_not_returned_as_a_neighbour(tmp_path):
+    from ssl_blood.retrieval import describe, evaluate_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16))
+    labels = np.repeat(np.arange(20), 20)
+    gallery = (centres[labels] + 0.05 * rng.normal(size=(400, 16))).astype(np.float32)
+    index = CellIndex.build(gallery, labels=labels, kind="ivf", nlist=40, nprobe=1, use_gpu=False,
+                            meta={"class_names": [str(c) for c in range(20)], "gallery_split": "train"})
+    sims, pos = neighbours(index, gallery[:5], 100)
+    answers = describe(index, sims, pos, [{"id": i} for i in range(5)])
+    for a, row in zip(answers, pos):
+        assert a["found"] == int((row >= 0).sum()) and a["found"] < 100
+        assert len(a["neighbours"]) == a["found"] and len({n["id"] for n in a["neighbours"]}) == a["found"]
+        assert all(np.isfinite(n["similarity"]) for n in a["neighbours"])
+    result = evaluate_index(index, gallery[:40], labels[:40], k=10)
+    assert result["unfilled"] == int((neighbours(index, gallery[:40], 10)[1] < 0).sum())
+
+
 def test_neighbours_exclude_the_query_itself():
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(50, 8)).astype(np.float32)
@@ -35,6 +61,10 @@ def test_neighbours_exclude_the_query_itself():
     assert all(i not in row for i, row in zip(range(3), pos))
     _, pos = neighbours(index, gallery[:3], 5)
     assert list(pos[:, 0]) == [0, 1, 2]
+    from ssl_blood.errors import UserError
+
+    with pytest.raises(UserError, match="k 50 must be smaller than the 50 gallery cells"):
+        neighbours(index, gallery[:3], 50, exclude_ids=[100, 101, 102])
 
 
 @pytest.fixture
@@ -59,6 +89,7 @@ def test_retrieve_split_ids_json_and_montage(index_dir, tmp_path, capsys):
         sims = [n["similarity"] for n in a["neighbours"]]
         assert sims == sorted(sims, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in sims)
         assert {"id", "split", "label", "class", "similarity"} <= a["neighbours"][0].keys()
+        assert a["found"] == 4
     image = Image.open(montage)
     assert image.size[0] > 400 and len(np.unique(np.asarray(image.convert("L")))) > 20
 
@@ -94,9 +125,13 @@ def test_retrieve_evaluate_json(index_dir, tmp_path, capsys, tiny_run):
     (["--image", "{tmp}/broken.png"], r"cannot read image .*broken.png"),
     ([], r"give query cells with --image"),
     (["--split", "test", "--ids", "a,b"], r"comma-separated list of int"),
+    (["--split", "train", "--ids", "0", "--k", "96"], r"--k 96 must be smaller than the 96 gallery cells"),
+    (["--split", "test", "--ids", "0", "--montage", "{tmp}/m.txt"], r"give a picture file name"),
+    (["--split", "test", "--ids", "0", "--montage", "{tmp}/exists.png"], r"--montage .*exists.png exists; set --overwrite"),
 ])
 def test_retrieve_bad_input(index_dir, tmp_path, capsys, argv, pattern):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "exists.png").write_bytes(b"keep")
     capsys.readouterr()
     code = main(["retrieve", "--index", str(index_dir)] + [a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
@@ -104,6 +139,7 @@ def test_retrieve_bad_input(index_dir, tmp_path, capsys, argv, pattern):
     import re
 
     assert re.search(pattern, err), err
+    assert (tmp_path / "exists.png").read_bytes() == b"keep"
 
 
 def test_index_bad_input(index_dir, tmp_path, capsys):
@@ -114,4 +150,4 @@ def test_index_bad_input(index_dir, tmp_path, capsys):
     assert main(["retrieve", "--index", str(index_dir), "--split", "test", "--ids", "0"]) == 2
     assert "corrupt" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "idx")]) == 2
-    assert "already holds an index" in capsys.readouterr().err
+    assert "index.faiss exists; set --overwrite" in capsys.readouterr().err

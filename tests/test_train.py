@@ -1,5 +1,12 @@
+"""The pretraining loop: checkpoints, metrics, exact resume, the run folder's lock, crashes,
+full disks, non-finite weights, DDP with global BatchNorm."""
+
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,32 +18,49 @@ import torch.multiprocessing as mp
 from ssl_blood.checkpoint import export_backbone, load_backbone, load_checkpoint
 from ssl_blood.config import PretrainConfig
 from ssl_blood.errors import RunFailed, UserError
-from ssl_blood.train import CHECKPOINT, METRICS, Distributed, epoch_batches, lr_schedule, pretrain
+from ssl_blood.runs import RunDir
+from ssl_blood.train import pretrain
+from tests.conftest import tiny_dino
+from tests.helpers import REPO
 
 
 def state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def lines(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_checkpoint_is_plain_and_loads_weights_only(tiny_config, tmp_path):
     result = pretrain(tiny_config, tmp_path / "run", progress=False)
-    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
-    assert ckpt["format_version"] == 1 and ckpt["epoch"] == 2
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["format_version"] == 2 and ckpt["epoch"] == 2 and ckpt["kind"] == "pretrain"
     assert ckpt["dataset"]["num_classes"] == 4 and ckpt["dataset"]["image_size"] == 16
+    assert ckpt["backbone_stem"] == "s1" and len(ckpt["history"]) == 2
     assert PretrainConfig.from_dict(ckpt["config"]) == tiny_config
     assert {"backbone", "method", "optimizer", "rng"} <= ckpt.keys()
-    restored = load_backbone(tmp_path / "run" / CHECKPOINT)
+    restored = load_backbone(tmp_path / "run" / "checkpoint.pt")
     assert state_equal(restored.model.state_dict(), result.backbone.state_dict())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "config.json",
+                                                                    "metrics.jsonl"]
 
 
 def test_metrics_jsonl_per_epoch(tiny_config, tmp_path):
     pretrain(tiny_config, tmp_path, progress=False)
-    lines = [json.loads(l) for l in (tmp_path / METRICS).read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
-    for line in lines:
-        assert line["loss"] > 0 and line["img_s"] > 0 and 0 <= line["knn_val_acc"] <= 1
-    assert lines[0]["lr"] > lines[1]["lr"] == 0.0  # cosine decays to zero at the end
+    records = lines(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert r["loss"] > 0 and r["img_s"] > 0 and 0 <= r["knn_val_acc"] <= 1
+    assert records[0]["lr"] > records[1]["lr"] == 0.0  # cosine decays to zero at the end
+
+
+def test_lr_is_scaled_by_the_batch_that_runs(tiny_config, tmp_path, capsys):
+    cfg = replace(tiny_config, batch_size=10_000, lr=0.6, warmup_epochs=1, epochs=2, knn_every=-1)
+    result = pretrain(cfg, None, progress=False)
+    assert result.history[0]["lr"] == pytest.approx(0.6 * 64 / 256)  # peak at the end of warm-up
+    assert "batch_size 10000 runs as 64" in capsys.readouterr().err
 
 
 class Interrupt(Exception):
@@ -45,7 +69,7 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("method", ["simclr", "dino"])
 def test_resume_equals_uninterrupted_run(tiny_config, tmp_path, method):
-    cfg = replace(tiny_config, method=method, epochs=3)
+    cfg = replace(tiny_config if method == "simclr" else tiny_dino(tiny_config), epochs=3)
     straight = pretrain(cfg, tmp_path / "a", progress=False)
 
     def stop_after_first(epoch, record):
@@ -54,83 +78,170 @@ def test_resume_equals_uninterrupted_run(tiny_config, tmp_path, method):
 
     with pytest.raises(Interrupt):
         pretrain(cfg, tmp_path / "b", progress=False, on_epoch_end=stop_after_first)
-    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 1
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
     resumed = pretrain(cfg, tmp_path / "b", resume=True, progress=False)
     assert state_equal(resumed.method.state_dict(), straight.method.state_dict())
-    losses = lambda d: [json.loads(l)["loss"] for l in (d / METRICS).read_text().splitlines()]
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert [r["loss"] for r in lines(tmp_path / "a")] == [r["loss"] for r in lines(tmp_path / "b")]
 
 
-def test_resume_refuses_a_different_config(tiny_config, tmp_path):
+def test_resume_refuses_a_different_config_or_precision(tiny_config, tmp_path):
     pretrain(tiny_config, tmp_path, progress=False)
-    before = (tmp_path / CHECKPOINT).read_bytes()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(UserError, match="epochs: run has 2, asked 5"):
         pretrain(replace(tiny_config, epochs=5), tmp_path, resume=True, progress=False)
-    assert (tmp_path / CHECKPOINT).read_bytes() == before
+    with pytest.raises(UserError, match="precision bf16 but the run trained in fp32"):
+        pretrain(replace(tiny_config, precision="bf16"), tmp_path, resume=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    pretrain(replace(tiny_config, precision="bf16"), tmp_path, resume=True, force=True, progress=False)
 
 
 def test_existing_run_is_not_overwritten(tiny_config, tmp_path):
     pretrain(tiny_config, tmp_path, progress=False)
-    before = (tmp_path / CHECKPOINT).read_bytes()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(UserError, match="already holds a run"):
         pretrain(tiny_config, tmp_path, progress=False)
-    assert (tmp_path / CHECKPOINT).read_bytes() == before
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
     pretrain(replace(tiny_config, seed=1), tmp_path, overwrite=True, progress=False)
-    assert (tmp_path / CHECKPOINT).read_bytes() != before
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+
+
+def test_run_killed_before_its_first_checkpoint_restarts_without_overwrite(tiny_config, tmp_path):
+    def die(epoch, record):
+        raise Interrupt
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # what a run killed in epoch 1 leaves
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "lo')
+    pretrain(tiny_config, run, progress=False)
+    assert [r["epoch"] for r in lines(run)] == [1, 2]
 
 
 def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
     cfg = replace(tiny_config, optimizer="sgd", lr=1e30, warmup_epochs=0)
-    with pytest.raises(RunFailed, match="non-finite.*lower --lr"):
+    with pytest.raises(RunFailed, match="non-finite.*lower lr"):
         pretrain(cfg, tmp_path, progress=False)
-    assert not (tmp_path / CHECKPOINT).exists()  # nothing written from a diverged epoch
+    assert not (tmp_path / "checkpoint.pt").exists()  # nothing written from a diverged epoch
 
 
-def test_lr_schedule_warmup_then_cosine(tiny_config):
-    cfg = replace(tiny_config, epochs=10, warmup_epochs=2, batch_size=256, lr=0.5)
-    lrs = lr_schedule(cfg, steps_per_epoch=5)
-    assert len(lrs) == 50 and lrs[9] == pytest.approx(0.5)  # peak at the end of warm-up
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and lrs[-1] == 0.0
-    assert all(isinstance(x, float) for x in lrs)
+def test_non_finite_weights_are_never_checkpointed(tiny_config, tmp_path, monkeypatch):
+    import ssl_blood.train as train
+
+    runs = []
+    real_setup = train._setup
+    monkeypatch.setattr(train, "_setup", lambda *a, **k: runs.append(real_setup(*a, **k)) or runs[-1])
+
+    def poison(epoch, record):
+        if epoch == 1:  # a NaN the loss does not see (BN running statistics are unused in training)
+            torch.nn.init.constant_(runs[0].method.backbone[1].running_var, float("nan"))
+
+    with pytest.raises(RunFailed, match=r"weights became non-finite .*backbone.1.running_var.* last good"):
+        pretrain(replace(tiny_config, epochs=3), tmp_path, progress=False, on_epoch_end=poison)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1  # the last good one
 
 
-def test_epoch_batches_are_disjoint_across_ranks():
-    r0 = epoch_batches(100, 20, 3, 0, Distributed(0, 2))
-    r1 = epoch_batches(100, 20, 3, 0, Distributed(1, 2))
-    assert len(r0) == len(r1) == 5 and all(len(b) == 10 for b in r0 + r1)
-    seen = torch.cat(r0 + r1)
-    assert len(seen.unique()) == 100
-    assert not torch.equal(torch.cat(epoch_batches(100, 20, 4, 0, Distributed())), torch.cat(r0 + r1))
+def test_a_checkpoint_with_non_finite_weights_is_refused(tiny_config, tmp_path):
+    pretrain(tiny_config, tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["backbone"]["0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="non-finite weights .*0.weight"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_disk_full_during_a_run_stops_it_and_keeps_the_last_checkpoint(tiny_config, tmp_path, monkeypatch):
+    import errno
+
+    cfg = replace(tiny_config, epochs=3)
+    real = os.fsync
+
+    def fill_disk(epoch, record):
+        if epoch == 1:
+            monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")))
+
+    with pytest.raises(RunFailed, match="stopped after epoch 2: cannot write .*No space left"):
+        pretrain(cfg, tmp_path, progress=False, on_epoch_end=fill_disk)
+    monkeypatch.setattr(os, "fsync", real)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_lost_or_torn_metrics_lines_are_repaired_on_resume(tiny_config, tmp_path):
+    pretrain(tiny_config, tmp_path, progress=False)
+    (tmp_path / "metrics.jsonl").write_text(
+        (tmp_path / "metrics.jsonl").read_text().splitlines()[0] + '\n{"epoch": 2, "lo')
+    pretrain(tiny_config, tmp_path, resume=True, progress=False)  # finished: nothing to train
+    assert [r["epoch"] for r in lines(tmp_path)] == [1, 2]
+
+
+_CHILD = """
+import sys, time, torch
+from ssl_blood import runs
+from ssl_blood.config import PretrainConfig
+from ssl_blood.train import pretrain
+real = torch.save
+def slow_save(obj, f, *a, **k):  # widen the window a kill can land in
+    print("saving", flush=True)
+    real(obj, f, *a, **k)
+    time.sleep(0.3)
+torch.save = slow_save
+cfg = PretrainConfig.from_dict(__import__("json").loads(sys.argv[1]))
+out = sys.argv[2]
+pretrain(cfg, out, resume=runs.RunDir(out).has_checkpoint(), progress=False)
+print("done", flush=True)
+"""
+
+
+def test_sigkill_mid_save_always_leaves_a_loadable_checkpoint(tiny_config, tmp_path):
+    cfg = replace(tiny_config, epochs=12, knn_every=-1)
+    out = tmp_path / "run"
+    epochs = []
+    for attempt in range(6):
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg.to_dict()), str(out)],
+                                 stdout=subprocess.PIPE, text=True, cwd=REPO)
+        for _ in range(attempt % 2 + 1):  # the first or the second save
+            line = child.stdout.readline()
+            if line.strip() != "saving":
+                break
+        time.sleep(0.05 * (attempt % 3))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if RunDir(out).has_checkpoint():
+            epochs.append(load_checkpoint(out / "checkpoint.pt")["epoch"])  # always loads
+    assert epochs and epochs == sorted(epochs) and epochs[-1] >= 1
+    final = pretrain(cfg, out, resume=True, progress=False)  # and the run can be finished
+    assert final.history[-1]["epoch"] == 12 and [r["epoch"] for r in lines(out)] == list(range(1, 13))
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # stale temp files cleaned
+
+
+def test_two_runs_on_one_folder_the_second_is_refused(tiny_config, tmp_path):
+    cfg = replace(tiny_config, epochs=30, knn_every=-1)
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(cfg.to_dict()), str(out)],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert first.stdout.readline().strip() == "saving"  # it holds the folder
+    second = subprocess.run([sys.executable, "-m", "ssl_blood", "pretrain", "--out", str(out),
+                             "--resume"], capture_output=True, text=True, cwd=REPO)
+    third = subprocess.run([sys.executable, "-m", "ssl_blood", "pretrain", "--out", str(out),
+                            "--overwrite", "--npz", cfg.data["path"], "--epochs", "1"],
+                           capture_output=True, text=True, cwd=REPO)
+    first.kill()
+    first.wait()
+    for proc in (second, third):
+        assert proc.returncode == 2 and f"in use by another ssl-blood process (pid {first.pid})" in proc.stderr
+        assert proc.stderr.count("\n") == 1
 
 
 def test_export_writes_a_plain_state_dict(tiny_config, tmp_path):
     from ssl_blood.models import PlainCNN
 
     pretrain(tiny_config, tmp_path / "run", progress=False)
-    info = export_backbone(tmp_path / "run" / CHECKPOINT, tmp_path / "backbone.pt")
+    info = export_backbone(tmp_path / "run" / "checkpoint.pt", tmp_path / "backbone.pt")
     state = torch.load(tmp_path / "backbone.pt", weights_only=True)
     model = PlainCNN()  # what a user without ssl-blood would write (docs/user-guide.md)
     model.load_state_dict(state)
     assert info["backbone"] == "cnn6" and info["parameters"] == sum(p.numel() for p in state.values())
-
-
-def test_dino_collapse_is_detected():
-    from ssl_blood.methods import DINO, DINOConfig
-    from ssl_blood.models import build_backbone
-    import math
-
-    dino = DINO(build_backbone("cnn6"), DINOConfig(output_dim=64, hidden_dim=32, bottleneck_dim=16), 10)
-    uniform = math.log(64)
-    for epoch in (1, 2):
-        dino._entropy_sums = torch.tensor([uniform, uniform, 1.0])
-        dino.check_collapse(uniform, epoch)
-    dino._entropy_sums = torch.tensor([uniform, uniform, 1.0])
-    with pytest.raises(RunFailed, match="collapsed at epoch 3.*ln\\(output_dim=64\\)"):
-        dino.check_collapse(uniform * 1.001, 3)
-    healthy = DINO(build_backbone("cnn6"), DINOConfig(output_dim=64, hidden_dim=32, bottleneck_dim=16), 10)
-    for epoch in range(1, 6):  # a sharp but diverse teacher is not collapse
-        healthy._entropy_sums = torch.tensor([1.0, 3.5, 1.0])
-        healthy.check_collapse(2.0, epoch)
 
 
 # ----------------------------------------------------------------------------- DDP (gloo, 2 CPU ranks)
@@ -141,23 +252,48 @@ def _ddp_rank(rank: int, world: int, init_file: str, cfg_dict: dict, out: str) -
     torch.set_num_threads(1)
     try:
         result = pretrain(PretrainConfig.from_dict(cfg_dict), out, progress=False)
-        torch.save(result.method.state_dict(), Path(out) / f"rank{rank}.pt")
+        bn = [type(m).__name__ for m in result.method.modules() if "BatchNorm" in type(m).__name__]
+        torch.save({"state": result.method.state_dict(), "bn": bn}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("method", ["simclr", "dino"])
-def test_ddp_ranks_end_with_identical_weights(tiny_config, tmp_path, method):
-    cfg = replace(tiny_config, method=method, epochs=2, knn_every=-1)
+def test_ddp_ranks_end_with_identical_weights_and_global_bn(tiny_config, tmp_path, method):
+    cfg = replace(tiny_config if method == "simclr" else tiny_dino(tiny_config), epochs=2, knn_every=-1)
     out = tmp_path / "run"
     mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), cfg.to_dict(), str(out)), nprocs=2)
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
-    assert state_equal(rank0, rank1)
-    ckpt = load_checkpoint(out / CHECKPOINT)  # rank 0 wrote the run files
-    assert ckpt["epoch"] == 2 and state_equal(ckpt["method"], rank0)
-    torch.manual_seed(cfg.seed)  # and training moved the weights away from the initialisation
+    assert state_equal(rank0["state"], rank1["state"])  # BN running statistics included
+    assert rank0["bn"] and all(name == "_SyncBatchNorm" for name in rank0["bn"])
+    ckpt = load_checkpoint(out / "checkpoint.pt")  # rank 0 wrote the run files
+    assert ckpt["epoch"] == 2 and state_equal(ckpt["method"], rank0["state"])
     from ssl_blood.models import build_backbone
 
-    initial = build_backbone(cfg.backbone).state_dict()
-    assert not torch.equal(initial["0.weight"], ckpt["backbone"]["0.weight"])
+    torch.manual_seed(cfg.seed)  # and training moved the weights away from the initialisation
+    assert not torch.equal(build_backbone(cfg.backbone).state_dict()["0.weight"], ckpt["backbone"]["0.weight"])
+
+
+def test_global_batch_norm_equals_one_big_batch(tmp_path):
+    """Two gloo ranks with half a batch each normalise exactly as one process with all of it."""
+    x = torch.randn(8, 4, 5, 5)
+    single = torch.nn.BatchNorm2d(4)
+    expected = single(x)
+    mp.spawn(_bn_rank, args=(str(tmp_path / "init"), x, str(tmp_path)), nprocs=2)
+    halves = [torch.load(tmp_path / f"bn{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.allclose(torch.cat([h["out"] for h in halves]), expected, atol=1e-5)
+    assert torch.allclose(halves[0]["running_var"], single.running_var, atol=1e-6)
+
+
+def _bn_rank(rank: int, init_file: str, x: torch.Tensor, out: str) -> None:
+    from ssl_blood.distributed import sync_batch_norm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bn = sync_batch_norm(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))[0]
+        y = bn(x[rank * 4:(rank + 1) * 4])
+        y.sum().backward()
+        torch.save({"out": y.detach(), "running_var": bn.running_var}, Path(out) / f"bn{rank}.pt")
+    finally:
+        dist.destroy_process_group()

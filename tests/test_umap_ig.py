@@ -7,7 +7,7 @@ from PIL import Image
 from ssl_blood.cli import main
 from ssl_blood.embed import Embeddings
 from ssl_blood.errors import UserError
-from ssl_blood.umap_ig import (class_index, confusion_rows, fit_umap, neighbour_composition,
+from ssl_blood.umap_ig import (class_index, has_class, confusion_rows, fit_umap, neighbour_composition,
                                subclusters)
 
 NAMES = ("basophil", "immature granulocytes", "monocyte", "neutrophil")
@@ -63,8 +63,9 @@ def test_subclusters_deterministic_and_finds_the_right_k():
 
 def test_class_index_and_confusion_rows():
     assert class_index(NAMES, "Immature granulocytes") == 1 and class_index(NAMES, "mono") == 2
-    with pytest.raises(UserError, match="--highlight 'blasts' is not a class"):
+    with pytest.raises(UserError, match="highlight 'blasts' is not a class"):
         class_index(NAMES, "blasts")
+    assert has_class(NAMES, "immature") and not has_class(NAMES, "blasts")
     probe = {"class_names": list(NAMES), "confusion_matrix": [[5, 1, 0, 0], [0, 6, 3, 1], [0, 2, 8, 0], [0, 0, 0, 9]]}
     rows = confusion_rows(probe, "immature granulocytes")
     assert rows["true_as"]["monocyte"] == 3 and rows["recall"] == pytest.approx(0.6)
@@ -72,16 +73,17 @@ def test_class_index_and_confusion_rows():
 
 
 def write_embeddings(path, features, labels, source=None):
-    spec = {"kind": "pixels", "image_size": 16, "channels": 3}
-    if source:
-        spec["source"] = source
+    from ssl_blood.embed import EmbedderSpec
+
+    spec = EmbedderSpec(kind="pixels", identity=f"pixels:{path.stem}", image_size=16, channels=3,
+                        num_classes=4, source=source or {"kind": "npz", "path": "/gone.npz", "size": 16})
     Embeddings(features, labels, np.array(["test"] * len(labels)), np.arange(len(labels)), NAMES,
                spec).save(path)
     return path
 
 
 def test_umap_command_writes_pictures_and_numbers(tmp_path, capsys):
-    from tests.conftest import make_npz
+    from tests.helpers import make_npz
 
     npz = make_npz(tmp_path / "cells.npz", n_test=240, classes=4)
     source = {"kind": "npz", "path": str(npz), "size": 16}
@@ -108,9 +110,11 @@ def test_umap_command_writes_pictures_and_numbers(tmp_path, capsys):
 @pytest.mark.parametrize("argv, pattern", [
     (["--highlight", "blasts"], r"--highlight 'blasts' is not a class"),
     (["--split", "train"], r"no 'train' split"),
+    (["--highlight", "mono"], r"the test split has no 'monocyte' cells to highlight"),
 ])
 def test_umap_bad_input(tmp_path, capsys, argv, pattern):
     features, labels = clusters(n_per=10)
+    features, labels = features[labels != 2], labels[labels != 2]  # no monocytes in this split
     emb = write_embeddings(tmp_path / "e.npz", features, labels)
     capsys.readouterr()
     code = main(["umap", "--embeddings", str(emb), "--out", str(tmp_path / "u")] + argv)
@@ -126,3 +130,12 @@ def test_too_few_cells_for_umap(tmp_path, capsys):
     capsys.readouterr()
     assert main(["umap", "--embeddings", str(emb), "--out", str(tmp_path / "u")]) == 2
     assert "UMAP needs more than n_neighbors=15 cells, the split has 12" in capsys.readouterr().err
+
+
+def test_dollar_signs_in_class_names_are_drawn_literally(tmp_path):
+    """Matplotlib would parse $...$ as mathtext (and fail on $\\x$); names are data."""
+    from ssl_blood.plots import confusion_matrix_png
+
+    names = ["$\\x$ cells", "a_b$", "50$", "plain"]
+    path = confusion_matrix_png(np.eye(4, dtype=int) * 3, names, tmp_path / "cm.png", "title $\\alpha$")
+    assert Image.open(path).size[0] > 100

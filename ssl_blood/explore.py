@@ -1,0 +1,362 @@
+"""The interactive cell map: one self-contained HTML page, no network at view time.
+
+Made with bokeh (inline resources, as umap-learn's own interactive plot): the 2-D UMAP of one
+split, one scatter renderer per class (legend click hides a class), colouring switchable to the
+predicted class, probe right/wrong or outlier score, pan / zoom / box and lasso selection.
+Hover shows the cell's thumbnail, id, class, prediction and metadata; click lists its k nearest
+cells (cosine) with thumbnails, class and similarity; a selection lists its class counts and
+downloads its ids as CSV; one button highlights immature granulocytes.
+
+bokeh provides the plot, widgets and the inline bundle; the few lines of JavaScript here only
+wire its models together (CustomJS). Thumbnails are one JPEG sprite sheet (each cell padded to
+a multiple of 8 px so JPEG blocks never mix two cells) shown as CSS backgrounds, which keeps the
+3,421-cell test split of BloodMNIST near 2 MB; above `max_thumbnails` cells a stratified sample
+keeps a thumbnail and the rest show none (docs/benchmarks.md has the measured sizes).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl_blood.embed import Embeddings
+from ssl_blood.errors import UserError
+from ssl_blood.index import CellIndex
+from ssl_blood.runs import write_text
+
+COLOURINGS = ("class", "predicted class", "probe right / wrong", "outlier score")
+SPRITE_COLUMNS = 64
+THUMB_DISPLAY = 64  # px a thumbnail is shown at
+
+
+def _tile(side: int) -> int:
+    """Sprite tile side: the image side (at most 64) rounded up to a multiple of 8."""
+    return int(np.ceil(min(side, 64) / 8) * 8)
+
+
+def sprite_sheet(images: np.ndarray) -> tuple[str, int, int]:
+    """(JPEG data URI, tile side, columns) of uint8 images (N, C, H, W), row-major tiles."""
+    from PIL import Image
+
+    n, c, side = len(images), images.shape[1], images.shape[-1]
+    tile = _tile(side)
+    columns = min(SPRITE_COLUMNS, max(1, n))
+    rows = max(1, int(np.ceil(n / columns)))
+    sheet = np.full((rows * tile, columns * tile, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        hwc = np.repeat(image, 3, 0).transpose(1, 2, 0) if c == 1 else image.transpose(1, 2, 0)
+        if side > 64:
+            hwc = np.asarray(Image.fromarray(hwc).resize((tile, tile), Image.Resampling.BILINEAR))
+        r, q = divmod(i, columns)
+        sheet[r * tile:r * tile + hwc.shape[0], q * tile:q * tile + hwc.shape[1]] = hwc
+    buffer = io.BytesIO()
+    Image.fromarray(sheet).save(buffer, format="JPEG", quality=92)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), tile, columns
+
+
+def _thumbnail_sample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    from ssl_blood.data import stratified_indices
+
+    return stratified_indices(labels, limit, seed) if len(labels) > limit else np.arange(len(labels))
+
+
+def _check_probe(probe: dict | None, emb: Embeddings, split: str, labelled: int) -> np.ndarray | None:
+    """The probe's test predictions, if they belong to these embeddings' test split."""
+    if probe is None:
+        return None
+    if split != "test":
+        raise UserError("`probe` predictions are for the test split; use split test or drop probe",
+                        param="probe")
+    predictions = probe.get("test_predictions")
+    if probe.get("identity") != emb.identity or not isinstance(predictions, list) or len(predictions) != labelled:
+        raise UserError("`probe` comes from other embeddings (its identity or number of test cells "
+                        "differs); give the linear_probe.json made from these embeddings",
+                        param="probe")
+    return np.asarray(predictions, dtype=np.int64)
+
+
+def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
+                     x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(similarities, gallery ids, gallery labels) of each cell's k nearest cells, and the
+    gallery split: the given index (same embedder), else an exact index over the split."""
+    from ssl_blood.retrieval import neighbours
+
+    if index_dir is not None:
+        index = CellIndex.load(index_dir, expected_identity=emb.identity, expected_dim=emb.dim,
+                               use_gpu=False)
+    else:
+        index = CellIndex.from_embeddings(emb, split, kind="flat", use_gpu=False)
+    gallery_split = index.meta["gallery_split"]
+    exclude = ids if gallery_split == split else None
+    k = min(k, index.ntotal - (exclude is not None))
+    similarity, position = neighbours(index, x, k, exclude)
+    found = position >= 0
+    gallery_ids = np.where(found, index.gallery_ids[np.maximum(position, 0)], -1)
+    gallery_labels = np.where(found, index.gallery_labels[np.maximum(position, 0)], -1)
+    return similarity, gallery_ids, gallery_labels, gallery_split
+
+
+def _outlier_scores(emb: Embeddings, split: str, k: int = 10) -> np.ndarray:
+    from ssl_blood.qc import outlier_scores
+
+    return outlier_scores(emb, k)[emb.mask(split)]
+
+
+def explore_page(emb: Embeddings, out: str | Path, split: str = "test", probe: dict | None = None,
+                 index_dir: str | None = None, k: int = 8, max_thumbnails: int = 20_000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Write the map of `split` to `out` (one HTML file); returns what it holds."""
+    page, info = explore_html(emb, split, probe, index_dir, k, max_thumbnails, seed)
+    write_text(out, page)
+    return {**info, "bytes": len(page.encode())}
+
+
+def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None,
+                 index_dir: str | None = None, k: int = 8, max_thumbnails: int = 20_000,
+                 seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """The page as a string (the report embeds it) and what it holds."""
+    from ssl_blood.umap_ig import IG, class_index, fit_umap, has_class
+
+    mask = emb.mask(split)
+    x, y, ids = emb.features[mask], emb.labels[mask], emb.ids[mask]
+    if len(x) < 5:
+        raise UserError(f"the '{split}' split has {len(x)} cells; a map needs at least 5", param="split")
+    if k < 1 or max_thumbnails < 0:
+        raise UserError(f"`k` {k} must be >= 1 and max_thumbnails {max_thumbnails} >= 0", param="k")
+    predicted = _check_probe(probe, emb, split, int((y >= 0).sum()))
+    coords = emb.coords[mask] if emb.coords is not None else fit_umap(x, seed)[0]
+    sims, nbr_ids, nbr_labels, gallery_split = _neighbour_table(emb, split, index_dir, k, x, ids)
+    outlier = _outlier_scores(emb, split) if "train" in emb.splits() else np.zeros(len(x))
+    images = emb.split_images(split)
+    gallery_images = images if gallery_split == split else emb.split_images(gallery_split)
+    thumbs = _thumbnail_sample(y, max_thumbnails, seed) if images is not None else np.array([], int)
+    sheet = _sprites(images, thumbs, gallery_images, nbr_ids, gallery_split == split)
+    cells = _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, nbr_ids, nbr_labels, sheet)
+    highlight = emb.class_names[class_index(emb.class_names, IG)] if has_class(emb.class_names, IG) else None
+    page = _render(cells, emb, split, sheet, highlight, predicted is not None, gallery_split, len(x))
+    return page, {"cells": int(len(x)), "thumbnails": int(len(thumbs)), "neighbours": int(sims.shape[1]),
+                  "gallery_split": gallery_split, "umap": "stored" if emb.coords is not None else "computed"}
+
+
+def _sprites(images: np.ndarray | None, thumbs: np.ndarray, gallery_images: np.ndarray | None,
+             nbr_ids: np.ndarray, same_split: bool) -> dict[str, Any]:
+    """One sheet: the sampled map cells, then gallery cells shown as neighbours (when the
+    gallery is another split). Returns the data URI, tile, columns and the sprite position of
+    each map row and each gallery id."""
+    if images is None:
+        return {"uri": "", "tile": 0, "columns": 1, "row_slot": {}, "gallery_slot": {}}
+    tiles = [images[i] for i in thumbs]
+    row_slot = {int(r): s for s, r in enumerate(thumbs)}
+    gallery_slot: dict[int, int] = {}
+    if same_split:
+        gallery_slot = dict(row_slot)
+    elif gallery_images is not None:
+        for gid in np.unique(nbr_ids[nbr_ids >= 0]):
+            gallery_slot[int(gid)] = len(tiles)
+            tiles.append(gallery_images[gid])
+    if not tiles:
+        return {"uri": "", "tile": 0, "columns": 1, "row_slot": {}, "gallery_slot": {}}
+    uri, tile, columns = sprite_sheet(np.stack(tiles))
+    return {"uri": uri, "tile": tile, "columns": columns, "row_slot": row_slot,
+            "gallery_slot": gallery_slot, "count": len(tiles)}
+
+
+def _offset(slot: int | None, sheet: dict) -> tuple[int, int]:
+    """Background offset (px at display size) of a sprite slot; (1, 1) means none."""
+    if slot is None or not sheet["tile"]:
+        return 1, 1
+    r, q = divmod(slot, sheet["columns"])
+    scale = THUMB_DISPLAY / sheet["tile"]
+    return -int(q * sheet["tile"] * scale), -int(r * sheet["tile"] * scale)
+
+
+def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, nbr_ids, nbr_labels,
+                  sheet) -> dict[str, list]:
+    from ssl_blood.plots import class_colors
+
+    names = list(emb.class_names) + ["unlabelled"]
+    colours = class_colors(len(emb.class_names)) + ["#999999"]
+    pred = np.full(len(y), -1)
+    if predicted is not None:
+        pred[y >= 0] = predicted
+    quantile = np.argsort(np.argsort(outlier)) / max(1, len(outlier) - 1)
+    ramp = ["#2c7bb6", "#abd9e9", "#ffffbf", "#fdae61", "#d7191c"]
+    offsets = [_offset(sheet["row_slot"].get(r), sheet) for r in range(len(y))]
+    metadata = {k: v[mask] for k, v in emb.metadata.items()}
+    meta_text = [" · ".join(f"{html.escape(k)}: {html.escape(str(v[r]))}" for k, v in metadata.items())
+                 for r in range(len(y))]
+    neighbours = []
+    for r in range(len(y)):
+        row = []
+        for s, g, lab in zip(sims[r], nbr_ids[r], nbr_labels[r]):
+            if g < 0:
+                continue
+            bx, by = _offset(sheet["gallery_slot"].get(int(g)), sheet)
+            row.append([int(g), names[lab], round(float(s), 4), bx, by])
+        neighbours.append(json.dumps(row))
+    return {
+        "x": coords[:, 0].astype(float).tolist(), "y": coords[:, 1].astype(float).tolist(),
+        "id": ids.tolist(), "label": y.tolist(), "cls": [names[v] for v in y],
+        "pred": [names[v] if predicted is not None else "–" for v in pred],
+        "right": ["–" if predicted is None or yy < 0 else ("right" if p == yy else "wrong")
+                  for p, yy in zip(pred, y)],
+        "outlier": np.round(outlier, 4).tolist(),
+        "c_class": [colours[v] for v in y],
+        "c_pred": [colours[v] if predicted is not None else "#999999" for v in pred],
+        "c_right": ["#999999" if predicted is None or yy < 0 else ("#0072B2" if p == yy else "#D55E00")
+                    for p, yy in zip(pred, y)],
+        "c_outlier": [ramp[min(4, int(q * 5))] for q in quantile],
+        "bx": [o[0] for o in offsets], "by": [o[1] for o in offsets],
+        "has_thumb": ["block" if o != (1, 1) else "none" for o in offsets],
+        "meta": meta_text, "nbrs": neighbours,
+    }
+
+
+_TOOLTIP = """<div class="cell-tip" style="max-width:260px">
+<div style="display:@has_thumb;background-position:@bx{0}px @by{0}px;THUMB_STYLE"></div>
+<div><b class="tip-class">@cls</b> · id @id</div>
+<div>predicted: @pred (@right)</div><div>outlier score: @outlier{0.000}</div>
+<div style="font-size:11px;color:#555">@meta</div></div>"""
+
+_TAP_JS = """
+const src = cb_data.source;
+const i = src.inspected.indices.length ? src.inspected.indices[0] : null;
+if (i === null) return;
+const d = src.data;
+const rows = JSON.parse(d.nbrs[i]);
+let h = `<div class="nb-title">cell ${d.id[i]} (${d.cls[i]}): ${rows.length} nearest ${gallery} cells</div>`;
+for (const [gid, cls, sim, bx, by] of rows) {
+  const img = (bx === 1 && by === 1) ? '' :
+    `<div class="thumb" style="background-position:${bx}px ${by}px"></div>`;
+  h += `<div class="nb">${img}<div class="nb-text">#${gid}<br>${cls}<br>${sim.toFixed(3)}</div></div>`;
+}
+panel.text = h;
+"""
+
+_SELECT_JS = """
+const counts = {}; const picked = [];
+for (const src of sources) {
+  const d = src.data;
+  for (const i of src.selected.indices) {
+    counts[d.cls[i]] = (counts[d.cls[i]] || 0) + 1;
+    picked.push([d.id[i], d.cls[i]]);
+  }
+}
+window.sslBloodSelection = picked;
+const parts = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c}: ${n}`);
+summary.text = picked.length ? `<b>${picked.length} cells selected</b><br>` + parts.join('<br>')
+                             : 'Select cells with the box or lasso tool.';
+"""
+
+_DOWNLOAD_JS = """
+const picked = window.sslBloodSelection || [];
+const csv = 'split,id,class\\n' + picked.map(([id, c]) => `${split},${id},"${c}"`).join('\\n') + '\\n';
+const a = document.createElement('a');
+a.href = URL.createObjectURL(new Blob([csv], {type: 'text/csv'}));
+a.download = 'selected_cells.csv';
+document.body.appendChild(a); a.click(); a.remove();
+"""
+
+_COLOUR_JS = """
+const field = {'class': 'c_class', 'predicted class': 'c_pred', 'probe right / wrong': 'c_right',
+               'outlier score': 'c_outlier'}[this.value];
+for (const r of renderers) { r.glyph.fill_color = {field: field}; r.glyph.line_color = {field: field}; }
+key.text = keys[this.value];
+"""
+
+_HIGHLIGHT_JS = """
+const on = this.active;
+for (const r of renderers) {
+  const target = r.name === target_name;
+  r.glyph.fill_alpha = on && !target ? 0.08 : 0.8;
+  r.glyph.line_alpha = on && !target ? 0.08 : 0.8;
+  r.glyph.size = on && target ? 7 : 5;
+}
+"""
+
+
+def _render(cells: dict[str, list], emb: Embeddings, split: str, sheet: dict, highlight: str | None,
+            has_probe: bool, gallery_split: str, n: int) -> str:
+    from bokeh.embed import file_html
+    from bokeh.layouts import column, row
+    from bokeh.models import (Button, ColumnDataSource, CustomJS, Div, GlobalInlineStyleSheet,
+                              HoverTool, InlineStyleSheet, Select, TapTool, Toggle)
+    from bokeh.plotting import figure
+    from bokeh.resources import INLINE
+
+    # The sprite is defined once, as a custom property on the page's root: custom properties
+    # inherit into every shadow root (bokeh draws tooltips and divs in shadow DOM), so the
+    # tooltip template and the neighbour panel both use it without repeating the image.
+    thumb_style = "display:none"
+    if sheet["tile"]:
+        scale = THUMB_DISPLAY / sheet["tile"]
+        width = int(sheet["columns"] * sheet["tile"] * scale)
+        height = int(np.ceil(sheet["count"] / sheet["columns"]) * sheet["tile"] * scale)
+        thumb_style = (f"width:{THUMB_DISPLAY}px;height:{THUMB_DISPLAY}px;"
+                       f"background-image:var(--ssl-blood-sprite);background-size:{width}px {height}px;"
+                       f"image-rendering:pixelated;border:1px solid #ccc")
+    sprite = GlobalInlineStyleSheet(css=f":root{{--ssl-blood-sprite:url({sheet['uri']})}}"
+                                    if sheet["tile"] else ":root{}")
+    style = InlineStyleSheet(css=f".thumb{{{thumb_style}}}"
+                                 ".nb{display:inline-flex;gap:6px;margin:3px 8px 3px 0;"
+                                 "font-size:11px;align-items:center;width:150px}"
+                                 ".nb-title{font-weight:bold;margin-bottom:4px}")
+    plot = figure(width=760, height=640, tools="pan,wheel_zoom,box_select,lasso_select,reset,save",
+                  active_scroll="wheel_zoom", title=f"{emb.name}: {split} split, {n} cells (UMAP)",
+                  output_backend="webgl" if n > 20_000 else "canvas", stylesheets=[sprite, style],
+                  name="map")
+    plot.xaxis.visible = plot.yaxis.visible = False
+    plot.grid.visible = False
+    labels = np.asarray(cells["label"])
+    names = list(emb.class_names) + ["unlabelled"]
+    renderers, sources = [], []
+    for c in sorted(set(labels.tolist()), key=lambda v: (v < 0, v)):
+        rows = np.flatnonzero(labels == c)
+        source = ColumnDataSource({key: [values[r] for r in rows] for key, values in cells.items()},
+                                  name=f"cells:{names[c]}")
+        renderer = plot.scatter("x", "y", source=source, size=5, fill_color="c_class",
+                                line_color="c_class", fill_alpha=0.8, line_alpha=0.8,
+                                legend_label=f"{names[c]} ({len(rows)})", name=names[c])
+        renderers.append(renderer)
+        sources.append(source)
+    plot.legend.click_policy = "hide"
+    plot.legend.label_text_font_size = "9pt"
+    plot.legend.location = "top_left"
+    plot.add_tools(HoverTool(renderers=renderers, tooltips=_TOOLTIP.replace("THUMB_STYLE", thumb_style)))
+    panel = Div(text="Click a cell to list its nearest cells.", width=340, stylesheets=[style],
+                name="neighbours")
+    plot.add_tools(TapTool(renderers=renderers, behavior="inspect",
+                           callback=CustomJS(args={"panel": panel, "gallery": gallery_split},
+                                             code=_TAP_JS)))
+    summary = Div(text="Select cells with the box or lasso tool.", width=340, name="selection")
+    on_select = CustomJS(args={"sources": sources, "summary": summary}, code=_SELECT_JS)
+    for source in sources:
+        source.selected.js_on_change("indices", on_select)
+    download = Button(label="Download selected ids (CSV)", width=240, name="download")
+    download.js_on_event("button_click", CustomJS(args={"split": split}, code=_DOWNLOAD_JS))
+    keys = {"class": "Colour: true class (click the legend to hide a class).",
+            "predicted class": "Colour: class predicted by the linear probe." if has_probe
+            else "No probe given: predicted class unknown (grey).",
+            "probe right / wrong": "Blue: the probe is right; orange: wrong." if has_probe
+            else "No probe given (grey).",
+            "outlier score": "Blue (typical) to red (isolated): mean cosine distance to the 10 "
+                             "nearest train cells, by quantile."}
+    key = Div(text=keys["class"], width=340, name="colour-key")
+    colouring = Select(title="Colour by", value="class", options=list(COLOURINGS), width=240,
+                       name="colouring")
+    colouring.js_on_change("value", CustomJS(args={"renderers": renderers, "key": key, "keys": keys},
+                                             code=_COLOUR_JS))
+    controls = [colouring, key]
+    if highlight:
+        toggle = Toggle(label=f"Highlight {highlight}", width=240, name="highlight")
+        toggle.js_on_change("active", CustomJS(args={"renderers": renderers,
+                                                     "target_name": highlight}, code=_HIGHLIGHT_JS))
+        controls.append(toggle)
+    side = column(*controls, summary, download, panel)
+    return file_html(row(plot, side), resources=INLINE, title=f"ssl-blood map: {emb.name}, {split}")

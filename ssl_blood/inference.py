@@ -1,0 +1,47 @@
+"""One batched inference loop for every model that maps images to vectors (backbone features,
+classifier scores), in the precision and memory format the model was trained with."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_blood import ui
+from ssl_blood.augment import eval_preprocess
+from ssl_blood.device import autocast
+
+
+def inference_batch(input_size: int) -> int:
+    """Images per forward pass: 1024 at 32 px, fewer for larger images (memory), at least 32."""
+    return int(np.clip(1024 * (32 / max(input_size, 1)) ** 2, 32, 1024))
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              input_size: int, device: torch.device, *, precision: str = "auto",
+              channels_last: bool = False, post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              batch_size: int | None = None, progress: bool | None = False,
+              desc: str = "embedding") -> np.ndarray:
+    """`post(model(x))` (N, D) float32 of uint8 images (N, C, H, W), model in eval mode; the
+    images move to `device` one batch at a time (they may be memory-mapped)."""
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    batch_size = batch_size or inference_batch(input_size)
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in ui.bar(starts, total=len(starts), desc=desc, unit="batch", enabled=progress):
+        x = eval_preprocess(images[start:start + batch_size].to(device, non_blocking=True),
+                            mean, std, input_size).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            out = model(x)
+        out = out.float() if post is None else post(out.float())
+        chunks.append(out.cpu())
+    model.train(was_training)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32, copy=False)

@@ -1,0 +1,226 @@
+"""Checking a cell dataset with its embeddings: duplicates, outliers, label suspects.
+
+- near-duplicates: pairs of cells whose features have cosine similarity >= a threshold, within
+  and across splits, counted per split pair; a pair across train and test is leakage and is
+  listed first. Exact pixel duplicates (identical uint8 images, by SHA-1) likewise.
+- outliers: per cell, the mean cosine distance to its k nearest train cells (itself excluded);
+  the top of each split.
+- label suspects: labelled cells whose k nearest train cells (itself excluded) vote for another
+  class by a weighted majority (DINO's kNN weights, confidence = that class's share of the
+  votes); the top of each class.
+Everything goes into qc.json; montages show the cells when the images can be loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl_blood import ui
+from ssl_blood.embed import Embeddings
+from ssl_blood.errors import UserError
+from ssl_blood.index import CellIndex
+from ssl_blood.runs import write_json
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def _pair_key(a: str, b: str) -> str:
+    a, b = sorted((a, b), key=lambda s: SPLIT_ORDER.index(s) if s in SPLIT_ORDER else 9)
+    return f"{a}/{b}"
+
+
+def _leakage_first(pairs: list[dict]) -> list[dict]:
+    """Cross-split pairs with test or val first (leakage), then the rest; most similar first."""
+    rank = {"train/test": 0, "val/test": 1, "train/val": 2}
+    return sorted(pairs, key=lambda p: (rank.get(p["splits"], 3), -p.get("similarity", 1.0)))
+
+
+def near_duplicates(emb: Embeddings, threshold: float = 0.98, k: int = 10) -> dict[str, Any]:
+    """Pairs with cosine similarity >= threshold among each cell's k nearest cells."""
+    if not 0 < threshold <= 1:
+        raise UserError(f"threshold {threshold} must be in (0, 1]", param="threshold")
+    rows = np.arange(len(emb.features))
+    index = CellIndex.build(emb.features, ids=rows, use_gpu=False)
+    from ssl_blood.retrieval import neighbours
+
+    similarity, position = neighbours(index, emb.features, min(k, len(rows) - 1), exclude_ids=rows)
+    pairs = {}
+    for i, j in zip(*np.nonzero((similarity >= threshold) & (position >= 0))):
+        a, b = sorted((int(i), int(position[i, j])))
+        pairs[(a, b)] = float(similarity[i, j])
+    listed = [{"a": {"split": str(emb.split[a]), "id": int(emb.ids[a])},
+               "b": {"split": str(emb.split[b]), "id": int(emb.ids[b])},
+               "splits": _pair_key(str(emb.split[a]), str(emb.split[b])),
+               "similarity": round(s, 6)} for (a, b), s in pairs.items()]
+    counts: dict[str, int] = {}
+    for p in listed:
+        counts[p["splits"]] = counts.get(p["splits"], 0) + 1
+    return {"threshold": threshold, "neighbours_searched": k, "pairs": len(listed),
+            "by_split_pair": counts, "leakage_pairs": counts.get("train/test", 0) + counts.get("val/test", 0),
+            "list": _leakage_first(listed)}
+
+
+def exact_duplicates(images: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Identical images (uint8 bytes) within and across splits; `images[split][id]`."""
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for split, array in images.items():
+        for i, image in enumerate(array):
+            seen.setdefault(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest(), []).append((split, i))
+    groups = [cells for cells in seen.values() if len(cells) > 1]
+    pairs = [{"a": {"split": a[0], "id": a[1]}, "b": {"split": b[0], "id": b[1]},
+              "splits": _pair_key(a[0], b[0])}
+             for cells in groups for n, a in enumerate(cells) for b in cells[n + 1:]]
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p["splits"]] = counts.get(p["splits"], 0) + 1
+    return {"groups": len(groups), "pairs": len(pairs), "by_split_pair": counts,
+            "leakage_pairs": counts.get("train/test", 0) + counts.get("val/test", 0),
+            "list": _leakage_first(pairs)}
+
+
+def _train_neighbours(emb: Embeddings, k: int) -> tuple[np.ndarray, np.ndarray, CellIndex]:
+    """Every cell's k nearest train cells (a train cell never finds itself)."""
+    from ssl_blood.retrieval import neighbours
+
+    index = CellIndex.from_embeddings(emb, "train", kind="flat", use_gpu=False)
+    if index.ntotal <= k:
+        raise UserError(f"the train split has {index.ntotal} cells; qc needs more than k={k}",
+                        param="k")
+    sims = np.empty((len(emb.features), k), dtype=np.float32)
+    pos = np.empty((len(emb.features), k), dtype=np.int64)
+    for split in emb.splits():
+        mask = emb.split == split
+        s, p = neighbours(index, emb.features[mask], k, emb.ids[mask] if split == "train" else None)
+        sims[mask], pos[mask] = s, p
+    return sims, pos, index
+
+
+def _mean_distance(similarity: np.ndarray, position: np.ndarray) -> np.ndarray:
+    distance = np.where(position >= 0, 1 - similarity, np.nan)
+    return np.nanmean(distance, axis=1)
+
+
+def outlier_scores(emb: Embeddings, k: int = 10) -> np.ndarray:
+    """Per cell of the embeddings: mean cosine distance to its k nearest train cells."""
+    similarity, position, _ = _train_neighbours(emb, k)
+    return _mean_distance(similarity, position)
+
+
+def outliers(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
+             top: int = 20) -> dict[str, Any]:
+    """Mean cosine distance to the k nearest train cells, per cell; the top of each split."""
+    score = _mean_distance(similarity, position)
+    per_split = {}
+    for split in emb.splits():
+        rows = np.flatnonzero(emb.split == split)
+        order = rows[np.argsort(-score[rows], kind="stable")][:top]
+        per_split[split] = {
+            "median_score": float(np.median(score[rows])),
+            "top": [{"id": int(emb.ids[r]), "score": round(float(score[r]), 6),
+                     "label": int(emb.labels[r])} for r in order]}
+    return {"k": similarity.shape[1], "score": "mean cosine distance to the k nearest train cells",
+            "per_split": per_split}
+
+
+def label_suspects(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
+                   index: CellIndex, top: int = 20, temperature: float = 0.07,
+                   min_confidence: float = 0.5) -> dict[str, Any]:
+    """Labelled cells whose neighbourhood votes for another class with at least
+    `min_confidence` of the weight; the top of each class by that confidence."""
+    found = position >= 0
+    weights = np.where(found, np.exp((similarity - np.where(found, similarity, -np.inf).max(1, keepdims=True))
+                                     / temperature), 0.0)
+    votes = np.zeros((len(weights), len(emb.class_names)))
+    neighbour_labels = index.gallery_labels[np.maximum(position, 0)]
+    usable = found & (neighbour_labels >= 0)
+    np.add.at(votes, (np.arange(len(votes))[:, None], np.maximum(neighbour_labels, 0)),
+              np.where(usable, weights, 0.0))
+    share = votes / np.maximum(votes.sum(1, keepdims=True), 1e-300)
+    voted = share.argmax(1)
+    confidence = share.max(1)
+    labelled = emb.labels >= 0
+    suspect = labelled & (voted != emb.labels) & (confidence >= min_confidence)
+    per_class = {}
+    for c, name in enumerate(emb.class_names):
+        rows = np.flatnonzero(suspect & (emb.labels == c))
+        rows = rows[np.argsort(-confidence[rows], kind="stable")][:top]
+        per_class[name] = [{"split": str(emb.split[r]), "id": int(emb.ids[r]),
+                            "label": name, "neighbours_say": emb.class_names[voted[r]],
+                            "confidence": round(float(confidence[r]), 4)} for r in rows]
+    return {"k": similarity.shape[1], "min_confidence": min_confidence,
+            "suspects": int(suspect.sum()), "labelled_cells": int(labelled.sum()),
+            "by_split": {s: int((suspect & (emb.split == s)).sum()) for s in emb.splits()},
+            "per_class": per_class}
+
+
+def _split_images(emb: Embeddings) -> dict[str, np.ndarray] | None:
+    """uint8 images of every split, indexed by id; None when the data cannot be loaded."""
+    images = {s: emb.split_images(s) for s in emb.splits()}
+    if any(v is None for v in images.values()):
+        ui.note("the images of these embeddings cannot be loaded; no pixel duplicates or montages")
+        return None
+    return images  # type: ignore[return-value]
+
+
+def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float = 0.98,
+           k: int = 10, top: int = 20) -> dict[str, Any]:
+    """Every check; with `out_dir`, qc.json and montages there."""
+    from ssl_blood import plots
+
+    if "train" not in emb.splits():
+        raise UserError("qc compares every cell with the train split; these embeddings have "
+                        "none: embed the train split too", param="embeddings")
+    for split in emb.splits():
+        if int((emb.split == split).sum()) < 5:
+            raise UserError(f"the '{split}' split has fewer than 5 cells; qc needs more",
+                            param="embeddings")
+    similarity, position, index = _train_neighbours(emb, k)
+    images = _split_images(emb)
+    result: dict[str, Any] = {
+        "embeddings": emb.name, "identity": emb.identity, "subset": emb.subset or None,
+        "cells": {s: int((emb.split == s).sum()) for s in emb.splits()},
+        "near_duplicates": near_duplicates(emb, threshold, k),
+        "exact_duplicates": exact_duplicates(images) if images is not None else None,
+        "outliers": outliers(emb, similarity, position, top),
+        "label_suspects": label_suspects(emb, similarity, position, index, top)
+        if (emb.labels >= 0).any() else None,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        if images is not None:
+            result["montages"] = [str(p) for p in _montages(result, emb, images, out, plots)]
+        write_json(result, out / "qc.json")
+    return result
+
+
+def _montages(result: dict, emb: Embeddings, images: dict[str, np.ndarray], out: Path, plots) -> list[Path]:
+    files = []
+    pairs = (result["near_duplicates"]["list"] + (result["exact_duplicates"] or {}).get("list", []))[:24]
+    if pairs:
+        files.append(plots.cell_grid(
+            [[images[p["a"]["split"]][p["a"]["id"]], images[p["b"]["split"]][p["b"]["id"]]] for p in pairs],
+            out / "duplicates.png", "Duplicate pairs (leakage across splits first)",
+            captions=[[f"{p['a']['split']} #{p['a']['id']}", f"{p['b']['split']} #{p['b']['id']}"
+                       + (f" {p['similarity']:.3f}" if "similarity" in p else " exact")] for p in pairs],
+            dpi=150))
+    groups, titles, captions = [], [], []
+    for split, part in result["outliers"]["per_split"].items():
+        top = part["top"][:12]
+        groups.append([images[split][t["id"]] for t in top])
+        titles.append(f"{split}: most isolated cells (median score {part['median_score']:.3f})")
+        captions.append([f"#{t['id']} {t['score']:.2f}" for t in top])
+    files.append(plots.cell_grid(groups, out / "outliers.png", "Outliers per split", titles, captions, dpi=150))
+    suspects = result["label_suspects"]
+    if suspects and suspects["suspects"]:
+        rows = [(name, cells[:10]) for name, cells in suspects["per_class"].items() if cells]
+        files.append(plots.cell_grid(
+            [[images[c["split"]][c["id"]] for c in cells] for _, cells in rows],
+            out / "label_suspects.png", "Label suspects: labelled as the row's class, the "
+            "neighbours say otherwise", [f"labelled {name}" for name, _ in rows],
+            [[f"{c['split']} #{c['id']}\n{c['neighbours_say'][:12]} {c['confidence']:.2f}" for c in cells]
+             for _, cells in rows], dpi=150))
+    return files

@@ -1,0 +1,331 @@
+"""Files on disk: atomic writes, JSON results, digests, and the run folder with its lock.
+
+Every file ssl-blood writes goes through `atomic_write`: a uniquely named temporary file in the
+target's folder, flushed and fsynced, renamed over the target with `os.replace`, then the folder
+fsynced, so a reader sees the old file or the new one, never half of one, and a crash or a full
+disk leaves no temporary file behind. `RunDir` knows every file name of a run folder and holds
+the folder's lock while a command writes into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator
+
+from ssl_blood.errors import UserError
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: Path, exc: OSError) -> UserError:
+    reason = exc.strerror or type(exc).__name__
+    fix = {errno.ENOSPC: "free disk space", errno.EROFS: "choose a writable folder",
+           errno.EACCES: "choose a folder you may write to",
+           errno.EDQUOT: "free disk space"}.get(exc.errno, "choose another folder")
+    return UserError(f"cannot write {path} ({reason}); {fix} and run the command again "
+                     f"(existing files were left as they were)")
+
+
+def ensure_folder(folder: str | Path) -> Path:
+    """Create `folder` (and parents); a file in the way or a read-only place is a UserError."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder; give a folder path", param="out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(folder, exc) from None
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; on success it is fsynced and renamed over
+    `path` (then the folder is fsynced), on failure removed. For writers that want a file name
+    (faiss, numpy memmaps); `atomic_write` is the same for writers that take a file object."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file path", param="out")
+    folder = ensure_folder(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_folder(folder)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through `write(binary_file)`, atomically (see the module docstring)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(value: Any, path: str | Path) -> Path:
+    """`value` as indented JSON with a final newline (every ssl-blood results file), atomically."""
+    return write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_figure(fig, path: str | Path, **kwargs: Any) -> Path:
+    """A matplotlib figure, atomically, in the format the file name says."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", **kwargs)
+    return write_bytes(path, buffer.getvalue())
+
+
+def refuse_existing(path: str | Path, overwrite: bool, param: str = "out") -> Path:
+    """Refuse to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{param} {path} exists; set overwrite to replace it, or choose another "
+                        f"path", param=(param, "overwrite"))
+    return path
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file (cached by path, size and modification time)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime key the cache
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class FolderLock:
+    """An advisory lock on a folder: `flock` on FOLDER/.lock, which holds the owner's pid.
+
+    The kernel drops a `flock` when its process dies, so the lock of a killed run is taken over
+    by the next command without anyone deleting anything. A second writer is refused with the
+    holder's pid.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+        self._created_folder = False
+
+    def acquire(self) -> "FolderLock":
+        self._created_folder = not self.folder.exists()
+        ensure_folder(self.folder)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise _write_error(self.path, exc) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.folder} is in use by another ssl-blood process (pid "
+                                f"{holder}); wait for it to finish or choose another folder",
+                                param="out") from None
+            # The previous holder may have removed the file between our open and our flock:
+            # then we hold a lock on a deleted file. Start again on the current one.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still under the lock: nobody else can hold this file
+        os.close(self._fd)
+        self._fd = None
+        if self._created_folder:  # a command that failed before writing leaves no empty folder
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+class RunDir:
+    """The files of one run folder (pretraining, supervised or fine-tuning)."""
+
+    CHECKPOINT = "checkpoint.pt"
+    CONFIG = "config.json"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval"
+    ANALYSIS = "analysis"
+    REPORT = "report.html"
+    SUPERVISED = "supervised.json"
+    FINE_TUNE = "fine_tune.json"
+    RUN_FILES = (CHECKPOINT, CONFIG, METRICS)
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / self.EVAL
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.path / self.ANALYSIS
+
+    @property
+    def report(self) -> Path:
+        return self.path / self.REPORT
+
+    def lock(self) -> FolderLock:
+        return FolderLock(self.path)
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint.is_file()
+
+    def check_new_or_resume(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to clobber a run: a folder holding a checkpoint needs `resume` or `overwrite`.
+        A run killed before its first checkpoint holds no result and may simply be restarted."""
+        if resume and overwrite:
+            raise UserError("give resume or overwrite, not both", param=("resume", "overwrite"))
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"`out` {self.path} is a file; give a folder for the run", param="out")
+        if resume:
+            if not self.has_checkpoint():
+                raise UserError(f"`resume`: no {self.CHECKPOINT} in {self.path}; start a new run "
+                                f"without resume", param="resume")
+            return
+        if self.has_checkpoint() and not overwrite:
+            raise UserError(f"`out` {self.path} already holds a run ({self.CHECKPOINT}); resume it, "
+                            f"overwrite it, or choose another folder",
+                            param=("out", "resume", "overwrite"))
+
+    def remove_stale_temps(self) -> None:
+        """Temporary files a killed writer left (SIGKILL cannot be caught); call under the lock."""
+        for tmp in self.path.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def clear_run_files(self) -> None:
+        """Remove the run files this folder holds (before a new run), nothing else."""
+        for name in self.RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / name).unlink()
+
+    # -- metrics.jsonl: a readable log; the checkpoint's history is the truth -----------
+
+    def write_metrics(self, history: list[dict]) -> None:
+        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in history))
+
+    def append_metrics(self, record: dict) -> None:
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _write_error(self.metrics, exc) from None
+
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl, ignoring a torn (partly written) last line."""
+        if not self.metrics.is_file():
+            return []
+        records = []
+        for line in self.metrics.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "epoch" in record:
+                records.append(record)
+        return records
