@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}); it is truncated "
+        raise UserError(f"cannot read `checkpoint` {path} ({type(exc).__name__}); it is truncated "
                         f"or not an ssl-blood checkpoint", param="checkpoint") from None
     _check_structure(ckpt, path)
     if ckpt["format_version"] == 1:

@@ -890,15 +890,16 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 
 def _as_flags(exc: SslBloodError, parser: argparse.ArgumentParser) -> str:
-    """The library's message with the parameters it is about written as this command's flags
-    (`nlist 5000 ...` -> `--nlist 5000 ...`, `augment.hue=2` -> `--set augment.hue=2`)."""
-    message = str(exc)
+    """The library's message with each `parameter` it quotes written as this command's flag
+    (`nlist` 5000 -> --nlist 5000, `augment.hue` -> --set augment.hue); a parameter this
+    command has no flag for keeps its name."""
     flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
-    for param in exc.params:
-        flag = f"--set {param}" if "." in param else flags.get(param)
-        if flag is not None:
-            message = re.sub(rf"(?<![\w.-]){re.escape(param)}\b", flag, message, count=1)
-    return message
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        return f"--set {name}" if "." in name else flags.get(name, name)
+
+    return re.sub(r"`([A-Za-z_][\w.]*)`", flag, str(exc))
 
 
 def cli_reference_markdown() -> str:

@@ -106,7 +106,7 @@ class PretrainConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"cannot read config {path} ({exc}); give a config.json written by "
+            raise UserError(f"cannot read `config` {path} ({exc}); give a config.json written by "
                             f"ssl-blood pretrain", param="config") from None
 
     # -- checks -----------------------------------------------------------------------
@@ -120,22 +120,22 @@ class PretrainConfig:
 
         checks = [
             (self.preset in PRESETS, "preset", f"unknown preset '{self.preset}'; choose one of {', '.join(PRESETS)}"),
-            (self.backbone in backbone_names(), "backbone", f"unknown backbone '{self.backbone}'; choose one of {', '.join(backbone_names())}"),
-            (self.stem in STEMS, "stem", f"stem '{self.stem}' is not one of {', '.join(STEMS)}"),
-            (self.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
-            (self.epochs >= 1, "epochs", f"epochs {self.epochs} must be at least 1"),
-            (self.batch_size >= 2, "batch_size", f"batch_size {self.batch_size} must be at least 2 (contrastive pairs)"),
-            (finite_positive(self.lr), "lr", f"lr {self.lr} must be a finite positive number"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"weight_decay {self.weight_decay} must be a finite number >= 0"),
-            (finite_positive(self.lars_trust_coefficient), "lars_trust_coefficient", f"lars_trust_coefficient {self.lars_trust_coefficient} must be a finite positive number"),
-            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"warmup_epochs {self.warmup_epochs} must be between 0 and epochs {self.epochs}"),
-            (math.isfinite(self.final_lr_ratio) and 0 <= self.final_lr_ratio <= 1, "final_lr_ratio", f"final_lr_ratio {self.final_lr_ratio} must be in [0, 1]"),
-            (self.input_size is None or 8 <= self.input_size <= 512, "input_size", f"input_size {self.input_size} must be 8-512 px"),
-            (self.limit is None or self.limit >= 2, "limit", f"limit {self.limit} must be at least 2"),
-            (self.precision in PRECISIONS, "precision", f"precision {self.precision}: use {', '.join(PRECISIONS)}"),
-            (self.stream in STREAMING, "stream", f"stream {self.stream}: use {', '.join(STREAMING)}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", f"device {self.device}: use auto, cpu or cuda"),
-            (self.knn_k >= 1 and math.isfinite(self.knn_temperature) and self.knn_temperature > 0, "knn_k", f"knn_k {self.knn_k} must be >= 1 and knn_temperature {self.knn_temperature} > 0"),
+            (self.backbone in backbone_names(), "backbone", f"unknown `backbone` '{self.backbone}'; choose one of {', '.join(backbone_names())}"),
+            (self.stem in STEMS, "stem", f"`stem` '{self.stem}' is not one of {', '.join(STEMS)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"unknown `optimizer` '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}"),
+            (self.epochs >= 1, "epochs", f"`epochs` {self.epochs} must be at least 1"),
+            (self.batch_size >= 2, "batch_size", f"`batch_size` {self.batch_size} must be at least 2 (contrastive pairs)"),
+            (finite_positive(self.lr), "lr", f"`lr` {self.lr} must be a finite positive number"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"`weight_decay` {self.weight_decay} must be a finite number >= 0"),
+            (finite_positive(self.lars_trust_coefficient), "lars_trust_coefficient", f"`lars_trust_coefficient` {self.lars_trust_coefficient} must be a finite positive number"),
+            (0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"`warmup_epochs` {self.warmup_epochs} must be between 0 and `epochs` {self.epochs}"),
+            (math.isfinite(self.final_lr_ratio) and 0 <= self.final_lr_ratio <= 1, "final_lr_ratio", f"`final_lr_ratio` {self.final_lr_ratio} must be in [0, 1]"),
+            (self.input_size is None or 8 <= self.input_size <= 512, "input_size", f"`input_size` {self.input_size} must be 8-512 px"),
+            (self.limit is None or self.limit >= 2, "limit", f"`limit` {self.limit} must be at least 2"),
+            (self.precision in PRECISIONS, "precision", f"`precision` {self.precision}: use {', '.join(PRECISIONS)}"),
+            (self.stream in STREAMING, "stream", f"`stream` {self.stream}: use {', '.join(STREAMING)}"),
+            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device", f"`device` {self.device}: use auto, cpu or cuda"),
+            (self.knn_k >= 1 and math.isfinite(self.knn_temperature) and self.knn_temperature > 0, "knn_k", f"`knn_k` {self.knn_k} must be >= 1 and `knn_temperature` {self.knn_temperature} > 0"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -175,12 +175,12 @@ def _plain(value: Any) -> Any:
 def _build(cls: type, values: Any, section: str) -> Any:
     """A config dataclass from a JSON object, keys and types checked."""
     if not isinstance(values, dict):
-        raise UserError(f"config section '{section}' must be an object, not {values!r}",
+        raise UserError(f"config section `{section}` must be an object, not {values!r}",
                         param=section)
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise UserError(f"unknown keys {sorted(unknown)} in config section '{section}'; known: "
+        raise UserError(f"unknown keys {sorted(unknown)} in config section `{section}`; known: "
                         f"{sorted(known)}", param=section)
     _check_types(cls, values, f"{section}.")
     hints = typing.get_type_hints(cls)
@@ -215,7 +215,7 @@ def _check_types(cls: type, values: dict[str, Any], prefix: str) -> None:
     for key, value in values.items():
         if key in hints and not _type_ok(value, hints[key]):
             expected = getattr(hints[key], "__name__", None) or str(hints[key]).replace("typing.", "")
-            raise UserError(f"{prefix}{key}={json.dumps(value)} is not a valid {expected}; see a "
+            raise UserError(f"`{prefix}{key}`={json.dumps(value)} is not a valid {expected}; see a "
                             f"run's config.json for the form", param=f"{prefix}{key}")
 
 
@@ -226,14 +226,14 @@ def _check_numbers(section: Any, name: str) -> None:
         items = value if isinstance(value, tuple) else (value,)
         for v in items:
             if isinstance(v, float) and not math.isfinite(v):
-                raise UserError(f"{name}.{f.name}={v} must be finite", param=f"{name}.{f.name}")
+                raise UserError(f"`{name}.{f.name}`={v} must be finite", param=f"{name}.{f.name}")
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0 and f.name != "local_size":
-                raise UserError(f"{name}.{f.name}={v} must not be negative", param=f"{name}.{f.name}")
+                raise UserError(f"`{name}.{f.name}`={v} must not be negative", param=f"{name}.{f.name}")
         if (f.name.endswith("_prob") or f.name in ("hflip", "vflip", "grayscale")) and not 0 <= value <= 1:
-            raise UserError(f"{name}.{f.name}={value} is a probability: give 0-1",
+            raise UserError(f"`{name}.{f.name}`={value} is a probability: give 0-1",
                             param=f"{name}.{f.name}")
         if f.name.endswith("scale") and isinstance(value, tuple) and not (0 < value[0] <= value[1] <= 1):
-            raise UserError(f"{name}.{f.name}={list(value)} must satisfy 0 < low <= high <= 1",
+            raise UserError(f"`{name}.{f.name}`={list(value)} must satisfy 0 < low <= high <= 1",
                             param=f"{name}.{f.name}")
 
 
@@ -247,7 +247,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise UserError(f"setting {item!r}: write KEY=VALUE, e.g. augment.hue=0.1", param="set")
+            raise UserError(f"`set` {item!r}: write KEY=VALUE, e.g. augment.hue=0.1", param="set")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -266,14 +266,17 @@ def apply_settings(cfg: PretrainConfig, settings: dict[str, Any]) -> PretrainCon
             if not isinstance(node.get(part), dict):
                 hint = (f" (this run's method is {cfg.method})"
                         if part in method_names() and part != cfg.method else "")
-                raise UserError(f"setting {dotted}: '{part}' is not a config section{hint}; see a "
+                raise UserError(f"`set` {dotted}: '{part}' is not a config section{hint}; see a "
                                 f"run's config.json", param="set")
             node = node[part]
         if leaf not in node:
-            raise UserError(f"setting {dotted}: no such setting; see a run's config.json for the "
+            raise UserError(f"`set` {dotted}: no such setting; see a run's config.json for the "
                             f"keys", param="set")
         node[leaf] = value
-    return PretrainConfig.from_dict(tree)
+    try:
+        return PretrainConfig.from_dict(tree)
+    except UserError as exc:  # say that the bad value came from a setting
+        raise UserError(f"`set` {str(exc).replace('`', '')}", param="set") from None
 
 
 # ----------------------------------------------------------------------------- presets
@@ -296,7 +299,7 @@ def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
     full: ResNet-18, 200 epochs, batch 512; meant for a GPU.
     """
     if preset not in PRESETS:
-        raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}", param="preset")
+        raise UserError(f"unknown `preset` '{preset}'; choose one of {', '.join(PRESETS)}", param="preset")
     method_class(method)
     cpu = dict(batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-5, warmup_epochs=1)
     if preset == "quick":

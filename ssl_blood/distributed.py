@@ -66,18 +66,19 @@ class Distributed:
         """Global BN, then DistributedDataParallel (the method itself alone)."""
         if not self.enabled:
             return method
-        sync_batch_norm(method)
+        method = sync_batch_norm(method)
         return nn.parallel.DistributedDataParallel(
             method, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class _SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, plus the CPU ranks (gloo) it refuses: there the batch statistics
-    are all-reduced with the differentiable `torch.distributed.nn.all_reduce`."""
+class _GlobalBatchNorm:
+    """BatchNorm whose batch statistics are all-reduced over the ranks, for CPU ranks (gloo):
+    torch's SyncBatchNorm (and DDP around it) accepts only GPU tensors. The statistics go
+    through the differentiable `torch.distributed.nn.all_reduce`, so gradients are global too."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not (self.training and dist.is_initialized()):
-            return super().forward(x)
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)  # type: ignore[misc]
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0] + list(range(2, x.dim()))
@@ -98,10 +99,24 @@ class _SyncBatchNorm(nn.SyncBatchNorm):
         return out.to(x.dtype)
 
 
+class _GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class _GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+_GLOBAL = {nn.BatchNorm1d: _GlobalBatchNorm1d, nn.BatchNorm2d: _GlobalBatchNorm2d}
+
+
 def sync_batch_norm(module: nn.Module) -> nn.Module:
-    """Make every BatchNorm layer of `module` global across ranks, in place."""
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for m in converted.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = _SyncBatchNorm  # same state; adds the CPU path
-    return converted
+    """Make every BatchNorm layer of `module` global across ranks, in place: torch's
+    SyncBatchNorm for a module on a GPU, `_GlobalBatchNorm` on the CPU."""
+    on_gpu = any(p.is_cuda for p in module.parameters())
+    if on_gpu:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if type(m) in _GLOBAL:
+            m.__class__ = _GLOBAL[type(m)]  # same parameters and buffers, global statistics
+    return module

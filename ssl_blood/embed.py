@@ -26,6 +26,7 @@ from torch import nn
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import resolve_device
 from ssl_blood.errors import UserError
+from ssl_blood.inference import frozen_for_inference
 from ssl_blood.runs import atomic_write, sha256_bytes, sha256_file
 
 BASELINES = ("pixels", "random-init")
@@ -116,7 +117,7 @@ class Embedder:
         want = (self.channels, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != want:
             raise UserError(f"{what} are {tuple(images.shape[1:])} (channels, height, width) but "
-                            f"this embedder was made for {want}; give data of that shape (size, "
+                            f"this embedder was made for {want}; give data of that shape (`size`, "
                             f"or a checkpoint trained on such data)", param="size")
 
     def __call__(self, images: torch.Tensor, progress: bool | None = False) -> np.ndarray:
@@ -151,7 +152,7 @@ class Embedder:
             stem=trained.stem, checkpoint=str(Path(path).resolve()), precision=trained.precision,
             channels_last=trained.channels_last)
         dev = resolve_device(device)
-        return cls(spec, trained.model.to(dev), dev)
+        return cls(spec, frozen_for_inference(trained.model).to(dev), dev)
 
     @classmethod
     def baseline(cls, kind: str, train: CellData, backbone: str = "resnet18", seed: int = 0,
@@ -174,7 +175,7 @@ class Embedder:
                 f"{_stats_digest(mean, std)}", input_size=train.image_size, mean=mean, std=std,
                 backbone=backbone, stem=stem, seed=seed, precision="auto", **common)
             return cls.from_spec(spec, device)
-        raise UserError(f"unknown baseline '{kind}'; choose one of {', '.join(BASELINES)}",
+        raise UserError(f"unknown `baseline` '{kind}'; choose one of {', '.join(BASELINES)}",
                         param="baseline")
 
     @classmethod
@@ -196,7 +197,7 @@ class Embedder:
             torch.manual_seed(int(spec.seed or 0))
             model = build_backbone(spec.backbone, spec.channels, spec.stem or "s1").eval()
             dev = resolve_device(device)
-            return cls(spec, model.to(dev), dev)
+            return cls(spec, frozen_for_inference(model).to(dev), dev)
         return cls(spec, None, torch.device("cpu"))
 
 
@@ -269,7 +270,7 @@ class Embeddings:
         mask = self.split == split
         if not mask.any():
             raise UserError(f"the embeddings hold no '{split}' split (they hold "
-                            f"{', '.join(self.splits())}); embed it with splits", param="split")
+                            f"{', '.join(self.splits())}); embed it (`splits`)", param="split")
         return mask
 
     def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -314,7 +315,7 @@ class Embeddings:
         except UserError:
             raise
         except Exception as exc:
-            raise UserError(f"cannot read embeddings {path} ({type(exc).__name__}); the file is "
+            raise UserError(f"cannot read `embeddings` {path} ({type(exc).__name__}); the file is "
                             f"truncated or not an npz: re-run ssl-blood embed",
                             param="embeddings") from None
         emb.check(path)
@@ -376,7 +377,7 @@ class Embeddings:
             import pyarrow  # noqa: F401
         except ImportError:
             raise UserError("parquet needs pyarrow: pip install 'ssl-blood[parquet]', or use "
-                            "format csv", param="format") from None
+                            "`format` csv", param="format") from None
         return atomic_write(path, lambda f: table.to_parquet(f, index=False))
 
 

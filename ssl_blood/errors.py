@@ -5,9 +5,9 @@ its message on one line and exits with code 2. `RunFailed` is a run that stopped
 the user can act on (a non-finite loss, a collapsed DINO head, a full disk): one line, exit
 code 1. Everything else is a bug and keeps its traceback.
 
-Library messages name Python parameters (`nlist 5000 exceeds ...`), so a Python caller is told
-about the argument it passed. `param` names the parameter(s) a message is about, in the order
-they first appear in it; the CLI swaps each for its flag (`--nlist 5000 exceeds ...`).
+Library messages quote the Python parameters they are about in backticks ("`nlist` 5000
+exceeds ..."), so a Python caller is told about the argument it passed; the CLI writes each as
+its flag ("--nlist 5000 exceeds ..."). `params` lists them for programs.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def detect_layout(root: Path) -> str:
         raise UserError(
             f"`image_dir` {root} holds both {len(images)} image(s) and {len(folders)} sub-folder(s) "
             f"at its top level; move the loose images into a class folder or into "
-            f"{root / 'unlabeled'}, or use layout 'flat' to treat every image as unlabelled",
+            f"{root / 'unlabeled'}, or use `layout` 'flat' to treat every image as unlabelled",
             param="image_dir")
     if "train" in names and names <= set(SPLITS):
         return "splits"
@@ -141,7 +141,7 @@ def folder_catalogue(root: str | Path, layout: str = "auto",
         paths = _images_under(root)
         if not paths:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}; point "
-                            f"image_dir at a folder of cell crops", param="image_dir")
+                            f"`image_dir` at a folder of cell crops", param="image_dir")
         return Catalogue([str(p) for p in paths], np.full(len(paths), -1, dtype=np.int64),
                          np.full(len(paths), "train"), (), layout)
     if layout == "splits":
@@ -233,7 +233,7 @@ def manifest_catalogue(csv_path: str | Path, fractions: Sequence[float] = DEFAUL
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read manifest {csv_path} as CSV ({exc}); save it as UTF-8 CSV",
+        raise UserError(f"cannot read `manifest` {csv_path} as CSV ({exc}); save it as UTF-8 CSV",
                         param="manifest") from None
     columns = list(rows[0]) if rows else []
     if "path" not in columns:
@@ -249,7 +249,7 @@ def manifest_catalogue(csv_path: str | Path, fractions: Sequence[float] = DEFAUL
         message = (f"{len(missing)} of {len(rows)} files named in {csv_path} do not exist "
                    f"(first: {', '.join(missing[:3])})")
         if not skip_missing:
-            raise UserError(f"{message}; fix the paths or pass skip_missing to go on without "
+            raise UserError(f"{message}; fix the paths or pass `skip_missing` to go on without "
                             f"them", param="manifest")
         ui.note(f"{message}; skipped")
     names_col = [(r.get("label") or "").strip() for r in rows]
@@ -365,7 +365,7 @@ def read_cell_image(path: str | os.PathLike, size: int) -> np.ndarray:
             img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f"cannot read image {path} ({exc}); give a valid png/jpg/tif/bmp file",
+        raise UserError(f"cannot read `image` {path} ({exc}); give a valid png/jpg/tif/bmp file",
                         param="image") from None
 
 

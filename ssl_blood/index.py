@@ -97,7 +97,7 @@ class CellIndex:
         import faiss
 
         if kind not in INDEX_KINDS:
-            raise UserError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}",
+            raise UserError(f"unknown index `kind` '{kind}'; choose one of {', '.join(INDEX_KINDS)}",
                             param="kind")
         features = np.asarray(features)
         if features.ndim != 2 or len(features) == 0:
@@ -117,7 +117,8 @@ class CellIndex:
         else:
             index, settings = _build_ivf(vectors, kind, nlist, nprobe, pq_m, seed)
         index.add(vectors)
-        meta = dict(meta or {})
+        meta = {"class_names": [], "identity": "unknown", "embedder": {}, "gallery_split": "train",
+                **(meta or {})}
         meta.update({
             "format_version": META_VERSION, "dim": dim, "kind": kind, "metric": "cosine", "ntotal": n,
             "faiss_version": faiss.__version__, **settings,
@@ -298,8 +299,8 @@ def _check_meta(meta: Any, index: Any, directory: Path) -> None:
                      f"{meta['ntotal']} x {meta['dim']}")
     if len(meta["gallery_ids"]) != meta["ntotal"] or len(meta["gallery_labels"]) != meta["ntotal"]:
         raise refuse("gallery ids or labels do not match the number of vectors")
-    labels = meta["gallery_labels"]
-    if not all(isinstance(v, int) and -1 <= v < len(meta["class_names"]) for v in labels):
+    top = len(meta["class_names"]) if meta["class_names"] else float("inf")  # unnamed: any class
+    if not all(isinstance(v, int) and -1 <= v < top for v in meta["gallery_labels"]):
         raise refuse("gallery labels outside -1..classes-1")
     if not all(isinstance(v, int) for v in meta["gallery_ids"]):
         raise refuse("gallery ids are not integers")

@@ -15,8 +15,23 @@ from ssl_blood.device import autocast
 
 
 def inference_batch(input_size: int) -> int:
-    """Images per forward pass: 1024 at 32 px, fewer for larger images (memory), at least 32."""
-    return int(np.clip(1024 * (32 / max(input_size, 1)) ** 2, 32, 1024))
+    """Images per forward pass: 256 at 32 px (measured fastest on a 2-core CPU: activations stay
+    in cache), fewer for larger images, at least 16."""
+    return int(np.clip(256 * (32 / max(input_size, 1)) ** 2, 16, 256))
+
+
+def frozen_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with each BatchNorm folded into the convolution before it (torch.fx's
+    `fuse`): the same outputs, one memory pass less per layer. Falls back to the model itself
+    when it cannot be traced."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(model).eval())
+    except Exception:  # a backbone fx cannot trace: run it as it is
+        return model.eval()
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ def _leakage_first(pairs: list[dict]) -> list[dict]:
 def near_duplicates(emb: Embeddings, threshold: float = 0.98, k: int = 10) -> dict[str, Any]:
     """Pairs with cosine similarity >= threshold among each cell's k nearest cells."""
     if not 0 < threshold <= 1:
-        raise UserError(f"threshold {threshold} must be in (0, 1]", param="threshold")
+        raise UserError(f"`threshold` {threshold} must be in (0, 1]", param="threshold")
     rows = np.arange(len(emb.features))
     index = CellIndex.build(emb.features, ids=rows, use_gpu=False)
     from ssl_blood.retrieval import neighbours
@@ -88,7 +88,7 @@ def _train_neighbours(emb: Embeddings, k: int) -> tuple[np.ndarray, np.ndarray, 
 
     index = CellIndex.from_embeddings(emb, "train", kind="flat", use_gpu=False)
     if index.ntotal <= k:
-        raise UserError(f"the train split has {index.ntotal} cells; qc needs more than k={k}",
+        raise UserError(f"the train split has {index.ntotal} cells; qc needs more than `k`={k}",
                         param="k")
     sims = np.empty((len(emb.features), k), dtype=np.float32)
     pos = np.empty((len(emb.features), k), dtype=np.int64)

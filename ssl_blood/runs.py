@@ -124,8 +124,8 @@ def refuse_existing(path: str | Path, overwrite: bool, param: str = "out") -> Pa
     """Refuse to replace an existing file unless `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise UserError(f"{param} {path} exists; set overwrite to replace it, or choose another "
-                        f"path", param=(param, "overwrite"))
+        raise UserError(f"`{param}` {path} exists; set `overwrite` to replace it, or choose "
+                        f"another path", param=(param, "overwrite"))
     return path
 
 
@@ -172,6 +172,26 @@ class FolderLock:
         self.path = self.folder / self.NAME
         self._fd: int | None = None
         self._created_folder = False
+
+    def holder(self) -> str | None:
+        """The pid holding the lock now, or None (a quick check before long preparations)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+
+    def refuse_if_held(self) -> None:
+        holder = self.holder()
+        if holder is not None:
+            raise UserError(f"{self.folder} is in use by another ssl-blood process (pid {holder}); "
+                            f"wait for it to finish or choose another folder", param="out")
 
     def acquire(self) -> "FolderLock":
         self._created_folder = not self.folder.exists()
@@ -277,17 +297,17 @@ class RunDir:
         """Refuse to clobber a run: a folder holding a checkpoint needs `resume` or `overwrite`.
         A run killed before its first checkpoint holds no result and may simply be restarted."""
         if resume and overwrite:
-            raise UserError("give resume or overwrite, not both", param=("resume", "overwrite"))
+            raise UserError("give `resume` or `overwrite`, not both", param=("resume", "overwrite"))
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"`out` {self.path} is a file; give a folder for the run", param="out")
         if resume:
             if not self.has_checkpoint():
                 raise UserError(f"`resume`: no {self.CHECKPOINT} in {self.path}; start a new run "
-                                f"without resume", param="resume")
+                                f"(without resuming)", param="resume")
             return
         if self.has_checkpoint() and not overwrite:
-            raise UserError(f"`out` {self.path} already holds a run ({self.CHECKPOINT}); resume it, "
-                            f"overwrite it, or choose another folder",
+            raise UserError(f"`out` {self.path} already holds a run ({self.CHECKPOINT}); `resume` "
+                            f"it, `overwrite` it, or choose another folder",
                             param=("out", "resume", "overwrite"))
 
     def remove_stale_temps(self) -> None:

@@ -29,7 +29,7 @@ from ssl_blood.checkpoint import (dataset_info, load_checkpoint, make_checkpoint
                                   save_checkpoint)
 from ssl_blood.config import RUNTIME_FIELDS, PretrainConfig
 from ssl_blood.data import CellData, DataSource, available_splits, channel_stats, load_split, stratified_indices
-from ssl_blood.device import autocast, resolve_device
+from ssl_blood.device import autocast, resolve_device, uses_bf16
 from ssl_blood.distributed import Distributed
 from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.methods import Method, MethodSetup, build_method
@@ -192,6 +192,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
     run_dir = RunDir(out_dir) if out_dir is not None else None
     writes = run_dir is not None and ddp.is_main
     if writes:
+        run_dir.lock().refuse_if_held()  # before minutes of loading, not after
         run_dir.check_new_or_resume(resume, overwrite)
     if resume and run_dir is None:
         raise UserError("`resume` needs out_dir, the run folder to continue", param="resume")
@@ -277,17 +278,18 @@ def _open_run_folder(run: _Run, resume: bool, overwrite: bool) -> None:
 
 def check_resumable(saved: PretrainConfig, requested: PretrainConfig, force: bool = False) -> None:
     """A resumed run must compute the same thing; only runtime settings may differ, and the
-    precision only with `force` (bf16 and fp32 give different weights)."""
+    precision (bf16 or fp32 here, as "auto" resolves on this device) only with `force`:
+    the two give different weights."""
     a, b = saved.to_dict(), requested.to_dict()
     changed = [k for k in a if k not in RUNTIME_FIELDS | {"precision"} and a[k] != b.get(k)]
     if changed:
         details = "; ".join(f"{k}: run has {a[k]!r}, asked {b.get(k)!r}" for k in changed[:3])
         raise UserError(f"`resume` with a different config ({details}); resume with the run's "
                         f"settings or start a new run", param="resume")
-    if a["precision"] != b["precision"] and not force:
-        raise UserError(f"resume in precision {b['precision']} but the run trained in "
-                        f"{a['precision']}; that changes the results: resume in "
-                        f"{a['precision']}, or force it", param="precision")
+    device = resolve_device(requested.device)
+    if uses_bf16(device, a["precision"]) != uses_bf16(device, b["precision"]) and not force:
+        raise UserError(f"`precision` {b['precision']} for a run trained in {a['precision']} changes "
+                        f"the results; resume in {a['precision']}, or `force` it", param="precision")
 
 
 def _restore_rng(rng: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
-"""Every bad-input path of pretrain/export through the CLI: one line, exit code 2, nothing lost."""
+"""Every bad-input path through the CLI: one line, exit code 2, nothing lost; library messages
+reach the user with flags."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,29 +10,10 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from tests.conftest import make_npz
+from tests.helpers import assert_one_line_error, make_npz, run_cli, tree
 
 TINY = ["--backbone", "cnn6", "--epochs", "1", "--batch-size", "16", "--set", "simclr.projection_hidden_dim=32",
         "--set", "simclr.projection_dim=16", "--knn-every", "-1", "--device", "cpu"]
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:  # argparse errors
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.fixture
@@ -52,14 +35,21 @@ def test_pretrain_quick_run_and_python_m(trained_run):
 @pytest.mark.parametrize("argv, pattern", [
     (["pretrain", "--method", "byol"], r"invalid choice: 'byol'"),
     (["pretrain", "--preset", "huge"], r"invalid choice: 'huge'"),
-    (["pretrain", "--backbone", "vgg11", "--npz", "{npz}"], r"unknown backbone 'vgg11'"),
+    (["pretrain", "--backbone", "vgg11", "--npz", "{npz}"], r"invalid choice: 'vgg11'"),
     (["pretrain", "--npz", "{tmp}/missing.npz"], r"missing.npz: no such file"),
     (["pretrain", "--image-dir", "{tmp}/empty"], r"no images"),
     (["pretrain", "--npz", "{npz}", "--epochs", "0"], r"--epochs 0 must be at least 1"),
-    (["pretrain", "--npz", "{npz}", "--set", "augment.nonsense=1"], r"no such setting"),
+    (["pretrain", "--npz", "{npz}", "--lr", "inf"], r"--lr inf must be a finite positive number"),
+    (["pretrain", "--npz", "{npz}", "--set", "augment.nonsense=1"], r"--set augment.nonsense: no such setting"),
+    (["pretrain", "--npz", "{npz}", "--set", "epochs=abc"], r'--set epochs="abc" is not a valid int'),
+    (["pretrain", "--npz", "{npz}", "--set", "dino.output_dim=5"], r"--set dino.output_dim: 'dino' is not a config section \(this run's method is simclr\)"),
+    (["pretrain", "--npz", "{npz}", "--set", "augment.hflip=2"], r"--set augment.hflip=2 is a probability"),
+    (["pretrain", "--npz", "{npz}", "--size", "300"], r"--size 300 is outside 16-256"),
     (["pretrain", "--data-root", "{tmp}/badroot"], r"MD5 .* download it again"),
+    (["pretrain", "--data-root", "{tmp}/typo"], r"--data-root .*typo: no such folder"),
+    (["pretrain", "--npz", "{npz}", "--out", "{npz}"], r"--out .*cells.npz is a file"),
     (["export", "--checkpoint", "{tmp}/missing.pt", "--out", "{tmp}/b.pt"], r"no such file"),
-    (["export", "--checkpoint", "{npz}", "--out", "{tmp}/b.pt"], r"cannot read checkpoint"),
+    (["export", "--checkpoint", "{npz}", "--out", "{tmp}/b.pt"], r"cannot read --checkpoint .*cells.npz"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, synthetic_npz, argv, pattern):
     (tmp_path / "empty").mkdir()
@@ -67,9 +57,11 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path, synthetic_npz, argv, pat
     (tmp_path / "badroot" / "bloodmnist.npz").write_bytes(synthetic_npz.read_bytes())
     argv = [a.format(tmp=tmp_path, npz=synthetic_npz) for a in argv]
     extra = TINY + ["--out", str(tmp_path / "run")] if argv[0] == "pretrain" else []
+    before = synthetic_npz.read_bytes()
     code, _, err = run_cli(capsys, argv[0], *extra, *argv[1:])  # the case's flags win
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
+    assert not (tmp_path / "typo").exists() and synthetic_npz.read_bytes() == before
 
 
 @pytest.mark.parametrize("mutation, pattern", [
@@ -92,35 +84,46 @@ def test_bad_npz_through_cli(capsys, tmp_path, mutation, pattern):
 
 
 def test_existing_run_refused_and_kept(capsys, trained_run, synthetic_npz):
-    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    before = tree(trained_run)
     code, _, err = run_cli(capsys, "pretrain", "--npz", synthetic_npz, "--out", trained_run, *TINY)
-    assert_one_line_error(code, err, r"already holds a run .* --resume .* --overwrite")
-    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+    assert_one_line_error(code, err, r"--out .* already holds a run .* --resume it, --overwrite it")
+    assert tree(trained_run) == before
 
 
 def test_resume_with_incompatible_config_refused_and_kept(capsys, trained_run):
-    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    before = tree(trained_run)
     code, _, err = run_cli(capsys, "pretrain", "--out", trained_run, "--resume", "--batch-size", "8")
     assert_one_line_error(code, err, r"--resume with a different config \(batch_size: run has 16, asked 8\)")
+    code, _, err = run_cli(capsys, "pretrain", "--out", trained_run, "--resume", "--precision", "fp32")
+    if "error" in err:  # auto resolves to bf16 on this CPU: fp32 would change the results
+        assert_one_line_error(code, err, r"--precision fp32 for a run trained in auto changes the results; .*--force")
     code, _, err = run_cli(capsys, "pretrain", "--out", trained_run.parent / "none", "--resume")
-    assert_one_line_error(code, err, r"no checkpoint.pt in .*drop --resume")
-    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+    assert_one_line_error(code, err, r"--resume: no checkpoint.pt in .*start a new run")
+    assert tree(trained_run) == before
 
 
-def test_resume_continues_with_the_saved_config(capsys, trained_run):
+def test_resuming_a_finished_run_trains_nothing(capsys, trained_run):
+    before = (trained_run / "checkpoint.pt").read_bytes()
     code, out, err = run_cli(capsys, "pretrain", "--out", trained_run, "--resume")
     assert code == 0 and "epoch 1" in out  # already finished: nothing more to train
+    assert (trained_run / "checkpoint.pt").read_bytes() == before  # not retrained
+
+
+def test_json_output_has_no_progress_bars(capsys, trained_run, tmp_path):
+    code, out, err = run_cli(capsys, "linear-probe", "--checkpoint", trained_run / "checkpoint.pt",
+                             "--json", "--out", tmp_path / "lp")
+    assert code == 0 and json.loads(out)["test_acc"] >= 0 and "\r" not in err
 
 
 def test_export_refuses_to_overwrite(capsys, trained_run, tmp_path):
     target = tmp_path / "backbone.pt"
     target.write_bytes(b"keep me")
     code, _, err = run_cli(capsys, "export", "--checkpoint", trained_run / "checkpoint.pt", "--out", target)
-    assert_one_line_error(code, err, r"exists; add --overwrite")
+    assert_one_line_error(code, err, r"--out .*backbone.pt exists; set --overwrite")
     assert target.read_bytes() == b"keep me"
     code, out, _ = run_cli(capsys, "export", "--checkpoint", trained_run / "checkpoint.pt",
                            "--out", target, "--overwrite")
-    assert code == 0 and "cnn6 state_dict" in out
+    assert code == 0 and "cnn6 (stem s1) state_dict" in out
 
 
 def test_real_process_prints_no_traceback(tmp_path):
@@ -129,3 +132,34 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_library_messages_name_parameters_and_the_cli_names_flags(tmp_path):
+    from ssl_blood.cli import _as_flags, _subparser, build_parser
+    from ssl_blood.errors import UserError
+    from ssl_blood.index import CellIndex
+
+    with pytest.raises(UserError) as err:
+        CellIndex.build(np.zeros((100, 8), np.float32), kind="ivf", nlist=500)
+    assert str(err.value).startswith("`nlist` 500")  # what a Python caller passed
+    parser = build_parser()
+    assert _as_flags(err.value, _subparser(parser, "index")).startswith("--nlist 500")
+    assert _as_flags(UserError("`augment.hue`=3 is too much"), _subparser(parser, "pretrain")) == \
+        "--set augment.hue=3 is too much"
+    assert _as_flags(UserError("`nlist` 5"), _subparser(parser, "knn")) == "nlist 5"  # no such flag
+
+
+@pytest.mark.parametrize("command", ["pretrain", "export", "embed", "index", "retrieve", "linear-probe",
+                                     "knn", "few-shot", "supervised", "fine-tune", "select", "umap",
+                                     "explore", "qc", "report"])
+def test_every_command_has_help(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and f"ssl-blood {command}" in out
+
+
+def test_choices_come_from_the_registries(capsys):
+    from ssl_blood.methods import method_names
+    from ssl_blood.models import backbone_names
+
+    _, out, _ = run_cli(capsys, "pretrain", "--help")
+    assert all(m in out for m in method_names()) and all(b in out for b in backbone_names())

@@ -28,13 +28,13 @@ def test_quick_preset_is_what_the_results_measured():
 
 
 @pytest.mark.parametrize("settings, pattern", [
-    ({"epochs": "abc"}, r'epochs="abc" is not a valid int'),
-    ({"lr": "fast"}, r'lr="fast" is not a valid float'),
-    ({"augment.crop_scale": [0.5]}, r"augment.crop_scale=\[0.5\] is not a valid"),
-    ({"simclr.temperature": None}, r"simclr.temperature=null is not a valid float"),
+    ({"epochs": "abc"}, r'`set` epochs="abc" is not a valid int'),
+    ({"lr": "fast"}, r'`set` lr="fast" is not a valid float'),
+    ({"augment.crop_scale": [0.5]}, r"`set` augment.crop_scale=\[0.5\] is not a valid"),
+    ({"simclr.temperature": None}, r"`set` simclr.temperature=null is not a valid float"),
     ({"dino.output_dim": 5}, r"'dino' is not a config section \(this run's method is simclr\)"),
     ({"augment.nonsense": 1}, r"no such setting"),
-    ({"compile": "yes"}, r'compile="yes" is not a valid bool'),
+    ({"compile": "yes"}, r'`set` compile="yes" is not a valid bool'),
 ])
 def test_bad_settings_are_refused(settings, pattern):
     with pytest.raises(UserError, match=pattern):
@@ -42,16 +42,16 @@ def test_bad_settings_are_refused(settings, pattern):
 
 
 @pytest.mark.parametrize("field, value, pattern", [
-    ("lr", math.inf, r"lr inf must be a finite positive number"),
-    ("lr", math.nan, r"lr nan must be a finite positive number"),
-    ("lr", -0.1, r"lr -0.1 must be a finite positive number"),
-    ("weight_decay", math.inf, r"weight_decay inf must be a finite number"),
-    ("lars_trust_coefficient", 0.0, r"lars_trust_coefficient 0.0"),
-    ("epochs", 0, r"epochs 0 must be at least 1"),
-    ("batch_size", 1, r"batch_size 1 must be at least 2"),
-    ("warmup_epochs", 9, r"warmup_epochs 9 must be between 0 and epochs 8"),
-    ("final_lr_ratio", 2.0, r"final_lr_ratio 2.0 must be in \[0, 1\]"),
-    ("knn_temperature", 0.0, r"knn_temperature 0.0 > 0"),
+    ("lr", math.inf, r"`lr` inf must be a finite positive number"),
+    ("lr", math.nan, r"`lr` nan must be a finite positive number"),
+    ("lr", -0.1, r"`lr` -0.1 must be a finite positive number"),
+    ("weight_decay", math.inf, r"`weight_decay` inf must be a finite number"),
+    ("lars_trust_coefficient", 0.0, r"`lars_trust_coefficient` 0.0"),
+    ("epochs", 0, r"`epochs` 0 must be at least 1"),
+    ("batch_size", 1, r"`batch_size` 1 must be at least 2"),
+    ("warmup_epochs", 9, r"`warmup_epochs` 9 must be between 0 and `epochs` 8"),
+    ("final_lr_ratio", 2.0, r"`final_lr_ratio` 2.0 must be in \[0, 1\]"),
+    ("knn_temperature", 0.0, r"`knn_temperature` 0.0 > 0"),
 ])
 def test_numbers_are_validated(field, value, pattern):
     with pytest.raises(UserError, match=pattern) as err:

@@ -69,7 +69,7 @@ def test_baselines(tiny_run):
     assert pixels.identity.startswith("pixels:") and pixels.identity != "pixels"
     other = Embedder.baseline("pixels", load_split(source, "train", limit=40))  # other statistics
     assert other.identity != pixels.identity
-    with pytest.raises(UserError, match="unknown baseline"):
+    with pytest.raises(UserError, match="unknown `baseline`"):
         Embedder.baseline("imagenet", train)
 
 

@@ -148,9 +148,9 @@ def test_few_shot_bad_input():
     with pytest.raises(UserError, match="asked for 11 labelled images of class 0 but the train split has 10"):
         few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(11,), fractions=(), episodes=1)
     for bad in (0.0, 1.5):
-        with pytest.raises(UserError, match=r"fraction .* must be in \(0, 1\]"):
+        with pytest.raises(UserError, match=r"`fraction` .* must be in \(0, 1\]"):
             few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
-    with pytest.raises(UserError, match="unknown few-shot head 'svm'"):
+    with pytest.raises(UserError, match="unknown few-shot `heads` entry 'svm'"):
         few_shot(tx, ty, sx, sy, sx, sy, 4, heads=("svm",))
 
 

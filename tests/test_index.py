@@ -121,13 +121,13 @@ def test_ivf_recall_on_a_clustered_gallery(kind):
 
 
 def test_ivf_bad_parameters():
-    with pytest.raises(UserError, match="nlist 500 must be between 1 and the 100"):
+    with pytest.raises(UserError, match="`nlist` 500 must be between 1 and the 100"):
         CellIndex.build(clustered(100)[0], kind="ivf", nlist=500)
-    with pytest.raises(UserError, match="pq_m 5 must divide the dimension 32"):
+    with pytest.raises(UserError, match="`pq_m` 5 must divide the dimension 32"):
         CellIndex.build(clustered(1000)[0], kind="ivfpq", nlist=8, pq_m=5)
-    with pytest.raises(UserError, match="nprobe 50 must be between 1 and nlist 8"):
+    with pytest.raises(UserError, match="`nprobe` 50 must be between 1 and nlist 8"):
         CellIndex.build(clustered(1000)[0], kind="ivf", nlist=8, nprobe=50)
-    with pytest.raises(UserError, match="unknown index kind"):
+    with pytest.raises(UserError, match="unknown index `kind`"):
         CellIndex.build(clustered(10)[0], kind="lsh")
 
 

@@ -51,5 +51,5 @@ def test_resnet18_small_stem_keeps_resolution_and_loads_into_torchvision():
 def test_unknown_backbone_and_stem():
     with pytest.raises(UserError, match="unknown backbone 'vgg'.*resnet18"):
         build_backbone("vgg")
-    with pytest.raises(UserError, match="stem 's3'"):
+    with pytest.raises(UserError, match="`stem` 's3'"):
         resolve_stem("s3", 28)

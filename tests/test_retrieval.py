@@ -63,7 +63,7 @@ def test_neighbours_exclude_the_query_itself():
     assert list(pos[:, 0]) == [0, 1, 2]
     from ssl_blood.errors import UserError
 
-    with pytest.raises(UserError, match="k 50 must be smaller than the 50 gallery cells"):
+    with pytest.raises(UserError, match="`k` 50 must be smaller than the 50 gallery cells"):
         neighbours(index, gallery[:3], 50, exclude_ids=[100, 101, 102])
 
 
@@ -121,8 +121,8 @@ def test_retrieve_evaluate_json(index_dir, tmp_path, capsys, tiny_run):
 
 @pytest.mark.parametrize("argv, pattern", [
     (["--split", "test", "--ids", "0,999"], r"--ids 999 is out of range: the test split has 40"),
-    (["--image", "{tmp}/missing.png"], r"cannot read image .*missing.png"),
-    (["--image", "{tmp}/broken.png"], r"cannot read image .*broken.png"),
+    (["--image", "{tmp}/missing.png"], r"cannot read --image .*missing.png"),
+    (["--image", "{tmp}/broken.png"], r"cannot read --image .*broken.png"),
     ([], r"give query cells with --image"),
     (["--split", "test", "--ids", "a,b"], r"comma-separated list of int"),
     (["--split", "train", "--ids", "0", "--k", "96"], r"--k 96 must be smaller than the 96 gallery cells"),

@@ -137,7 +137,7 @@ def test_run_folder_policy(tmp_path):
     run.checkpoint.write_bytes(b"ckpt")
     with pytest.raises(UserError, match="already holds a run"):
         run.check_new_or_resume(resume=False, overwrite=False)
-    with pytest.raises(UserError, match="resume or overwrite, not both"):
+    with pytest.raises(UserError, match="`resume` or `overwrite`, not both"):
         run.check_new_or_resume(resume=True, overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):

@@ -63,7 +63,7 @@ def test_subclusters_deterministic_and_finds_the_right_k():
 
 def test_class_index_and_confusion_rows():
     assert class_index(NAMES, "Immature granulocytes") == 1 and class_index(NAMES, "mono") == 2
-    with pytest.raises(UserError, match="highlight 'blasts' is not a class"):
+    with pytest.raises(UserError, match="`highlight` 'blasts' is not a class"):
         class_index(NAMES, "blasts")
     assert has_class(NAMES, "immature") and not has_class(NAMES, "blasts")
     probe = {"class_names": list(NAMES), "confusion_matrix": [[5, 1, 0, 0], [0, 6, 3, 1], [0, 2, 8, 0], [0, 0, 0, 9]]}
