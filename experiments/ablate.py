@@ -9,7 +9,7 @@ test numbers of a chosen config come from reproduce.py.
     # how the quick preset was chosen (2-core CPU)
     python experiments/ablate.py --preset quick --data-root ../shared/data \
         --candidate base= --candidate "e24=epochs=24;knn_every=-1" --out experiments/results/quick_preset_search.json
-    # GPU round (issue 6)
+    # GPU round
     python experiments/ablate.py --preset full --candidates-file experiments/configs/gpu_round1_simclr.txt \
         --out experiments/results/ablations.json
 """
@@ -19,26 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from dataclasses import replace
 
-from ssl_blood.checkpoint import write_json
 from ssl_blood.config import apply_settings, parse_settings, preset_config
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import Embedder, embed_splits
+from ssl_blood.embed import embed_checkpoint
 from ssl_blood.evaluate import knn_accuracy, linear_probe
+from ssl_blood.runs import write_json
 from ssl_blood.train import pretrain
 
 
 def score_on_val(checkpoint: Path) -> dict:
-    embedder = Embedder.from_checkpoint(checkpoint)
-    source = resolve_source(embedder.spec["source"]["path"])
-    emb = embed_splits(embedder, source, ["train", "val"])
+    """kNN and linear-probe accuracy on val; the test split is never loaded."""
+    emb = embed_checkpoint(checkpoint, splits=["train", "val"])
     (tx, ty, _), (vx, vy, _) = emb.select("train"), emb.select("val")
-    probe = linear_probe(tx, ty, vx, vy, vx[:10], vy[:10], emb.class_names)  # "test" unused
+    probe = linear_probe(tx, ty, vx, vy, None, None, emb.class_names)
     return {"knn_val_acc": knn_accuracy(tx, ty, vx, vy, len(emb.class_names)),
             "probe_val_acc": probe["val_acc"], "probe_weight_decay": probe["weight_decay"]}
 
@@ -47,11 +45,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--method", default="simclr")
-    parser.add_argument("--preset", default="quick", choices=["quick", "full"])
+    parser.add_argument("--preset", default="quick", choices=["quick", "standard", "full"])
     parser.add_argument("--candidate", action="append", default=[],
                         help="NAME=key=value;key=value (empty overrides for the preset itself)")
     parser.add_argument("--candidates-file", help="one candidate per line, '#' comments")
     parser.add_argument("--runs", default="runs/ablations")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="continue (or only score) runs whose folder already holds a checkpoint")
     parser.add_argument("--out", default="experiments/results/ablations.json")
     args = parser.parse_args()
     if args.candidates_file:
@@ -68,9 +68,9 @@ def main() -> int:
         cfg = apply_settings(preset_config(args.preset, args.method), settings)
         cfg = replace(cfg, data=resolve_source(args.data_root).to_dict())
         run_dir = Path(args.runs) / name
-        started = time.perf_counter()
-        result = pretrain(cfg, run_dir, overwrite=True, progress=False)
-        seconds = time.perf_counter() - started
+        reuse = args.reuse_runs and (run_dir / "checkpoint.pt").is_file()
+        result = pretrain(cfg, run_dir, resume=reuse, overwrite=not reuse, progress=False)
+        seconds = sum(r["seconds"] for r in result.history)  # training time, kNN monitor excluded
         config = {k: v for k, v in cfg.to_dict().items() if k != "data"}
         row = {"name": name, "overrides": settings, "config": config, "device": describe_device(cfg.device),
                "pretrain_seconds": round(seconds, 1), "epochs": cfg.epochs,

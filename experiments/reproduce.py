@@ -1,11 +1,12 @@
 """Reproduce the BloodMNIST results end to end: pretrain, embed, evaluate, baselines, report.
 
 For each method and pretraining seed: pretrain with the preset, embed train/val/test, linear
-probe (weight decay chosen on val, test scored once), weighted kNN (k=20, T=0.07) and few-shot
-heads. Baselines (raw pixels, the untrained backbone) get the same heads; the supervised
-reference trains the backbone end-to-end (MedMNIST v2 protocol). Writes
-experiments/results/bloodmnist.json and docs/results.md (a table generated from it, with the
-anchors of ../shared/ANCHORS.md beside it).
+probe (weight decay chosen on val, test scored once), weighted kNN (k=20, T=0.07), k-means
+cluster metrics of test, and few-shot heads (the head chosen on val per setting). Baselines (raw
+pixels, the untrained backbone) get the same; the supervised reference trains the backbone
+end-to-end (MedMNIST v2 protocol). Writes experiments/results/bloodmnist.json and
+docs/results.md (tables generated from it and from the other results files, with the anchors
+of ../shared/ANCHORS.md beside them).
 
     python experiments/reproduce.py --data-root ../shared/data                 # preset for the device
     python experiments/reproduce.py --preset quick --seeds 0 --methods simclr  # one CPU run
@@ -27,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from ssl_blood.checkpoint import write_json
-from ssl_blood.config import preset_config
+from ssl_blood.config import default_preset, preset_config
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.device import describe_device, resolve_device
-from ssl_blood.embed import Embedder, embed_splits
+from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
 from ssl_blood.evaluate import few_shot_embeddings, knn_embeddings, probe_embeddings
+from ssl_blood.runs import write_json, write_text
 from ssl_blood.supervised import SupervisedConfig, train_supervised
 from ssl_blood.train import pretrain
 
@@ -64,18 +65,21 @@ def git_commit() -> str:
 
 def evaluate(emb, few_shot_kwargs: dict) -> dict[str, Any]:
     probe = probe_embeddings(emb)
-    knn = knn_embeddings(emb)
-    shots = few_shot_embeddings(emb, **few_shot_kwargs)
+    knn = knn_embeddings(emb, cluster_seed=None)  # the probe holds the cluster metrics
+    shots = few_shot_embeddings(emb, **few_shot_kwargs)["results"]
+    clusters = probe["test_clusters"]
     return {"linear_probe_val_acc": probe["val_acc"], "linear_probe_test_acc": probe["test_acc"],
             "linear_probe_test_auc": probe["test_auc"], "linear_probe_weight_decay": probe["weight_decay"],
+            "linear_probe_weight_decay_grid": probe["weight_decay_grid"],
             "balanced_acc": probe["balanced_acc"], "macro_f1": probe["macro_f1"],
             "knn_test_acc": knn["acc"], "knn_test_auc": knn["auc"], "few_shot": shots,
+            "kmeans_nmi": clusters["nmi"], "kmeans_ari": clusters["ari"], "kmeans_purity": clusters["purity"],
             "per_class_f1": {n: m["f1"] for n, m in probe["per_class"].items()}}
 
 
-def best_few_shot(few: list[dict], setting: str) -> dict | None:
-    rows = [r for r in few if r["setting"] == setting]
-    return max(rows, key=lambda r: r["mean_acc"]) if rows else None
+def few_shot_row(few: list[dict], setting: str) -> dict | None:
+    """The row of a setting: its head was chosen on val (never on test)."""
+    return next((r for r in few if r["setting"] == setting), None)
 
 
 def summarise(runs: list[dict]) -> dict[str, Any]:
@@ -85,10 +89,11 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
         return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                 "n": len(values)} if values else None
 
-    out = {key: stat([r[key] for r in runs]) for key in
-           ("linear_probe_test_acc", "linear_probe_test_auc", "knn_test_acc", "pretrain_seconds")}
+    keys = ("linear_probe_test_acc", "linear_probe_test_auc", "knn_test_acc", "pretrain_seconds",
+            "kmeans_nmi", "kmeans_ari", "kmeans_purity")
+    out = {key: stat([r.get(key) for r in runs]) for key in keys}
     for setting, key in (("0.01 of train", "few_shot_1pct"), ("10-shot", "few_shot_10_per_class")):
-        out[key] = stat([(best_few_shot(r["few_shot"], setting) or {}).get("mean_acc") for r in runs])
+        out[key] = stat([(few_shot_row(r["few_shot"], setting) or {}).get("mean_acc") for r in runs])
     return out
 
 
@@ -97,7 +102,8 @@ def main() -> int:
     parser.add_argument("--data-root")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="simclr,dino")
-    parser.add_argument("--preset", choices=["quick", "full"], help="default: full on a GPU, else quick")
+    parser.add_argument("--preset", choices=["quick", "standard", "full"],
+                        help="default: full on a GPU, else quick")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--supervised-epochs", type=int, default=100, help="0 skips the reference")
     parser.add_argument("--runs", default="runs/reproduce")
@@ -111,12 +117,12 @@ def main() -> int:
     parser.add_argument("--docs", default=str(REPO / "docs/results.md"))
     args = parser.parse_args()
     if args.docs_only:
-        Path(args.docs).write_text(results_markdown(json.loads(Path(args.out).read_text()), load_ablations()))
+        write_text(args.docs, results_markdown(json.loads(Path(args.out).read_text()), load_ablations()))
         print(f"wrote {args.docs} from {args.out}", file=sys.stderr)
         return 0
 
     device = resolve_device("auto")
-    preset = args.preset or ("full" if device.type == "cuda" else "quick")
+    preset = args.preset or default_preset(device.type)
     source = resolve_source(args.data_root)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
@@ -134,9 +140,10 @@ def main() -> int:
     for method in methods:
         cfg = replace(preset_config(preset, method), data=source.to_dict(), limit=limit)
         if args.smoke:
+            small = (dict(projection_hidden_dim=64, projection_dim=32) if method == "simclr" else
+                     dict(output_dim=256, hidden_dim=64, bottleneck_dim=32))
             cfg = replace(cfg, backbone="cnn6", epochs=1, warmup_epochs=0, batch_size=64, knn_every=-1,
-                          simclr=replace(cfg.simclr, projection_hidden_dim=64, projection_dim=32),
-                          dino=replace(cfg.dino, output_dim=256, hidden_dim=64, bottleneck_dim=32))
+                          method_config=replace(cfg.method_config, **small))
         runs = []
         for seed in seeds:
             run_dir = Path(args.runs) / f"{method}-{preset}-seed{seed}"
@@ -146,8 +153,7 @@ def main() -> int:
             # Training time = sum of the epoch times in metrics.jsonl (excludes the kNN monitor),
             # so a reused run reports the time it took when it was trained.
             seconds = sum(record["seconds"] for record in trained.history)
-            emb = embed_splits(Embedder.from_checkpoint(run_dir / "checkpoint.pt"), source,
-                               ["train", "val", "test"], limit)
+            emb = embed_checkpoint(run_dir / "checkpoint.pt", source, limit=limit)
             row = {"seed": seed, "pretrain_seconds": seconds, "run_dir": str(run_dir), "reused": reuse,
                    **evaluate(emb, few_kwargs)}
             runs.append(row)
@@ -166,12 +172,11 @@ def main() -> int:
     if epochs > 0:
         sup = train_supervised(SupervisedConfig(backbone=backbone, epochs=epochs, data=source.to_dict(),
                                                 limit=limit), progress=False)
-        result["supervised"] = {k: v for k, v in sup.items() if k not in ("history", "per_class",
-                                                                         "confusion_matrix")}
+        result["supervised"] = {k: v for k, v in sup.items()
+                                if k not in ("history", "per_class", "confusion_matrix", "labelled_ids")}
     result["seconds"] = time.perf_counter() - started
     out = write_json(result, args.out)
-    Path(args.docs).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.docs).write_text(results_markdown(result, load_ablations()))
+    write_text(args.docs, results_markdown(result, load_ablations()))
     print(f"wrote {out} and {args.docs}", file=sys.stderr)
     return 0
 
@@ -195,7 +200,15 @@ ABLATION_FILES = {  # title: (file, note)
         "Written by experiments/ablate.py --preset quick. Some of these runs shared the two cores "
         "with other work, so their seconds are upper bounds; the chosen preset is timed alone in "
         "the table at the top."),
+    "standard preset search (CPU, 15-minute candidates scored on val only)": (
+        REPO / "experiments/results/standard_preset_search.json",
+        "Written by experiments/standard_preset.py: candidates trained for the same number of "
+        "epochs (about 15 minutes each), the best val linear probe chosen; test never looked at."),
     "GPU ablations": (REPO / "experiments/results/ablations.json", ""),
+}
+OTHER_RESULTS = {
+    "own_cells": REPO / "experiments/results/bloodmnist_folder64.json",
+    "standard": REPO / "experiments/results/standard_preset.json",
 }
 
 
@@ -219,39 +232,95 @@ def ablation_markdown(title: str, rows: list[dict], note: str = "") -> list[str]
     return lines
 
 
+def _num(s: dict | None) -> str:
+    if not s:
+        return "–"
+    return f"{s['mean']:.3f} ± {s['std']:.3f}" if s["std"] is not None else f"{s['mean']:.3f}"
+
+
+def _few_shot_heads(rows_by_run: list[list[dict]]) -> dict[str, dict[str, dict]]:
+    """setting -> head -> mean val / test accuracy over runs, and how often it was chosen."""
+    table: dict[str, dict[str, dict]] = {}
+    for rows in rows_by_run:
+        for row in rows:
+            for head, h in row["heads"].items():
+                cell = table.setdefault(row["setting"], {}).setdefault(
+                    head, {"val": [], "test": [], "chosen": 0, "labels": row["labels"]})
+                cell["val"].append(h["val_acc"])
+                cell["test"].append(h["test_acc"])
+                cell["chosen"] += head == row["head"]
+    return table
+
+
+def few_shot_markdown(name: str, rows_by_run: list[list[dict]]) -> list[str]:
+    lines = ["", f"### Few-shot heads: {name}", "",
+             "Each setting's head is chosen on val (mean val accuracy over episodes); the test "
+             "column of the other heads is shown for comparison only, it chose nothing.", "",
+             "| setting | labels | head | val ACC | test ACC | chosen (runs) |", "|---|---|---|---|---|---|"]
+    for setting, heads in _few_shot_heads(rows_by_run).items():
+        for head, c in heads.items():
+            lines.append(f"| {setting} | {c['labels']} | {head} | {_pct(float(np.mean(c['val'])))} | "
+                         f"{_pct(float(np.mean(c['test'])))} | {c['chosen']} of {len(c['val'])} |")
+    return lines
+
+
 def results_markdown(r: dict[str, Any], ablations: dict[str, tuple[list[dict], str]] | None = None) -> str:
-    """docs/results.md from a results file: our numbers, the anchors, the targets, ablations."""
+    """docs/results.md from the results files: our numbers, the anchors, the targets, ablations."""
     lines = ["# Results on BloodMNIST (28 x 28, test split)", "",
-             "<!-- generated by experiments/reproduce.py from experiments/results/bloodmnist.json; "
+             "<!-- generated by experiments/reproduce.py from experiments/results/*.json; "
              "do not edit by hand -->", "",
              f"Device: **{r['device']}** · preset `{r['preset']}` · commit `{r['commit'][:12]}` · "
              f"{r['date']} · seeds {', '.join(map(str, r['seeds']))}"
              + (" · **smoke run on a tiny subset: not a result**" if r.get("smoke") else ""), "",
              "Frozen backbone; linear probe = logistic regression, weight decay chosen on val, test "
              "scored once; kNN = weighted cosine kNN (k=20, T=0.07) with train as the gallery; "
-             "few-shot = best of the prototype / kNN / logistic heads, mean over episodes; mean ± "
-             "std over pretraining seeds.", "",
-             "| features | linear probe ACC | linear probe AUC | kNN ACC | 1 % labels | 10 per class | pretraining (training time) |",
-             "|---|---|---|---|---|---|---|"]
+             "k-means = spherical k-means with k = 8 on the test features, NMI against the classes; "
+             "few-shot = the head (prototype / kNN / logistic) with the best val accuracy, its test "
+             "accuracy as the mean over episodes; mean ± std over pretraining seeds.", "",
+             "| features | linear probe ACC | linear probe AUC | kNN ACC | k-means NMI | 1 % labels | 10 per class | pretraining (training time) |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, m in r["methods"].items():
         s = m["summary"]
         secs = s["pretrain_seconds"]["mean"] if s.get("pretrain_seconds") else None
         lines.append(f"| {method} ({m['config']['backbone']}, {m['config']['epochs']} epochs) | "
                      f"{_mean_std(s['linear_probe_test_acc'])} | {_mean_std(s['linear_probe_test_auc'])} | "
-                     f"{_mean_std(s['knn_test_acc'])} | {_mean_std(s['few_shot_1pct'])} | "
-                     f"{_mean_std(s['few_shot_10_per_class'])} | "
+                     f"{_mean_std(s['knn_test_acc'])} | {_num(s.get('kmeans_nmi'))} | "
+                     f"{_mean_std(s['few_shot_1pct'])} | {_mean_std(s['few_shot_10_per_class'])} | "
                      f"{'–' if secs is None else f'{secs:.0f} s'} |")
     for kind, b in r["baselines"].items():
-        one = best_few_shot(b["few_shot"], "0.01 of train")
-        ten = best_few_shot(b["few_shot"], "10-shot")
+        one, ten = few_shot_row(b["few_shot"], "0.01 of train"), few_shot_row(b["few_shot"], "10-shot")
         name = "raw pixels" if kind == "pixels" else f"random-init {b['backbone']}"
         lines.append(f"| baseline: {name} | {_pct(b['linear_probe_test_acc'])} | "
                      f"{_pct(b['linear_probe_test_auc'])} | {_pct(b['knn_test_acc'])} | "
-                     f"{_pct(one and one['mean_acc'])} | {_pct(ten and ten['mean_acc'])} | – |")
+                     f"{b['kmeans_nmi']:.3f} | {_pct(one and one['mean_acc'])} | "
+                     f"{_pct(ten and ten['mean_acc'])} | – |")
     if "supervised" in r:
         s = r["supervised"]
         lines.append(f"| supervised {s['backbone']} end-to-end ({s['epochs']} epochs) | "
-                     f"{_pct(s['test_acc'])} | {_pct(s['test_auc'])} | – | – | – | {s['seconds']:.0f} s |")
+                     f"{_pct(s['test_acc'])} | {_pct(s['test_auc'])} | – | – | – | – | {s['seconds']:.0f} s |")
+    lines += ["", "k-means cluster metrics in full (test split, mean ± std over seeds):", "",
+              "| features | NMI | ARI | purity |", "|---|---|---|---|"]
+    for method, m in r["methods"].items():
+        s = m["summary"]
+        lines.append(f"| {method} | {_num(s.get('kmeans_nmi'))} | {_num(s.get('kmeans_ari'))} | "
+                     f"{_num(s.get('kmeans_purity'))} |")
+    for kind, b in r["baselines"].items():
+        lines.append(f"| baseline: {kind} | {b['kmeans_nmi']:.3f} | {b['kmeans_ari']:.3f} | "
+                     f"{b['kmeans_purity']:.3f} |")
+    grid = next(iter(r["methods"].values()))["runs"][0].get("linear_probe_weight_decay_grid") or []
+    chosen = [(f"{method} seed {run['seed']}", run["linear_probe_weight_decay"])
+              for method, m in r["methods"].items() for run in m["runs"]]
+    chosen += [(f"baseline {kind}", b["linear_probe_weight_decay"]) for kind, b in r["baselines"].items()]
+    at_edge = [name for name, wd in chosen if grid and wd in (min(grid), max(grid))]
+    lines += ["", f"Weight decay of the linear probe, chosen on val from the grid {grid}: "
+              + "; ".join(f"{name} {wd:g}" for name, wd in chosen) + ". "
+              + ("Every choice lies inside the grid." if not at_edge else
+                 f"At the edge of the grid: {', '.join(at_edge)} (the grid should be widened)." )]
+    lines += _own_cells_markdown() + _standard_markdown()
+    for method, m in r["methods"].items():
+        lines += few_shot_markdown(method, [run["few_shot"] for run in m["runs"]])
+    for kind, b in r["baselines"].items():
+        lines += few_shot_markdown(f"baseline {kind}", [b["few_shot"]])
     lines += ["", "## Anchors (from ../shared/ANCHORS.md, not measured here)", "",
               "| reference | linear probe | kNN | few labels |", "|---|---|---|---|"]
     for name, lp, knn, few in ANCHORS:
@@ -270,6 +339,41 @@ def results_markdown(r: dict[str, Any], ablations: dict[str, tuple[list[dict], s
         lines += ablation_markdown(title, rows, note)
     lines.append("")
     return "\n".join(lines)
+
+
+def _own_cells_markdown() -> list[str]:
+    path = OTHER_RESULTS["own_cells"]
+    if not path.exists():
+        return []
+    o = json.loads(path.read_text())
+    return ["", "## BloodMNIST as a folder of your own cells (64 px)", "",
+            f"The same images written as PNG files in class folders (`DIR/{{train,val,test}}/<class>/`), "
+            f"upsampled to 64 px, loaded with `--image-dir` and pretrained with the quick preset "
+            f"(stem {o['stem']} chosen for {o['size']} px) on **{o['device']}**; "
+            f"{o['pretrain_seconds']:.0f} s of training. Written by experiments/own_cells.py.", "",
+            "| data | linear probe ACC | kNN ACC | k-means NMI |", "|---|---|---|---|",
+            f"| BloodMNIST npz, 28 px (table above, seed 0) | {_pct(o.get('npz28_probe_test_acc'))} | "
+            f"{_pct(o.get('npz28_knn_test_acc'))} | – |",
+            f"| BloodMNIST as a 64-px labelled folder | {_pct(o['probe_test_acc'])} | "
+            f"{_pct(o['knn_test_acc'])} | {o['kmeans_nmi']:.3f} |"]
+
+
+def _standard_markdown() -> list[str]:
+    path = OTHER_RESULTS["standard"]
+    if not path.exists():
+        return []
+    st = json.loads(path.read_text())
+    lines = ["", "## The standard preset (an hour on a 2-core CPU) and accuracy against pretraining time", "",
+             f"Chosen on val by experiments/standard_preset.py (search below); one seed measured in "
+             f"full on **{st['device']}**. Targets: linear probe >= 92.0 %, kNN >= 89 %.", "",
+             "| budget | run | epochs | training time | linear probe val / test ACC | kNN val / test ACC |",
+             "|---|---|---|---|---|---|"]
+    for p in st["curve"]:
+        lines.append(f"| {p['budget']} | {p['name']} | {p['epochs']} | {p['pretrain_seconds'] / 60:.1f} min | "
+                     f"{_pct(p['probe_val_acc'])} / {_pct(p.get('probe_test_acc'))} | "
+                     f"{_pct(p['knn_val_acc'])} / {_pct(p.get('knn_test_acc'))} |")
+    lines += ["", st.get("verdict", ""), "", "![probe accuracy against pretraining minutes](figures/standard_curve.png)"]
+    return lines
 
 
 if __name__ == "__main__":

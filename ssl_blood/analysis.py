@@ -98,6 +98,8 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
     if labelled:
         bar.set_description("report: probes and kNN")
         result.update(_evaluations(out, result["embeddings"]))
+        if "pixels" in result["embeddings"]:  # only its test split is drawn from here on
+            result["embeddings"]["pixels"] = _only(result["embeddings"]["pixels"], "test")
         bar.update(2)
         bar.set_description("report: UMAP and IG analysis")
         result["umap"] = _umap(out, result["embeddings"], result["probes"]["model"])
@@ -127,14 +129,25 @@ def _embeddings(out: Path, name: str, embedder, source, splits: list[str], limit
     return Embeddings.load(path)
 
 
+def _only(emb, split: str):
+    """The embeddings of one split (frees the memory of the others)."""
+    from dataclasses import replace
+
+    mask = emb.mask(split)
+    return replace(emb, features=emb.features[mask].copy(), labels=emb.labels[mask],
+                   split=emb.split[mask], ids=emb.ids[mask],
+                   metadata={k: v[mask] for k, v in emb.metadata.items()},
+                   coords=None if emb.coords is None else emb.coords[mask])
+
+
 def _evaluations(out: Path, embeddings: dict) -> dict[str, Any]:
     from ssl_blood.evaluate import knn_embeddings, probe_embeddings
     from ssl_blood.plots import confusion_matrix_png
 
     probes = {n: _cached_json(out / f"linear_probe-{n}.json", lambda e=e: probe_embeddings(e))
               for n, e in embeddings.items()}
-    knns = {n: _cached_json(out / f"knn-{n}.json", lambda e=e: knn_embeddings(e))
-            for n, e in embeddings.items()}
+    knns = {n: _cached_json(out / f"knn-{n}.json", lambda e=e: knn_embeddings(e, cluster_seed=None))
+            for n, e in embeddings.items()}  # the probe's file holds the cluster metrics
     confusion = out / "confusion_matrix.png"
     if not confusion.exists():
         confusion_matrix_png(probes["model"]["confusion_matrix"], embeddings["model"].class_names,
@@ -154,7 +167,7 @@ def _umap(out: Path, embeddings: dict, probe: dict) -> dict[str, Any] | None:
     if emb.coords is None:
         mask = emb.split == "test"
         coords = np.full((len(emb.features), 2), np.nan, dtype=np.float32)
-        coords[mask] = fit_umap(emb.features[mask])[0]
+        coords[mask], emb.umap_params = fit_umap(emb.features[mask])
         emb.coords = coords
         emb.save(out / "embeddings-model.npz")
     if not has_class(emb.class_names, IG):

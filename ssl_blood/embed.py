@@ -230,7 +230,8 @@ class Embeddings:
     embedder: EmbedderSpec
     subset: dict = field(default_factory=dict)  # {"limit": N, "seed": s} when a subset
     metadata: dict[str, np.ndarray] = field(default_factory=dict)  # per-cell strings
-    coords: np.ndarray | None = None  # (N, 2) UMAP coordinates, when computed
+    coords: np.ndarray | None = None  # (N, 2) UMAP coordinates (NaN outside mapped splits)
+    umap_params: dict = field(default_factory=dict)  # how `coords` were made
 
     def __post_init__(self) -> None:
         self.features = np.asarray(self.features, dtype=np.float32)
@@ -274,9 +275,13 @@ class Embeddings:
         return mask
 
     def select(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(features, labels, ids) of one split."""
-        mask = self.mask(split)
-        return self.features[mask], self.labels[mask], self.ids[mask]
+        """(features, labels, ids) of one split: views, not copies, when the split's rows are
+        contiguous (as embed_splits writes them)."""
+        rows = np.flatnonzero(self.mask(split))
+        if rows[-1] - rows[0] + 1 == len(rows):
+            part = slice(rows[0], rows[-1] + 1)
+            return self.features[part], self.labels[part], self.ids[part]
+        return self.features[rows], self.labels[rows], self.ids[rows]
 
     def save(self, path: str | Path, dtype: str = "float32") -> Path:
         if dtype not in FEATURE_DTYPES:
@@ -290,6 +295,7 @@ class Embeddings:
             **{f"meta:{k}": np.asarray(v, dtype=str) for k, v in self.metadata.items()})
         if self.coords is not None:
             arrays["coords"] = np.asarray(self.coords, dtype=np.float32)
+            arrays["umap_params"] = np.asarray(json.dumps(self.umap_params))
         return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
@@ -311,7 +317,8 @@ class Embeddings:
                           EmbedderSpec.from_dict(json.loads(str(f["embedder"]))),
                           json.loads(str(f["subset"])) if "subset" in f.files else {},
                           {k[5:]: f[k].astype(str) for k in f.files if k.startswith("meta:")},
-                          f["coords"].astype(np.float32) if "coords" in f.files else None)
+                          f["coords"].astype(np.float32) if "coords" in f.files else None,
+                          json.loads(str(f["umap_params"])) if "umap_params" in f.files else {})
         except UserError:
             raise
         except Exception as exc:

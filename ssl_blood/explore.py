@@ -56,7 +56,7 @@ def sprite_sheet(images: np.ndarray) -> tuple[str, int, int]:
         r, q = divmod(i, columns)
         sheet[r * tile:r * tile + hwc.shape[0], q * tile:q * tile + hwc.shape[1]] = hwc
     buffer = io.BytesIO()
-    Image.fromarray(sheet).save(buffer, format="JPEG", quality=92)
+    Image.fromarray(sheet).save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), tile, columns
 
 
@@ -82,9 +82,9 @@ def _check_probe(probe: dict | None, emb: Embeddings, split: str, labelled: int)
 
 
 def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
-                     x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(similarities, gallery ids, gallery labels) of each cell's k nearest cells, and the
-    gallery split: the given index (same embedder), else an exact index over the split."""
+                     x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, CellIndex]:
+    """(similarities, gallery positions (-1: none found)) of each cell's k nearest cells, and
+    the index: the given one (same embedder), else an exact index over the split."""
     from ssl_blood.retrieval import neighbours
 
     if index_dir is not None:
@@ -92,14 +92,10 @@ def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
                                use_gpu=False)
     else:
         index = CellIndex.from_embeddings(emb, split, kind="flat", use_gpu=False)
-    gallery_split = index.meta["gallery_split"]
-    exclude = ids if gallery_split == split else None
+    exclude = ids if index.meta["gallery_split"] == split else None
     k = min(k, index.ntotal - (exclude is not None))
     similarity, position = neighbours(index, x, k, exclude)
-    found = position >= 0
-    gallery_ids = np.where(found, index.gallery_ids[np.maximum(position, 0)], -1)
-    gallery_labels = np.where(found, index.gallery_labels[np.maximum(position, 0)], -1)
-    return similarity, gallery_ids, gallery_labels, gallery_split
+    return similarity, position, index
 
 
 def _outlier_scores(emb: Embeddings, split: str, k: int = 10) -> np.ndarray:
@@ -130,32 +126,37 @@ def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None
     if k < 1 or max_thumbnails < 0:
         raise UserError(f"`k` {k} must be >= 1 and max_thumbnails {max_thumbnails} >= 0", param="k")
     predicted = _check_probe(probe, emb, split, int((y >= 0).sum()))
-    coords = emb.coords[mask] if emb.coords is not None else fit_umap(x, seed)[0]
-    sims, nbr_ids, nbr_labels, gallery_split = _neighbour_table(emb, split, index_dir, k, x, ids)
+    stored = emb.coords[mask] if emb.coords is not None else None
+    coords = stored if stored is not None and np.isfinite(stored).all() else fit_umap(x, seed)[0]
+    sims, positions, index = _neighbour_table(emb, split, index_dir, k, x, ids)
+    gallery_split = index.meta["gallery_split"]
     outlier = _outlier_scores(emb, split) if "train" in emb.splits() else np.zeros(len(x))
     images = emb.split_images(split)
     gallery_images = images if gallery_split == split else emb.split_images(gallery_split)
     thumbs = _thumbnail_sample(y, max_thumbnails, seed) if images is not None else np.array([], int)
-    sheet = _sprites(images, thumbs, gallery_images, nbr_ids, gallery_split == split)
-    cells = _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, nbr_ids, nbr_labels, sheet)
+    sheet = _sprites(images, ids, thumbs, gallery_images,
+                     index.gallery_ids[positions[positions >= 0]], gallery_split == split)
+    cells = _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions, sheet)
+    gallery = _gallery_columns(index, sheet)
     highlight = emb.class_names[class_index(emb.class_names, IG)] if has_class(emb.class_names, IG) else None
-    page = _render(cells, emb, split, sheet, highlight, predicted is not None, gallery_split, len(x))
+    page = _render(cells, gallery, emb, split, sheet, highlight, predicted is not None, gallery_split,
+                   len(x), sims.shape[1])
     return page, {"cells": int(len(x)), "thumbnails": int(len(thumbs)), "neighbours": int(sims.shape[1]),
-                  "gallery_split": gallery_split, "umap": "stored" if emb.coords is not None else "computed"}
+                  "gallery_split": gallery_split, "umap": "stored" if coords is stored else "computed"}
 
 
-def _sprites(images: np.ndarray | None, thumbs: np.ndarray, gallery_images: np.ndarray | None,
-             nbr_ids: np.ndarray, same_split: bool) -> dict[str, Any]:
-    """One sheet: the sampled map cells, then gallery cells shown as neighbours (when the
-    gallery is another split). Returns the data URI, tile, columns and the sprite position of
-    each map row and each gallery id."""
+def _sprites(images: np.ndarray | None, ids: np.ndarray, thumbs: np.ndarray,
+             gallery_images: np.ndarray | None, nbr_ids: np.ndarray, same_split: bool) -> dict[str, Any]:
+    """One sheet: the sampled map cells (rows `thumbs` of the map, `ids` their ids), then
+    gallery cells shown as neighbours (when the gallery is another split). Returns the data URI,
+    tile, columns and the sprite slot of each map row and each gallery id."""
     if images is None:
         return {"uri": "", "tile": 0, "columns": 1, "row_slot": {}, "gallery_slot": {}}
-    tiles = [images[i] for i in thumbs]
+    tiles = [images[ids[r]] for r in thumbs]
     row_slot = {int(r): s for s, r in enumerate(thumbs)}
     gallery_slot: dict[int, int] = {}
     if same_split:
-        gallery_slot = dict(row_slot)
+        gallery_slot = {int(ids[r]): slot for r, slot in row_slot.items()}
     elif gallery_images is not None:
         for gid in np.unique(nbr_ids[nbr_ids >= 0]):
             gallery_slot[int(gid)] = len(tiles)
@@ -176,8 +177,11 @@ def _offset(slot: int | None, sheet: dict) -> tuple[int, int]:
     return -int(q * sheet["tile"] * scale), -int(r * sheet["tile"] * scale)
 
 
-def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, nbr_ids, nbr_labels,
-                  sheet) -> dict[str, list]:
+def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions,
+                  sheet) -> dict[str, Any]:
+    """Per map cell: position, labels, colours per colouring, thumbnail offset, metadata, and
+    its neighbours as k numeric columns (n0.. gallery row, -1 none; s0.. similarity), which
+    bokeh ships as compact binary arrays."""
     from ssl_blood.plots import class_colors
 
     names = list(emb.class_names) + ["unlabelled"]
@@ -187,35 +191,37 @@ def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, nbr_ids, 
         pred[y >= 0] = predicted
     quantile = np.argsort(np.argsort(outlier)) / max(1, len(outlier) - 1)
     ramp = ["#2c7bb6", "#abd9e9", "#ffffbf", "#fdae61", "#d7191c"]
-    offsets = [_offset(sheet["row_slot"].get(r), sheet) for r in range(len(y))]
+    offsets = np.array([_offset(sheet["row_slot"].get(r), sheet) for r in range(len(y))], dtype=np.int32)
     metadata = {k: v[mask] for k, v in emb.metadata.items()}
     meta_text = [" · ".join(f"{html.escape(k)}: {html.escape(str(v[r]))}" for k, v in metadata.items())
                  for r in range(len(y))]
-    neighbours = []
-    for r in range(len(y)):
-        row = []
-        for s, g, lab in zip(sims[r], nbr_ids[r], nbr_labels[r]):
-            if g < 0:
-                continue
-            bx, by = _offset(sheet["gallery_slot"].get(int(g)), sheet)
-            row.append([int(g), names[lab], round(float(s), 4), bx, by])
-        neighbours.append(json.dumps(row))
-    return {
-        "x": coords[:, 0].astype(float).tolist(), "y": coords[:, 1].astype(float).tolist(),
-        "id": ids.tolist(), "label": y.tolist(), "cls": [names[v] for v in y],
+    right = np.where((pred == y) & (y >= 0), 1, np.where(y >= 0, 0, -1)) if predicted is not None else np.full(len(y), -1)
+    columns: dict[str, Any] = {
+        "x": coords[:, 0].astype(np.float32), "y": coords[:, 1].astype(np.float32),
+        "id": ids.astype(np.int32), "label": y.astype(np.int32), "cls": [names[v] for v in y],
         "pred": [names[v] if predicted is not None else "–" for v in pred],
-        "right": ["–" if predicted is None or yy < 0 else ("right" if p == yy else "wrong")
-                  for p, yy in zip(pred, y)],
-        "outlier": np.round(outlier, 4).tolist(),
+        "right": [{1: "right", 0: "wrong", -1: "–"}[int(v)] for v in right],
+        "outlier": np.round(outlier, 4).astype(np.float32),
         "c_class": [colours[v] for v in y],
         "c_pred": [colours[v] if predicted is not None else "#999999" for v in pred],
-        "c_right": ["#999999" if predicted is None or yy < 0 else ("#0072B2" if p == yy else "#D55E00")
-                    for p, yy in zip(pred, y)],
+        "c_right": [{1: "#0072B2", 0: "#D55E00", -1: "#999999"}[int(v)] for v in right],
         "c_outlier": [ramp[min(4, int(q * 5))] for q in quantile],
-        "bx": [o[0] for o in offsets], "by": [o[1] for o in offsets],
-        "has_thumb": ["block" if o != (1, 1) else "none" for o in offsets],
-        "meta": meta_text, "nbrs": neighbours,
+        "bx": offsets[:, 0], "by": offsets[:, 1],
+        "has_thumb": ["block" if tuple(o) != (1, 1) else "none" for o in offsets],
+        "meta": meta_text,
     }
+    for j in range(sims.shape[1]):
+        columns[f"n{j}"] = positions[:, j].astype(np.int32)
+        columns[f"s{j}"] = np.where(positions[:, j] >= 0, sims[:, j], 0).astype(np.float32)
+    return columns
+
+
+def _gallery_columns(index: CellIndex, sheet: dict) -> dict[str, np.ndarray]:
+    """Per gallery cell (the neighbours' side): id, label, thumbnail offset."""
+    offsets = np.array([_offset(sheet["gallery_slot"].get(int(g)), sheet) for g in index.gallery_ids],
+                       dtype=np.int32).reshape(-1, 2)
+    return {"gid": index.gallery_ids.astype(np.int32), "glabel": index.gallery_labels.astype(np.int32),
+            "gbx": offsets[:, 0], "gby": offsets[:, 1]}
 
 
 _TOOLTIP = """<div class="cell-tip" style="max-width:260px">
@@ -228,15 +234,20 @@ _TAP_JS = """
 const src = cb_data.source;
 const i = src.inspected.indices.length ? src.inspected.indices[0] : null;
 if (i === null) return;
-const d = src.data;
-const rows = JSON.parse(d.nbrs[i]);
-let h = `<div class="nb-title">cell ${d.id[i]} (${d.cls[i]}): ${rows.length} nearest ${gallery} cells</div>`;
-for (const [gid, cls, sim, bx, by] of rows) {
+const d = src.data, g = gallery.data;
+let rows = '';
+let found = 0;
+for (let j = 0; j < k; j++) {
+  const n = d['n' + j][i];
+  if (n < 0) continue;
+  found += 1;
+  const label = g.glabel[n], bx = g.gbx[n], by = g.gby[n];
+  const cls = label >= 0 ? names[label] : 'unlabelled';
   const img = (bx === 1 && by === 1) ? '' :
     `<div class="thumb" style="background-position:${bx}px ${by}px"></div>`;
-  h += `<div class="nb">${img}<div class="nb-text">#${gid}<br>${cls}<br>${sim.toFixed(3)}</div></div>`;
+  rows += `<div class="nb">${img}<div class="nb-text">#${g.gid[n]}<br>${cls}<br>${d['s' + j][i].toFixed(3)}</div></div>`;
 }
-panel.text = h;
+panel.text = `<div class="nb-title">cell ${d.id[i]} (${d.cls[i]}): ${found} nearest ${gallery_split} cells</div>` + rows;
 """
 
 _SELECT_JS = """
@@ -281,8 +292,9 @@ for (const r of renderers) {
 """
 
 
-def _render(cells: dict[str, list], emb: Embeddings, split: str, sheet: dict, highlight: str | None,
-            has_probe: bool, gallery_split: str, n: int) -> str:
+def _render(cells: dict[str, Any], gallery: dict[str, np.ndarray], emb: Embeddings, split: str,
+            sheet: dict, highlight: str | None, has_probe: bool, gallery_split: str, n: int,
+            k: int) -> str:
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
     from bokeh.models import (Button, ColumnDataSource, CustomJS, Div, GlobalInlineStyleSheet,
@@ -318,7 +330,8 @@ def _render(cells: dict[str, list], emb: Embeddings, split: str, sheet: dict, hi
     renderers, sources = [], []
     for c in sorted(set(labels.tolist()), key=lambda v: (v < 0, v)):
         rows = np.flatnonzero(labels == c)
-        source = ColumnDataSource({key: [values[r] for r in rows] for key, values in cells.items()},
+        source = ColumnDataSource({key: values[rows] if isinstance(values, np.ndarray)
+                                   else [values[r] for r in rows] for key, values in cells.items()},
                                   name=f"cells:{names[c]}")
         renderer = plot.scatter("x", "y", source=source, size=5, fill_color="c_class",
                                 line_color="c_class", fill_alpha=0.8, line_alpha=0.8,
@@ -331,8 +344,11 @@ def _render(cells: dict[str, list], emb: Embeddings, split: str, sheet: dict, hi
     plot.add_tools(HoverTool(renderers=renderers, tooltips=_TOOLTIP.replace("THUMB_STYLE", thumb_style)))
     panel = Div(text="Click a cell to list its nearest cells.", width=340, stylesheets=[style],
                 name="neighbours")
+    gallery_source = ColumnDataSource(gallery, name="gallery")
     plot.add_tools(TapTool(renderers=renderers, behavior="inspect",
-                           callback=CustomJS(args={"panel": panel, "gallery": gallery_split},
+                           callback=CustomJS(args={"panel": panel, "gallery": gallery_source,
+                                                   "gallery_split": gallery_split, "k": k,
+                                                   "names": list(emb.class_names)},
                                              code=_TAP_JS)))
     summary = Div(text="Select cells with the box or lasso tool.", width=340, name="selection")
     on_select = CustomJS(args={"sources": sources, "summary": summary}, code=_SELECT_JS)

@@ -23,6 +23,10 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ssl_blood.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -71,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise _write_error(path, exc) from None
     tmp = Path(name)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results are ordinary files
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -44,13 +44,17 @@ def typicality(features: np.ndarray, k: int = TYPICALITY_NEIGHBOURS) -> np.ndarr
 
 
 def kmeans(features: np.ndarray, k: int, seed: int = 0, iterations: int = 25) -> np.ndarray:
-    """Cluster of each row: spherical k-means with faiss."""
+    """Cluster of each row: spherical k-means, k-means++ seeds (scikit-learn) refined by faiss.
+    Seeding matters here: from random cells, k-means puts most centres into the largest
+    clusters and merges small ones, the very cells TypiClust exists to reach."""
     import faiss
+    from sklearn.cluster import kmeans_plusplus
 
     x = np.ascontiguousarray(l2_normalize(features), dtype=np.float32)
+    seeds, _ = kmeans_plusplus(x, k, random_state=seed)
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, len(x) // k + 1))
-    km.train(x)
+    km.train(x, init_centroids=np.ascontiguousarray(seeds, dtype=np.float32))
     return km.index.search(x, 1)[1][:, 0].astype(np.int64)
 
 

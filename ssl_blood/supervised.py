@@ -139,7 +139,10 @@ def _fit(model: Classifier, splits: _Splits, epochs: int, batch: int, optimizer:
     images, labels = splits.train.images.to(device), splits.train.labels.to(device)
     steps = _steps_per_epoch(len(images), batch)
     model.to(device, memory_format=torch.channels_last)
-    history, best = [], {"val_acc": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    start_acc = float((_scores(model, splits.val, splits, device, precision).argmax(1)
+                       == splits.val.labels.numpy()).mean())  # epoch 0 competes too
+    history = [{"epoch": 0, "val_acc": start_acc}]
+    best = {"val_acc": start_acc, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     order_gen = torch.Generator().manual_seed(seed)
     view_gen = torch.Generator(device).manual_seed(seed + 1)
     for epoch in ui.bar(range(epochs), desc=desc, unit="epoch", enabled=progress):

@@ -6,10 +6,9 @@ import shutil
 import pytest
 
 from ssl_blood.cli import main
+from ssl_blood.errors import UserError
 from ssl_blood.report import build_report
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+from tests.helpers import CHROMEDRIVER, CHROMIUM, chrome, console_errors, requested_urls, tree
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +25,17 @@ def test_report_is_self_contained(report):
     page = path.read_text()
     assert path == run / "report.html"
     for section in ("Training", "Evaluation (frozen features)", "UMAP and immature granulocytes",
-                    "Retrieval", "Configuration"):
+                    "Interactive map", "Retrieval", "Configuration"):
         assert f">{section}<" in page
     assert page.count("data:image/png;base64,") >= 4
-    assert "http://" not in page and "https://" not in page  # nothing fetched
-    assert "baseline: raw pixels" in page
+    import re  # nothing fetched: no remote src/href/url() (licence comments may name sites)
+
+    assert not re.search(r"""<(script|link|img)[^>]*(src|href)=\\?["']https?://|url\(["']?https?://""", page)
+    assert "baseline: raw pixels" in page and "k-means NMI" in page and "<iframe" in page
     analysis = run / "analysis"
-    assert json.loads((analysis / "linear_probe-model.json").read_text())["test_acc"] > 0.5
+    probe = json.loads((analysis / "linear_probe-model.json").read_text())
+    assert probe["test_acc"] > 0.5 and 0 <= probe["test_clusters"]["nmi"] <= 1
+    assert not (analysis / "embeddings-pixels.npz").exists()  # recomputed, not stored
 
 
 def test_second_report_reuses_the_analysis(report):
@@ -47,9 +50,20 @@ def test_report_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", "--run", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert "has no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+    assert "has no checkpoint.pt" in err and len(err.strip().splitlines()) == 1
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert "--run " in (err := capsys.readouterr().err) and "nope: no such folder" in err
+
+
+def test_refused_report_touches_nothing(report, capsys):
+    run, _ = report
+    before = tree(run)
+    capsys.readouterr()
+    assert main(["report", "--run", str(run), "--limit", "-1"]) == 2
+    assert "--limit -1 must be a positive number" in capsys.readouterr().err
+    assert main(["report", "--run", str(run), "--baselines", "imagenet"]) == 2
+    assert main(["report", "--run", str(run), "--out", str(run)]) == 2
+    assert tree(run) == before  # the cached analyses are all still there
 
 
 @pytest.mark.browser
@@ -58,27 +72,22 @@ def test_report_renders_in_headless_chromium(report, artifacts):
         if __import__("os").environ.get("CI"):
             pytest.fail("CI must install chromium and chromium-driver (see .ci/run)")
         pytest.skip("chromium / chromedriver not installed (Debian packages chromium, chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     _, path = report
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1280,2000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chrome()
     try:
+        driver.set_window_size(1280, 2000)
         driver.get(path.as_uri())
         assert driver.title.startswith("ssl-blood report")
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
         assert len(images) >= 4
         assert all(complete and width > 100 for _, complete, width in images), images
-        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-        assert errors == []
+        frame_models = driver.execute_script(
+            "const w = document.querySelector('iframe').contentWindow;"
+            "return w.Bokeh ? w.Bokeh.documents.length : 0;")
+        assert frame_models == 1  # the interactive map runs inside the page
+        assert console_errors(driver) == []
+        assert all(u.startswith(("file:", "data:", "about:")) for u in requested_urls(driver))
         driver.save_screenshot(str(artifacts / "report.png"))
     finally:
         driver.quit()

@@ -1,0 +1,87 @@
+"""Choosing cells to label: deterministic, never an excluded or repeated cell, TypiClust covers
+well-separated clusters where random draws miss some."""
+
+import numpy as np
+import pytest
+
+from ssl_blood.cli import main
+from ssl_blood.embed import Embeddings, EmbedderSpec
+from ssl_blood.errors import UserError
+from ssl_blood.select import read_ids, select_cells, write_picks
+
+SPEC = EmbedderSpec(kind="pixels", identity="pixels:t", image_size=4, channels=1, num_classes=0,
+                    source={"kind": "npz", "path": "/gone.npz", "size": 4})
+
+
+def mixture(clusters=10, per=(200, 20), dim=32, seed=0):
+    """Clusters of very different sizes: a random draw of `clusters` cells misses small ones."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)) * 4
+    sizes = [per[0] if c < 2 else per[1] for c in range(clusters)]
+    labels = np.repeat(np.arange(clusters), sizes)
+    x = centres[labels] + 0.3 * rng.normal(size=(len(labels), dim))
+    emb = Embeddings(x.astype(np.float32), np.full(len(labels), -1), np.array(["train"] * len(labels)),
+                     np.arange(len(labels)), (), SPEC)
+    return emb, labels
+
+
+@pytest.mark.parametrize("strategy", ["typiclust", "kcenter", "random"])
+def test_deterministic_no_duplicates_no_excluded(strategy):
+    emb, _ = mixture()
+    exclude = np.arange(0, 400, 7)
+    a = select_cells(emb, 25, strategy, exclude, seed=3)
+    b = select_cells(emb, 25, strategy, exclude, seed=3)
+    ids = [p["id"] for p in a["picks"]]
+    assert ids == [p["id"] for p in b["picks"]] and len(set(ids)) == 25
+    assert not set(ids) & set(exclude.tolist()) and a["excluded"] == len(exclude)
+    assert all(p["typicality"] > 0 for p in a["picks"])
+
+
+def test_typiclust_covers_every_cluster_random_does_not():
+    emb, labels = mixture()
+    typi = select_cells(emb, 10, "typiclust", seed=0)["picks"]
+    assert len({labels[p["id"]] for p in typi}) == 10  # one cell per cluster
+    missed = [10 - len({labels[p["id"]] for p in select_cells(emb, 10, "random", seed=s)["picks"]})
+              for s in range(5)]
+    assert min(missed) > 0  # random draws land mostly in the two big clusters
+    assert len({p["cluster"] for p in typi}) == 10
+
+
+def test_next_round_continues_from_labelled_cells():
+    emb, labels = mixture()
+    first = [p["id"] for p in select_cells(emb, 10, "typiclust")["picks"]]
+    second = [p["id"] for p in select_cells(emb, 10, "typiclust", exclude=first)["picks"]]
+    assert not set(first) & set(second)
+
+
+def test_picks_csv_roundtrip_and_bad_input(tmp_path):
+    emb, _ = mixture()
+    result = select_cells(emb, 5, "kcenter")
+    write_picks(result, tmp_path / "picks.csv")
+    header = (tmp_path / "picks.csv").read_text().splitlines()[0]
+    assert header == "rank,id,split,cluster,typicality"
+    assert list(read_ids(tmp_path / "picks.csv")) == [p["id"] for p in result["picks"]]
+    (tmp_path / "ids.txt").write_text("3\n9999\n")
+    with pytest.raises(UserError, match=r"`exclude` names 1 id\(s\) not in the train split \(first: 9999\)"):
+        select_cells(emb, 5, exclude=read_ids(tmp_path / "ids.txt"))
+    for budget in (0, 561):
+        with pytest.raises(UserError, match=f"`budget` {budget} must be between 1 and the 560"):
+            select_cells(emb, budget)
+    no_train = Embeddings(emb.features, emb.labels, np.array(["test"] * 560), emb.ids, (), SPEC)
+    with pytest.raises(UserError, match="no 'train' split to choose from"):
+        select_cells(no_train, 5)
+    (tmp_path / "bad.csv").write_text("id\nabc\n")
+    with pytest.raises(UserError, match="ids must be integers"):
+        read_ids(tmp_path / "bad.csv")
+
+
+def test_select_cli_with_montage(tiny_embeddings, tmp_path, capsys):
+    out, montage = tmp_path / "picks.csv", tmp_path / "picks.png"
+    assert main(["select", "--embeddings", str(tiny_embeddings), "--budget", "8", "--out", str(out),
+                 "--montage", str(montage)]) == 0
+    assert len(out.read_text().splitlines()) == 9 and montage.stat().st_size > 5000
+    assert main(["select", "--embeddings", str(tiny_embeddings), "--budget", "8", "--out", str(out)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["select", "--embeddings", str(tiny_embeddings), "--budget", "1000", "--out",
+                 str(tmp_path / "x.csv")]) == 2
+    assert "--budget 1000 must be between 1 and the 96" in capsys.readouterr().err
