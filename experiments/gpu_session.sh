@@ -20,13 +20,13 @@ mkdir -p "$OUT"
 python3 -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))" | tee "$OUT/env.json"
 
 if [ "$SIZE" = tiny ]; then
-  BENCH="--seconds 2 --warmup 1 --epochs 1 --workers 2"
-  RETRIEVAL="--synthetic-n 20000 --nlist 64 --real-nlist 32 --nprobes 1,4,16 --repeats 1"
+  BENCH="--seconds 2 --rounds 1 --warmup 1 --epochs 1 --workers 2"
+  RETRIEVAL="--synthetic-n 20000 --real-configs ivf:nlist=32:1,4,16 --configs ivf:nlist=64:1,4,16 --repeats 1"
   PROBE="--smoke"
   ABLATE="--preset quick --candidate tiny=epochs=1;limit=200;backbone=cnn6;knn_every=-1"
 else
-  BENCH="--seconds 15"
-  RETRIEVAL="--repeats 2"
+  BENCH="--seconds 10 --rounds 3"
+  RETRIEVAL="--repeats 3 --configs ivf:nlist=4096:8,16,32,64"
   PROBE="--episodes 10 --supervised-epochs 0"
   ABLATE="--preset full --candidates-file experiments/configs/gpu_round1_simclr.txt"
 fi

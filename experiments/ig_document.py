@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import Embedder, embed_splits
+from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
 from ssl_blood.evaluate import probe_embeddings
+from ssl_blood.runs import write_text
 from ssl_blood.umap_ig import IG, umap_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +58,8 @@ def page(run: Path, config: dict, device: str, probe: dict, pixel_probe: dict, r
         f"![UMAP of the test split, classes and IG highlighted]({figures}/umap.png)", "",
         "Left: every test cell, coloured by class (Okabe-Ito palette). Right: IG in colour, the "
         "rest grey, with the most central cell of each IG sub-cluster as a thumbnail. The lower "
-        f"row is the same for raw pixels. UMAP ({umap['metric']}, {umap['n_neighbors']} neighbours, "
-        f"min_dist {umap['min_dist']}, seed {umap['random_state']}) "
+        f"row is the same for raw pixels. UMAP ({umap['metric']}, {umap['n_neighbors']} neighbours "
+        f"found exactly with faiss, min_dist {umap['min_dist']}, seed {umap['random_state']}) "
         "keeps neighbourhoods but not distances, so the numbers below are computed in the full "
         "embedding space, not on the map.", "",
         "## Who are the neighbours of an immature granulocyte?", "",
@@ -102,7 +103,7 @@ def main() -> int:
     run = Path(args.run)
     source = resolve_source(args.data_root)
     splits = ["train", "val", "test"]
-    emb = embed_splits(Embedder.from_checkpoint(run / "checkpoint.pt"), source, splits)
+    emb = embed_checkpoint(run / "checkpoint.pt", source, splits)
     pixels = embed_splits(Embedder.baseline("pixels", load_split(source, "train")), source, splits)
     probe, pixel_probe = probe_embeddings(emb), probe_embeddings(pixels)
     work = run / "ig"
@@ -113,7 +114,7 @@ def main() -> int:
         shutil.copy(work / name, figures / name)
     config = json.loads((run / "config.json").read_text())
     rel = Path(figures).resolve().relative_to(Path(args.out).resolve().parent)
-    Path(args.out).write_text(page(run, config, describe_device("auto"), probe, pixel_probe, result, str(rel)))
+    write_text(args.out, page(run, config, describe_device("auto"), probe, pixel_probe, result, str(rel)))
     print(f"wrote {args.out} and {figures}/")
     return 0
 

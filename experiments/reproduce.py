@@ -6,7 +6,7 @@ cluster metrics of test, and few-shot heads (the head chosen on val per setting)
 pixels, the untrained backbone) get the same; the supervised reference trains the backbone
 end-to-end (MedMNIST v2 protocol). Writes experiments/results/bloodmnist.json and
 docs/results.md (tables generated from it and from the other results files, with the anchors
-of ../shared/ANCHORS.md beside them).
+of the published and measured reference numbers beside them).
 
     python experiments/reproduce.py --data-root ../shared/data                 # preset for the device
     python experiments/reproduce.py --preset quick --seeds 0 --methods simclr  # one CPU run
@@ -38,7 +38,7 @@ from ssl_blood.supervised import SupervisedConfig, train_supervised
 from ssl_blood.train import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-# Reference numbers from ../shared/ANCHORS.md (BloodMNIST-28, test split), shown beside ours.
+# Published and measured reference numbers (BloodMNIST-28, test split), shown beside ours.
 ANCHORS = [
     ("raw pixels (ANCHORS.md, measured)", 0.825, 0.726, None),
     ("DINO ViT-B/16 ImageNet weights, frozen (Doerrich et al. 2024)", 0.888, 0.852, None),
@@ -321,7 +321,7 @@ def results_markdown(r: dict[str, Any], ablations: dict[str, tuple[list[dict], s
         lines += few_shot_markdown(method, [run["few_shot"] for run in m["runs"]])
     for kind, b in r["baselines"].items():
         lines += few_shot_markdown(f"baseline {kind}", [b["few_shot"]])
-    lines += ["", "## Anchors (from ../shared/ANCHORS.md, not measured here)", "",
+    lines += ["", "## Anchors (the project's reference numbers, not measured here)", "",
               "| reference | linear probe | kNN | few labels |", "|---|---|---|---|"]
     for name, lp, knn, few in ANCHORS:
         lines.append(f"| {name} | {_pct(lp)} | {_pct(knn)} | {few or '–'} |")

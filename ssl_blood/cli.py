@@ -724,13 +724,15 @@ def _read_json(path: str | None, what: str) -> dict | None:
 
 
 def _add_umap(sub) -> None:
+    from ssl_blood.umap_ig import IG
+
     p = sub.add_parser("umap", help="UMAP maps and the immature-granulocyte analysis",
                        description="2-D UMAP (cosine) of one split coloured by class, the highlighted "
                                    "class against the rest, and ig_analysis.json with the numbers "
                                    "behind the picture.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
     p.add_argument("--split", default="test")
-    p.add_argument("--highlight", default="immature granulocytes", help="class to analyse")
+    p.add_argument("--highlight", default=IG, help="class to analyse")
     p.add_argument("--compare", metavar="OTHER_EMB.npz", help="same panels for a baseline")
     p.add_argument("--probe", metavar="linear_probe.json", help="add the class's confusion rows")
     p.add_argument("--seed", type=int, default=0)

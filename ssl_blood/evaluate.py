@@ -282,26 +282,29 @@ def support_indices(labels: np.ndarray, num_classes: int, rng: np.random.Generat
                                    for c in range(num_classes)]))
 
 
-def _predict_prototype(sx, sy, qx, num_classes):
+def _predict_prototype(sx, sy, queries, num_classes):
     from ssl_blood.embed import l2_normalize
 
-    sx, qx = l2_normalize(sx), l2_normalize(qx)
+    sx = l2_normalize(sx)
     prototypes = l2_normalize(np.stack([sx[sy == c].mean(0) for c in range(num_classes)]))
-    return (qx @ prototypes.T).argmax(1)
+    return [(l2_normalize(q) @ prototypes.T).argmax(1) for q in queries]
 
 
-def _predict_knn(sx, sy, qx, num_classes):
-    return knn_scores(sx, sy, qx, num_classes, k=min(20, len(sx))).argmax(1)
+def _predict_knn(sx, sy, queries, num_classes):
+    index = CellIndex.build(sx, labels=sy, use_gpu=False)
+    return [knn_scores(sx, sy, q, num_classes, k=min(20, len(sx)), index=index).argmax(1)
+            for q in queries]
 
 
-def _predict_logreg(sx, sy, qx, num_classes):
+def _predict_logreg(sx, sy, queries, num_classes):
     from ssl_blood.embed import l2_normalize
 
     head = fit_logistic(torch.as_tensor(l2_normalize(sx)), torch.as_tensor(sy), num_classes,
                         FEW_SHOT_LOGREG_WEIGHT_DECAY)
-    return _softmax_scores(head, torch.as_tensor(l2_normalize(qx))).argmax(1)
+    return [_softmax_scores(head, torch.as_tensor(l2_normalize(q))).argmax(1) for q in queries]
 
 
+# head name -> predict(support x, support y, [query sets], classes) -> predicted classes per set
 FEW_SHOT_PREDICTORS = {"prototype": _predict_prototype, "knn": _predict_knn, "logreg": _predict_logreg}
 
 
@@ -329,13 +332,14 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
         draws = [support_indices(train_y, num_classes, rng, **how) for _ in range(episodes)]
         per_head = {}
         for head in heads:
-            predict = FEW_SHOT_PREDICTORS[head]
-            accs = {part: [float((predict(train_x[d], train_y[d], x, num_classes) == y).mean())
-                           for d in draws] for part, x, y in (("val", val_x, val_y),
-                                                              ("test", test_x, test_y))}
-            per_head[head] = {"val_acc": float(np.mean(accs["val"])),
-                              "test_acc": mean_ci95(accs["test"])[0],
-                              "test_ci95": mean_ci95(accs["test"])[1]}
+            val_accs, test_accs = [], []
+            for d in draws:  # one fit per draw, scored on val (to choose) and test (to report)
+                on_val, on_test = FEW_SHOT_PREDICTORS[head](train_x[d], train_y[d], [val_x, test_x],
+                                                            num_classes)
+                val_accs.append(float((on_val == val_y).mean()))
+                test_accs.append(float((on_test == test_y).mean()))
+            mean, ci = mean_ci95(test_accs)
+            per_head[head] = {"val_acc": float(np.mean(val_accs)), "test_acc": mean, "test_ci95": ci}
         chosen = max(heads, key=lambda h: (per_head[h]["val_acc"], -heads.index(h)))
         results.append({"setting": name, "labels": int(len(draws[0])), "episodes": episodes,
                         "head": chosen, "chosen_on": "val",

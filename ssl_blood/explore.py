@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_blood import ui
 from ssl_blood.embed import Embeddings
 from ssl_blood.errors import UserError
 from ssl_blood.index import CellIndex
@@ -126,21 +127,30 @@ def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None
     if k < 1 or max_thumbnails < 0:
         raise UserError(f"`k` {k} must be >= 1 and max_thumbnails {max_thumbnails} >= 0", param="k")
     predicted = _check_probe(probe, emb, split, int((y >= 0).sum()))
+    bar = ui.bar(total=4, desc="map: UMAP", unit="stage")
     stored = emb.coords[mask] if emb.coords is not None else None
     coords = stored if stored is not None and np.isfinite(stored).all() else fit_umap(x, seed)[0]
+    bar.update(1)
+    bar.set_description("map: neighbours and outlier scores")
     sims, positions, index = _neighbour_table(emb, split, index_dir, k, x, ids)
     gallery_split = index.meta["gallery_split"]
     outlier = _outlier_scores(emb, split) if "train" in emb.splits() else np.zeros(len(x))
+    bar.update(1)
+    bar.set_description("map: thumbnails")
     images = emb.split_images(split)
     gallery_images = images if gallery_split == split else emb.split_images(gallery_split)
     thumbs = _thumbnail_sample(y, max_thumbnails, seed) if images is not None else np.array([], int)
     sheet = _sprites(images, ids, thumbs, gallery_images,
                      index.gallery_ids[positions[positions >= 0]], gallery_split == split)
+    bar.update(1)
+    bar.set_description("map: page")
     cells = _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions, sheet)
     gallery = _gallery_columns(index, sheet)
     highlight = emb.class_names[class_index(emb.class_names, IG)] if has_class(emb.class_names, IG) else None
     page = _render(cells, gallery, emb, split, sheet, highlight, predicted is not None, gallery_split,
                    len(x), sims.shape[1])
+    bar.update(1)
+    bar.close()
     return page, {"cells": int(len(x)), "thumbnails": int(len(thumbs)), "neighbours": int(sims.shape[1]),
                   "gallery_split": gallery_split, "umap": "stored" if coords is stored else "computed"}
 

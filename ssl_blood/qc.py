@@ -178,22 +178,31 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
         if int((emb.split == split).sum()) < 5:
             raise UserError(f"the '{split}' split has fewer than 5 cells; qc needs more",
                             param="embeddings")
+    bar = ui.bar(total=4, desc="qc: neighbours", unit="check")
     similarity, position, index = _train_neighbours(emb, k)
     images = _split_images(emb)
     result: dict[str, Any] = {
         "embeddings": emb.name, "identity": emb.identity, "subset": emb.subset or None,
-        "cells": {s: int((emb.split == s).sum()) for s in emb.splits()},
-        "near_duplicates": near_duplicates(emb, threshold, k),
-        "exact_duplicates": exact_duplicates(images) if images is not None else None,
-        "outliers": outliers(emb, similarity, position, top),
-        "label_suspects": label_suspects(emb, similarity, position, index, top)
-        if (emb.labels >= 0).any() else None,
-    }
+        "cells": {s: int((emb.split == s).sum()) for s in emb.splits()}}
+    bar.set_description("qc: near duplicates")
+    result["near_duplicates"] = near_duplicates(emb, threshold, k)
+    bar.update(1)
+    bar.set_description("qc: pixel duplicates")
+    result["exact_duplicates"] = exact_duplicates(images) if images is not None else None
+    bar.update(1)
+    bar.set_description("qc: outliers and label suspects")
+    result["outliers"] = outliers(emb, similarity, position, top)
+    result["label_suspects"] = (label_suspects(emb, similarity, position, index, top)
+                                if (emb.labels >= 0).any() else None)
+    bar.update(1)
+    bar.set_description("qc: montages")
     if out_dir is not None:
         out = Path(out_dir)
         if images is not None:
             result["montages"] = [str(p) for p in _montages(result, emb, images, out, plots)]
         write_json(result, out / "qc.json")
+    bar.update(1)
+    bar.close()
     return result
 
 

@@ -137,15 +137,19 @@ def refuse_existing(path: str | Path, overwrite: bool, param: str = "out") -> Pa
 # ----------------------------------------------------------------------------- digests
 
 
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file (cached by path, size and modification time)."""
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file (cached by path, size and modification time)."""
     stat = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, algorithm)
+
+
+def sha256_file(path: str | Path) -> str:
+    return file_digest(path, "sha256")
 
 
 @lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime key the cache
-    digest = hashlib.sha256()
+def _digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:  # size/mtime key the cache
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

@@ -66,15 +66,11 @@ class Classifier(nn.Module):
 
 
 @dataclass
-class SupervisedConfig:
-    backbone: str = "resnet18"
-    stem: str = "auto"
-    epochs: int = 100
+class LabelledTraining:
+    """What both kinds of training with labels share: which labelled cells, where, how long."""
+
+    epochs: int = 30
     batch_size: int = 128
-    lr: float = 1e-3
-    augment: bool = False
-    augment_config: AugmentConfig = field(default_factory=AugmentConfig)
-    data: dict = field(default_factory=lambda: {"kind": "bloodmnist", "path": "", "size": 28})
     fraction: float | None = None  # labelled subset of train (None: all labelled cells)
     shots: int | None = None
     limit: int | None = None
@@ -84,20 +80,24 @@ class SupervisedConfig:
 
 
 @dataclass
-class FineTuneConfig:
-    epochs: int = 30  # at most; the best val epoch is kept
-    batch_size: int = 128
+class SupervisedConfig(LabelledTraining):
+    backbone: str = "resnet18"
+    stem: str = "auto"
+    epochs: int = 100
+    lr: float = 1e-3
+    augment: bool = False
+    augment_config: AugmentConfig = field(default_factory=AugmentConfig)
+    data: dict = field(default_factory=lambda: {"kind": "bloodmnist", "path": "", "size": 28})
+
+
+@dataclass
+class FineTuneConfig(LabelledTraining):
+    # epochs (at most; the best val epoch is kept) and the rest as LabelledTraining
     lrs: tuple[float, ...] = (3e-4, 1e-3)  # AdamW learning rates of the head, chosen on val
     backbone_lr_ratios: tuple[float, ...] = (0.1, 1.0)  # backbone lr / head lr, chosen on val
     weight_decay: float = 1e-4
     augment_config: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=(0.35, 1.0)))
     data: dict | None = None  # None: the data the checkpoint was trained on
-    fraction: float | None = None
-    shots: int | None = None
-    limit: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
 
 
 @dataclass

@@ -206,7 +206,10 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
                             f"highlight; choose another split or class", param="highlight")
     images = emb.split_images(split)  # for thumbnails; None when the data is not reachable
     maps, analyses = [], {}
-    for e in [emb] + ([compare] if compare is not None else []):
+    from ssl_blood import ui
+
+    everything = [emb] + ([compare] if compare is not None else [])
+    for e in ui.bar(everything, desc="UMAP and class analysis", unit="embedding"):
         title = e.name if e.name not in analyses else f"{e.name} (compared)"
         x, y, ids = e.select(split)
         stored = e.coords[e.mask(split)] if e.coords is not None else None

@@ -147,9 +147,10 @@ def test_channel_stats():
 
 
 def test_channel_stats_in_chunks_equal_one_pass():
+    assert channel_stats(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))[0] == [0.0] * 3
     images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
     x = images.double().div(255).transpose(0, 1).reshape(3, -1)
-    mean, std = channel_stats(images, chunk=7)
+    mean, std = channel_stats(images, max_values=7 * 3 * 64)  # chunks of 7 images
     assert mean == pytest.approx(x.mean(1).tolist(), abs=1e-6)
     assert std == pytest.approx(x.std(1).tolist(), abs=1e-6)
 

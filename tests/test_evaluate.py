@@ -24,7 +24,7 @@ def test_linear_probe_separable_reaches_100():
     (tx, ty), (vx, vy), (sx, sy) = blobs(400), blobs(100, seed=1), blobs(200, seed=2)
     result = linear_probe(tx, ty, vx, vy, sx, sy, NAMES, device="cpu")
     assert result["test_acc"] == 1.0 and result["val_acc"] == 1.0 and result["test_auc"] == 1.0
-    assert result["val_acc_by_weight_decay"]["0.0"] == 1.0
+    assert result["val_acc_by_weight_decay"]["1e-05"] == 1.0
     best = max(float(k) for k, v in result["val_acc_by_weight_decay"].items() if v == 1.0)
     assert result["weight_decay"] == best  # ties on val: the strongest penalty wins
     assert result["weight_decay_grid"] == sorted(PROBE_WEIGHT_DECAYS)

@@ -1,5 +1,5 @@
-"""The benchmark and ablation scripts run end to end at tiny size (the GPU session depends on
-them working the first time); their numbers are checked for consistency, never for speed."""
+"""The experiment scripts run end to end at tiny size (the long runs and the GPU session depend
+on them working the first time); their numbers are checked for consistency, never for speed."""
 
 import json
 import subprocess
@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from ssl_blood.embed import Embeddings
+from ssl_blood.embed import Embeddings, EmbedderSpec
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / name), *args],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -27,43 +27,56 @@ def clustered_embeddings(path: Path) -> Path:
     features = centres[labels] + 0.5 * rng.standard_normal((400, 32)).astype(np.float32)
     split = np.array(["train"] * 300 + ["test"] * 100)
     order = rng.permutation(400)
-    Embeddings(features[order], labels[order], split, np.arange(400), ("a", "b", "c", "d"),
-               {"kind": "pixels", "image_size": 28, "channels": 3}).save(path)
+    ids = np.concatenate([np.arange(300), np.arange(100)])
+    spec = EmbedderSpec(kind="pixels", identity="pixels:t", image_size=4, channels=1, num_classes=4,
+                        source={"kind": "npz", "path": "/gone.npz", "size": 4})
+    Embeddings(features[order], labels[order], split[order], ids, ("a", "b", "c", "d"), spec).save(path)
     return path
 
 
 def assert_sweep_consistent(part: dict, nlist: int) -> None:
-    recalls = [s["recall_at_10"] for s in part["sweep"]]
-    assert recalls == sorted(recalls), "recall must not fall as nprobe grows"
-    exhaustive = [s for s in part["sweep"] if s["nprobe"] == nlist]
+    for index in part["indices"].values():
+        recalls = [s["recall_at_10"] for s in index["sweep"]]
+        assert recalls == sorted(recalls), "recall must not fall as nprobe grows"
+        for s in index["sweep"]:
+            assert s["min_s"] <= s["median_s"] <= s["max_s"]
+            assert s["speedup_vs_exact"] == pytest.approx(part["exact"]["median_s"] / s["median_s"])
+    exhaustive = [s for s in part["indices"][f"ivf-nlist{nlist}"]["sweep"] if s["nprobe"] == nlist]
     assert exhaustive and exhaustive[0]["recall_at_10"] == 1.0, "probing every list is exact search"
 
 
 def test_bench_retrieval_tiny(tmp_path):
     emb = clustered_embeddings(tmp_path / "emb.npz")
     out = tmp_path / "bench_retrieval.json"
-    for synthetic in ("resampled", "gaussian"):
-        run_script("bench_retrieval.py", "--embeddings", str(emb), "--device", "cpu", "--synthetic", synthetic,
-                   "--synthetic-n", "3000", "--synthetic-dim", "32", "--clusters", "20", "--queries", "50",
-                   "--nlist", "16", "--real-nlist", "8", "--nprobes", "1,8,16", "--repeats", "1",
-                   "--out", str(out))
-        result = json.loads(out.read_text())
-        assert result["real"]["torch_agrees_with_faiss"] == 1.0
-        assert result["real"]["gallery"] == 300 and result["real"]["queries"] == 100
-        assert_sweep_consistent(result["real_ivf"], 8)
-        assert_sweep_consistent(result["synthetic_ivf"], 16)
-        assert result["synthetic_ivf"]["gallery"] == 3000
+    run_script("bench_retrieval.py", "--embeddings", str(emb), "--device", "cpu", "--repeats", "2",
+               "--real-configs", "ivf:nlist=8:1,8", "--synthetic-n", "3000",
+               "--configs", "ivf:nlist=16:1,4,16;hnsw::16,64;ivfpq:nlist=16:4,16", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["real"]["torch_agrees_with_faiss_top1"] == 1.0
+    assert result["real"]["gallery"] == 300 and result["real"]["queries"] == 100
+    assert set(result["real"]["timings"]) == {"faiss_cpu", "torch_cpu"}
+    assert_sweep_consistent(result["real_ivf"], 8)
+    assert_sweep_consistent(result["synthetic"], 16)
+    assert result["synthetic"]["gallery"] == 3000
+    assert {i["kind"] for i in result["synthetic"]["indices"].values()} == {"ivf", "hnsw", "ivfpq"}
+    assert all(i["bytes"] > 0 and i["build_s"] > 0 for i in result["synthetic"]["indices"].values())
 
 
 def test_bench_pretrain_tiny(data_root, tmp_path):
     out = tmp_path / "bench_pretrain.json"
     run_script("bench_pretrain.py", "--data-root", str(data_root), "--device", "cpu", "--backbone", "cnn6",
-               "--batch-size", "32", "--seconds", "0.5", "--warmup", "1", "--workers", "0",
+               "--batch-size", "32", "--seconds", "0.3", "--rounds", "2", "--warmup", "1", "--workers", "0",
                "--epochs", "0", "--out", str(out))
     result = json.loads(out.read_text())
-    for key in ("model_only_img_s", "lightly_reference_img_s", "ssl_blood_img_s"):
-        assert result[key] > 0
-    assert result["ratio_vs_lightly"] == result["ssl_blood_img_s"] / result["lightly_reference_img_s"]
+    import statistics
+
+    for key in ("model_only", "lightly_reference", "ssl_blood"):
+        stats = result[f"{key}_img_s"]
+        windows = stats["windows"]  # every window was measured: two rounds, all positive
+        assert len(windows) == 2 and all(w > 0 for w in windows)
+        assert stats["median"] == pytest.approx(statistics.median(windows), rel=1e-3)
+        assert (stats["min"], stats["max"]) == pytest.approx((min(windows), max(windows)), rel=1e-3)
+    assert result["pipeline_above_model_only"] is (result["ratio_vs_model_only"] > 1)
     assert result["device"].startswith("CPU") and result["simclr_200_epochs_s"] is None
 
 
@@ -79,3 +92,50 @@ def test_ablate_tiny_writes_val_metrics(data_root, tmp_path):
     assert row["overrides"]["epochs"] == 1
     assert 0 <= row["probe_val_acc"] <= 1 and 0 <= row["knn_val_acc"] <= 1
     assert not [key for key in row if key.startswith("test")], "ablations select on val only"
+
+
+def test_label_efficiency_tiny(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, docs = tmp_path / "le.json", tmp_path / "le.md"
+    args = ["--checkpoint", str(run / "checkpoint.pt"), "--seeds", "2", "--epochs", "1", "--epochs-full", "1",
+            "--out", str(out), "--docs", str(docs), "--figure", str(tmp_path / "le.png")]
+    run_script("label_efficiency.py", *args)
+    data = json.loads(out.read_text())
+    keys = set(data["entries"])
+    assert {"probe/typiclust/8/0", "probe/kcenter/16/1", "probe/pixels/40/0", "finetune/0.01/1",
+            "scratch/1.0/0"} <= keys
+    assert all(0 <= e["value"] <= 1 for k, e in data["entries"].items() if k.startswith("probe/"))
+    before = out.read_text()
+    run_script("label_efficiency.py", *args)  # resumable: nothing is computed twice
+    assert json.loads(out.read_text())["entries"] == json.loads(before)["entries"]
+    text = docs.read_text()
+    assert "## Targets" in text and "linear probe, TypiClust cells" in text and (tmp_path / "le.png").exists()
+
+
+def test_standard_preset_tiny(data_root, tiny_run, tmp_path):
+    quick = tmp_path / "quick"
+    quick.mkdir()
+    (quick / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 1.0, "seconds": 60.0}) + "\n")
+    import shutil
+
+    shutil.copy(tiny_run[0] / "checkpoint.pt", quick / "checkpoint.pt")
+    run_script("standard_preset.py", "--data-root", str(data_root), "--quick-run", str(quick),
+               "--runs", str(tmp_path / "runs"), "--budgets", "1,2", "--limit", "120",
+               "--search", str(tmp_path / "search.json"), "--out", str(tmp_path / "curve.json"),
+               "--figure", str(tmp_path / "curve.png"))
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert [r["name"] for r in search] == ["base-1min", "temp0.1-1min", "batch512-1min"]
+    assert not [k for r in search for k in r if k.startswith(("probe_test", "knn_test"))]
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert [p["budget"] for p in curve["curve"]] == ["quick (8 epochs)", "1 min", "2 min"]
+    assert curve["curve"][2]["epochs"] == 2 and "verdict" in curve
+
+
+def test_bench_streaming_tiny(tmp_path):
+    out = tmp_path / "stream.json"
+    run_script("bench_streaming.py", "--folder", str(tmp_path / "cells"), "--images", "300", "--size", "32",
+               "--batch", "16", "--steps", "3", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["stream"]["mode"] == "stream" and result["memory"]["mode"] == "memory"
+    assert result["stream"]["images"] == 300 and result["stream"]["img_s"] > 0
+    assert result["cached_load_seconds"] < result["first_load_seconds"]

@@ -95,6 +95,14 @@ def test_unlabeled_folder_joins_train_with_label_minus_one(subset, tmp_path):
     assert len(train.labelled()) == PER_SPLIT["train"]
 
 
+def test_flat_bloodmnist_folder_is_one_unlabelled_train_split(subset, tmp_path):
+    root = bloodmnist_folder(tmp_path / "flat", subset, "flat")
+    source = resolve_source(image_dir=str(root), size=28)
+    assert available_splits(source) == ("train",)
+    data = load_split(source, "train")
+    assert len(data) == sum(PER_SPLIT.values()) and not data.has_labels and data.class_names == ()
+
+
 def test_flat_folder_is_unlabelled_train(loose_folder, capsys):
     cells = load_split(resolve_source(image_dir=str(loose_folder), size=20), "train")
     assert cells.images.shape == (9, 3, 20, 20) and cells.images.dtype == torch.uint8

@@ -21,9 +21,12 @@ def test_reproduce_smoke_runs_end_to_end(data_root, tmp_path):
         for key in ("linear_probe_test_acc", "linear_probe_test_auc", "knn_test_acc"):
             assert 0 <= run[key] <= 1
         assert {r["setting"] for r in run["few_shot"]} == {"1-shot", "5-shot", "0.1 of train"}
+        assert all(r["chosen_on"] == "val" and r["head"] in r["heads"] for r in run["few_shot"])
+        assert 0 <= run["kmeans_nmi"] <= 1 and run["linear_probe_weight_decay"] in run["linear_probe_weight_decay_grid"]
         assert result["methods"][method]["summary"]["linear_probe_test_acc"]["n"] == 1
     assert set(result["baselines"]) == {"pixels", "random-init"}
     assert 0 <= result["supervised"]["test_acc"] <= 1
     text = docs.read_text()
     assert "smoke run on a tiny subset: not a result" in text and "| baseline: raw pixels |" in text
-    assert "Anchors" in text and "supervised" in text
+    assert "Anchors" in text and "supervised" in text and "k-means NMI" in text
+    assert "### Few-shot heads: simclr" in text and "chosen (runs)" in text
