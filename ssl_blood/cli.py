@@ -333,7 +333,7 @@ def _retrieval_table(answers: list[dict]) -> str:
         lines.append(f"query {a['query']}")
         lines.append(f"  {'rank':>4}  {'id':>6}  {'similarity':>10}  class")
         for n in a["neighbours"]:
-            extra = f"  {n['path']}" if "path" in n else ""
+            extra = f"  {n['metadata']['path']}" if "path" in n.get("metadata", {}) else ""
             lines.append(f"  {n['rank']:>4}  {n['id']:>6}  {n['similarity']:>10.4f}  {n['class']}{extra}")
     return "\n".join(lines)
 

@@ -366,7 +366,7 @@ class Embeddings:
         names = np.asarray(list(self.class_names) + [""], dtype=object)
         columns: dict[str, Any] = {"id": self.ids, "split": self.split, "label": self.labels,
                                    "class_name": names[self.labels]}
-        columns.update({k: v for k, v in self.metadata.items()})
+        columns.update({(k if k not in columns else f"meta_{k}"): v for k, v in self.metadata.items()})
         frame = pd.DataFrame(columns)
         features = pd.DataFrame(self.features, columns=[f"f{i}" for i in range(self.dim)])
         return pd.concat([frame, features], axis=1)

@@ -89,7 +89,7 @@ def describe(index: CellIndex, similarity: np.ndarray, position: np.ndarray,
             {"rank": r + 1, "id": int(index.gallery_ids[p]), "split": index.meta.get("gallery_split"),
              "label": int(index.gallery_labels[p]), "class": label_name(int(index.gallery_labels[p])),
              "similarity": round(float(s), 6),
-             **{k: str(v[p]) for k, v in (metadata or {}).items()}}
+             **({"metadata": {k: str(v[p]) for k, v in metadata.items()}} if metadata else {})}
             for r, (s, p) in enumerate(found)]})
     return answers
 

@@ -159,10 +159,12 @@ def select_cells(emb: Embeddings, budget: int, strategy: str = "typiclust",
         rows = select_random(budget, labelled, seed)
     typical = typicality(features)
     mask = emb.mask(split)
+    columns = ("rank", "id", "split", "cluster", "typicality")
+    metadata = {(k if k not in columns else f"meta_{k}"): v[mask] for k, v in emb.metadata.items()}
     picks = [{"rank": r + 1, "id": int(ids[row]), "split": split,
               "cluster": int(clusters[r]) if clusters is not None else None,
               "typicality": round(float(typical[row]), 6),
-              **{k: str(v[mask][row]) for k, v in emb.metadata.items()}}
+              **{k: str(v[row]) for k, v in metadata.items()}}
              for r, row in enumerate(rows)]
     return {"strategy": strategy, "budget": budget, "seed": seed, "excluded": int(labelled.sum()),
             "embeddings": emb.name, "identity": emb.identity, "picks": picks}
