@@ -315,7 +315,7 @@ def results_markdown(r: dict[str, Any], ablations: dict[str, tuple[list[dict], s
     lines += ["", f"Weight decay of the linear probe, chosen on val from the grid {grid}: "
               + "; ".join(f"{name} {wd:g}" for name, wd in chosen) + ". "
               + ("Every choice lies inside the grid." if not at_edge else
-                 f"At the edge of the grid: {', '.join(at_edge)} (the grid should be widened)." )]
+                 f"At the edge of the grid: {', '.join(at_edge)} (values beyond it were not tried).")]
     lines += _own_cells_markdown() + _standard_markdown()
     for method, m in r["methods"].items():
         lines += few_shot_markdown(method, [run["few_shot"] for run in m["runs"]])

@@ -74,12 +74,16 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
     stamp = {"format": ANALYSIS_FORMAT, "checkpoint_sha256": sha256_file(run.checkpoint),
              "limit": limit, "baselines": list(baselines)}
     stamp_path = out / "analysis.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        for old in sorted(out.rglob("*"), reverse=True):  # another checkpoint or subset
+    if not stamp_path.exists() or json.loads(stamp_path.read_text()) != stamp:
+        # another checkpoint or subset, or files of unknown origin (an earlier report stopped
+        # before its stamp): start clean, stamp first so that what follows is known to match
+        for old in sorted(out.rglob("*"), reverse=True) if out.exists() else ():
             old.unlink() if old.is_file() else old.rmdir()
+        write_json(stamp, stamp_path)
     bar = ui.bar(total=len(STAGES), desc="report", unit="stage", enabled=progress)
+    curves = out / "training_curves.png"  # the history is the checkpoint's: cached with it
     result: dict[str, Any] = {"dir": out, "history": history,
-                              "curves": training_curves_png(history, out / "training_curves.png")}
+                              "curves": curves if curves.exists() else training_curves_png(history, curves)}
     bar.set_description("report: embeddings")
     model = Embedder.from_checkpoint(run.checkpoint, device)
     source = DataSource.from_dict(model.spec.source)
@@ -113,7 +117,6 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
     result["montage"] = _montage(out, emb, splits)
     bar.update(1)
     bar.close()
-    write_json(stamp, stamp_path)
     return result
 
 

@@ -804,7 +804,10 @@ def _add_qc(sub) -> None:
                                    "label suspects (the neighbourhood votes for another class). "
                                    "Writes qc.json and montages to --out.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
-    p.add_argument("--threshold", type=float, default=0.98, help="near-duplicate cosine similarity")
+    p.add_argument("--threshold", type=float, help="near-duplicate cosine similarity (default: adaptive, "
+                   "1 - 0.1 x the median nearest-neighbour cosine distance)")
+    p.add_argument("--min-confidence", type=float, default=0.8,
+                   help="label suspect: share of the neighbours' weighted votes for another class")
     p.add_argument("--k", type=int, default=10, help="neighbours per cell")
     p.add_argument("--top", type=int, default=20, help="outliers per split, suspects per class")
     p.add_argument("--out", metavar="DIR", help="default: beside the embeddings, EMB-qc/")
@@ -821,19 +824,21 @@ def cmd_qc(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.embeddings).with_name(Path(args.embeddings).stem + "-qc")
     refuse_existing(out / "qc.json", args.overwrite)
     emb = Embeddings.load(args.embeddings)
-    result = run_qc(emb, out, args.threshold, args.k, args.top)
+    result = run_qc(emb, out, args.threshold, args.k, args.top, args.min_confidence)
     if args.json:
         return _print_json(result)
     near, exact = result["near_duplicates"], result["exact_duplicates"]
     print(f"qc of {emb.name} ({', '.join(f'{s} {n}' for s, n in result['cells'].items())})")
     print(f"  near-duplicates (cosine >= {near['threshold']}): {near['pairs']} pairs "
-          f"{near['by_split_pair']}; leakage across splits: {near['leakage_pairs']}")
+          f"{near['by_split_pair']}; leakage across splits: {near['leakage_pairs']}; labelled "
+          f"differently: {near['label_conflicts']}")
     if exact is not None:
         print(f"  exact pixel duplicates: {exact['pairs']} pairs {exact['by_split_pair']}; "
-              f"leakage: {exact['leakage_pairs']}")
+              f"leakage: {exact['leakage_pairs']}; labelled differently: {exact['label_conflicts']}")
     if result["label_suspects"]:
         s = result["label_suspects"]
-        print(f"  label suspects: {s['suspects']} of {s['labelled_cells']} labelled cells {s['by_split']}")
+        print(f"  label suspects (>= {s['min_confidence']:.0%} of the votes elsewhere): {s['suspects']} of "
+              f"{s['labelled_cells']} labelled cells {s['by_split']}")
     print(f"wrote {out / 'qc.json'}" + "".join(f", {m}" for m in result.get("montages", [])))
     return 0
 

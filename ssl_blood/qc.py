@@ -2,12 +2,18 @@
 
 - near-duplicates: pairs of cells whose features have cosine similarity >= a threshold, within
   and across splits, counted per split pair; a pair across train and test is leakage and is
-  listed first. Exact pixel duplicates (identical uint8 images, by SHA-1) likewise.
+  listed first. The default threshold adapts to the features: a pair is a near-duplicate when
+  its cosine distance is under a tenth of the dataset's median nearest-neighbour distance
+  (self-supervised features of look-alike cells sit close together, at a distance that differs
+  between checkpoints, so no fixed cosine works for all; on BloodMNIST's quick SimCLR features
+  the rule separates re-used images from distinct look-alike platelets: docs/data-checks.md).
+  Exact pixel duplicates (identical uint8 images, by SHA-1) likewise.
 - outliers: per cell, the mean cosine distance to its k nearest train cells (itself excluded);
   the top of each split.
 - label suspects: labelled cells whose k nearest train cells (itself excluded) vote for another
-  class by a weighted majority (DINO's kNN weights, confidence = that class's share of the
-  votes); the top of each class.
+  class with at least `min_confidence` of the weight (DINO's kNN weights, confidence = that
+  class's share of the votes; 0.8 by default: a strong majority, not a tie); the top of each
+  class.
 Everything goes into qc.json; montages show the cells when the images can be loaded.
 """
 
@@ -26,6 +32,7 @@ from ssl_blood.index import CellIndex
 from ssl_blood.runs import write_json
 
 SPLIT_ORDER = ("train", "val", "test")
+AUTO_THRESHOLD_FRACTION = 0.1  # of the median nearest-neighbour cosine distance
 
 
 def _pair_key(a: str, b: str) -> str:
@@ -39,15 +46,21 @@ def _leakage_first(pairs: list[dict]) -> list[dict]:
     return sorted(pairs, key=lambda p: (rank.get(p["splits"], 3), -p.get("similarity", 1.0)))
 
 
-def near_duplicates(emb: Embeddings, threshold: float = 0.98, k: int = 10) -> dict[str, Any]:
-    """Pairs with cosine similarity >= threshold among each cell's k nearest cells."""
-    if not 0 < threshold <= 1:
+def near_duplicates(emb: Embeddings, threshold: float | None = None, k: int = 10) -> dict[str, Any]:
+    """Pairs with cosine similarity >= threshold among each cell's k nearest cells; threshold
+    None: 1 - AUTO_THRESHOLD_FRACTION x the median nearest-neighbour cosine distance."""
+    if threshold is not None and not 0 < threshold <= 1:
         raise UserError(f"`threshold` {threshold} must be in (0, 1]", param="threshold")
     rows = np.arange(len(emb.features))
     index = CellIndex.build(emb.features, ids=rows, use_gpu=False)
     from ssl_blood.retrieval import neighbours
 
     similarity, position = neighbours(index, emb.features, min(k, len(rows) - 1), exclude_ids=rows)
+    median_nn_distance = float(np.median(1 - similarity[:, 0]))
+    rule = "given"
+    if threshold is None:
+        threshold = round(1 - AUTO_THRESHOLD_FRACTION * median_nn_distance, 6)
+        rule = f"auto: 1 - {AUTO_THRESHOLD_FRACTION} x the median nearest-neighbour cosine distance"
     pairs = {}
     for i, j in zip(*np.nonzero((similarity >= threshold) & (position >= 0))):
         a, b = sorted((int(i), int(position[i, j])))
@@ -56,12 +69,24 @@ def near_duplicates(emb: Embeddings, threshold: float = 0.98, k: int = 10) -> di
                "b": {"split": str(emb.split[b]), "id": int(emb.ids[b])},
                "splits": _pair_key(str(emb.split[a]), str(emb.split[b])),
                "similarity": round(s, 6)} for (a, b), s in pairs.items()]
-    counts: dict[str, int] = {}
-    for p in listed:
-        counts[p["splits"]] = counts.get(p["splits"], 0) + 1
-    return {"threshold": threshold, "neighbours_searched": k, "pairs": len(listed),
-            "by_split_pair": counts, "leakage_pairs": counts.get("train/test", 0) + counts.get("val/test", 0),
+    return {"threshold": threshold, "threshold_rule": rule, "median_nn_distance": round(median_nn_distance, 6),
+            "neighbours_searched": k, "pairs": len(listed), **_split_pair_counts(listed),
             "list": _leakage_first(listed)}
+
+
+def _split_pair_counts(pairs: list[dict]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p["splits"]] = counts.get(p["splits"], 0) + 1
+    return {"by_split_pair": counts, "leakage_pairs": counts.get("train/test", 0) + counts.get("val/test", 0)}
+
+
+def add_pixel_differences(pairs: list[dict], images: dict[str, np.ndarray]) -> None:
+    """Each pair gains `pixel_mad`: the mean absolute difference of its uint8 pixels (0: the
+    same image; a re-saved or slightly shifted copy stays small)."""
+    for p in pairs:
+        a, b = images[p["a"]["split"]][p["a"]["id"]], images[p["b"]["split"]][p["b"]["id"]]
+        p["pixel_mad"] = round(float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()), 3)
 
 
 def exact_duplicates(images: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -74,12 +99,7 @@ def exact_duplicates(images: dict[str, np.ndarray]) -> dict[str, Any]:
     pairs = [{"a": {"split": a[0], "id": a[1]}, "b": {"split": b[0], "id": b[1]},
               "splits": _pair_key(a[0], b[0])}
              for cells in groups for n, a in enumerate(cells) for b in cells[n + 1:]]
-    counts: dict[str, int] = {}
-    for p in pairs:
-        counts[p["splits"]] = counts.get(p["splits"], 0) + 1
-    return {"groups": len(groups), "pairs": len(pairs), "by_split_pair": counts,
-            "leakage_pairs": counts.get("train/test", 0) + counts.get("val/test", 0),
-            "list": _leakage_first(pairs)}
+    return {"groups": len(groups), "pairs": len(pairs), **_split_pair_counts(pairs), "list": _leakage_first(pairs)}
 
 
 def _train_neighbours(emb: Embeddings, k: int) -> tuple[np.ndarray, np.ndarray, CellIndex]:
@@ -128,7 +148,7 @@ def outliers(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
 
 def label_suspects(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
                    index: CellIndex, top: int = 20, temperature: float = 0.07,
-                   min_confidence: float = 0.5) -> dict[str, Any]:
+                   min_confidence: float = 0.8) -> dict[str, Any]:
     """Labelled cells whose neighbourhood votes for another class with at least
     `min_confidence` of the weight; the top of each class by that confidence."""
     found = position >= 0
@@ -144,9 +164,12 @@ def label_suspects(emb: Embeddings, similarity: np.ndarray, position: np.ndarray
     confidence = share.max(1)
     labelled = emb.labels >= 0
     suspect = labelled & (voted != emb.labels) & (confidence >= min_confidence)
-    per_class = {}
+    per_class, by_class = {}, {}
     for c, name in enumerate(emb.class_names):
         rows = np.flatnonzero(suspect & (emb.labels == c))
+        said = np.bincount(voted[rows], minlength=len(emb.class_names))
+        by_class[name] = {"suspects": int(len(rows)), "labelled": int((labelled & (emb.labels == c)).sum()),
+                          "neighbours_say": {emb.class_names[v]: int(n) for v, n in enumerate(said) if n}}
         rows = rows[np.argsort(-confidence[rows], kind="stable")][:top]
         per_class[name] = [{"split": str(emb.split[r]), "id": int(emb.ids[r]),
                             "label": name, "neighbours_say": emb.class_names[voted[r]],
@@ -154,7 +177,20 @@ def label_suspects(emb: Embeddings, similarity: np.ndarray, position: np.ndarray
     return {"k": similarity.shape[1], "min_confidence": min_confidence,
             "suspects": int(suspect.sum()), "labelled_cells": int(labelled.sum()),
             "by_split": {s: int((suspect & (emb.split == s)).sum()) for s in emb.splits()},
-            "per_class": per_class}
+            "by_class": by_class, "per_class": per_class}
+
+
+def add_labels(pairs: list[dict], emb: Embeddings) -> int:
+    """Each cell of each pair gains its class name (None when unlabelled); returns how many
+    pairs carry two different labels: the same cell (or image) labelled twice, differently."""
+    row = {(str(s), int(i)): r for r, (s, i) in enumerate(zip(emb.split, emb.ids))}
+    conflicts = 0
+    for p in pairs:
+        for side in ("a", "b"):
+            label = int(emb.labels[row[(p[side]["split"], p[side]["id"])]])
+            p[side]["label"] = emb.class_names[label] if label >= 0 else None
+        conflicts += p["a"]["label"] is not None and p["b"]["label"] is not None and p["a"]["label"] != p["b"]["label"]
+    return conflicts
 
 
 def _split_images(emb: Embeddings) -> dict[str, np.ndarray] | None:
@@ -166,11 +202,14 @@ def _split_images(emb: Embeddings) -> dict[str, np.ndarray] | None:
     return images  # type: ignore[return-value]
 
 
-def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float = 0.98,
-           k: int = 10, top: int = 20) -> dict[str, Any]:
-    """Every check; with `out_dir`, qc.json and montages there."""
+def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float | None = None,
+           k: int = 10, top: int = 20, min_confidence: float = 0.8) -> dict[str, Any]:
+    """Every check; with `out_dir`, qc.json and montages there. `threshold` None: adaptive
+    (see the module docstring)."""
     from ssl_blood import plots
 
+    if not 0 < min_confidence <= 1:
+        raise UserError(f"`min_confidence` {min_confidence} must be in (0, 1]", param="min_confidence")
     if "train" not in emb.splits():
         raise UserError("qc compares every cell with the train split; these embeddings have "
                         "none: embed the train split too", param="embeddings")
@@ -186,13 +225,18 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
         "cells": {s: int((emb.split == s).sum()) for s in emb.splits()}}
     bar.set_description("qc: near duplicates")
     result["near_duplicates"] = near_duplicates(emb, threshold, k)
+    result["near_duplicates"]["label_conflicts"] = add_labels(result["near_duplicates"]["list"], emb)
+    if images is not None:
+        add_pixel_differences(result["near_duplicates"]["list"], images)
     bar.update(1)
     bar.set_description("qc: pixel duplicates")
     result["exact_duplicates"] = exact_duplicates(images) if images is not None else None
+    if result["exact_duplicates"] is not None:
+        result["exact_duplicates"]["label_conflicts"] = add_labels(result["exact_duplicates"]["list"], emb)
     bar.update(1)
     bar.set_description("qc: outliers and label suspects")
     result["outliers"] = outliers(emb, similarity, position, top)
-    result["label_suspects"] = (label_suspects(emb, similarity, position, index, top)
+    result["label_suspects"] = (label_suspects(emb, similarity, position, index, top, min_confidence=min_confidence)
                                 if (emb.labels >= 0).any() else None)
     bar.update(1)
     bar.set_description("qc: montages")
@@ -206,16 +250,36 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
     return result
 
 
+def _conflict(pair: dict, side: str) -> str:
+    """The cell's label in a caption, only where the two cells of a pair are labelled differently."""
+    a, b = pair["a"].get("label"), pair["b"].get("label")
+    return f" {pair[side]['label'][:10]}" if a and b and a != b else ""
+
+
+def _unique_pairs(pairs: list[dict]) -> list[dict]:
+    """One entry per pair of cells (a pair found both by its pixels and by its features once)."""
+    seen: dict[tuple, dict] = {}
+    for p in pairs:
+        key = tuple(sorted(((p["a"]["split"], p["a"]["id"]), (p["b"]["split"], p["b"]["id"]))))
+        seen.setdefault(key, p)
+    return list(seen.values())
+
+
 def _montages(result: dict, emb: Embeddings, images: dict[str, np.ndarray], out: Path, plots) -> list[Path]:
     files = []
-    pairs = (result["near_duplicates"]["list"] + (result["exact_duplicates"] or {}).get("list", []))[:24]
+    pairs = _leakage_first(_unique_pairs(result["near_duplicates"]["list"]
+                                         + (result["exact_duplicates"] or {}).get("list", [])))[:24]
     if pairs:
+        cells = [[images[p["a"]["split"]][p["a"]["id"]], images[p["b"]["split"]][p["b"]["id"]]] for p in pairs]
+        captions = [[f"{p['a']['split']} #{p['a']['id']}" + _conflict(p, "a"),
+                     f"{p['b']['split']} #{p['b']['id']}" + _conflict(p, "b") + "\n"
+                     + (f"cos {p['similarity']:.4f}" if "similarity" in p else "same pixels")
+                     + (f" Δpx {p['pixel_mad']:.1f}" if "pixel_mad" in p else "")] for p in pairs]
+        per_row = 4  # pairs side by side, four to a row
         files.append(plots.cell_grid(
-            [[images[p["a"]["split"]][p["a"]["id"]], images[p["b"]["split"]][p["b"]["id"]]] for p in pairs],
+            [sum(cells[i:i + per_row], []) for i in range(0, len(cells), per_row)],
             out / "duplicates.png", "Duplicate pairs (leakage across splits first)",
-            captions=[[f"{p['a']['split']} #{p['a']['id']}", f"{p['b']['split']} #{p['b']['id']}"
-                       + (f" {p['similarity']:.3f}" if "similarity" in p else " exact")] for p in pairs],
-            dpi=150))
+            captions=[sum(captions[i:i + per_row], []) for i in range(0, len(captions), per_row)], dpi=150))
     groups, titles, captions = [], [], []
     for split, part in result["outliers"]["per_split"].items():
         top = part["top"][:12]

@@ -51,7 +51,13 @@ def test_planted_problems_are_found(planted, tmp_path):
     assert near["leakage_pairs"] >= 1
     assert any(p["splits"] == "train/val" and {p["a"]["id"], p["b"]["id"]} == {9, 1} for p in near["list"])
     exact = result["exact_duplicates"]
-    assert exact["by_split_pair"] == {"train/test": 1} and exact["list"][0]["a"] == {"split": "train", "id": 5}
+    assert exact["by_split_pair"] == {"train/test": 1}
+    assert {k: exact["list"][0]["a"][k] for k in ("split", "id")} == {"split": "train", "id": 5}
+    emb = Embeddings.load(planted)
+    label_of = {(s, i): emb.class_names[l] for s, i, l in zip(emb.split, emb.ids, emb.labels)}
+    assert exact["list"][0]["a"]["label"] == label_of[("train", 5)]
+    assert exact["list"][0]["b"]["label"] == label_of[("test", 0)]
+    assert exact["label_conflicts"] == int(label_of[("train", 5)] != label_of[("test", 0)])
     assert result["outliers"]["per_split"]["test"]["top"][0]["id"] == 7
     suspects = [c for cells in result["label_suspects"]["per_class"].values() for c in cells]
     assert any(c["split"] == "train" and c["id"] == 20 for c in suspects)
@@ -66,6 +72,34 @@ def test_qc_cli(planted, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "leakage across splits" in out and "label suspects" in out
     assert main(["qc", "--embeddings", str(planted), "--out", str(tmp_path / "q")]) == 2
-    assert "--out" in capsys.readouterr().err and "--overwrite" in capsys.readouterr().err + "--overwrite"
+    err = capsys.readouterr().err
+    assert "--out" in err and "--overwrite" in err
     assert main(["qc", "--embeddings", str(planted), "--out", str(tmp_path / "q2"), "--threshold", "2"]) == 2
     assert "--threshold 2.0 must be in (0, 1]" in capsys.readouterr().err
+    assert main(["qc", "--embeddings", str(planted), "--out", str(tmp_path / "q3"), "--min-confidence", "0"]) == 2
+    assert "--min-confidence 0.0 must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "q2").exists() and not (tmp_path / "q3").exists()
+
+
+def test_adaptive_threshold_finds_copies_not_lookalikes(planted, tmp_path):
+    """Without a threshold, the planted copies are the near-duplicates and ordinary neighbours
+    (the same class's cluster) are not; the pixel copy's pixel difference is 0."""
+    result = run_qc(Embeddings.load(planted), tmp_path / "qc", k=10, top=10)
+    near = result["near_duplicates"]
+    assert near["threshold_rule"].startswith("auto") and near["threshold"] < 1
+    assert near["threshold"] == pytest.approx(1 - 0.1 * near["median_nn_distance"], abs=1e-6)
+    found = {frozenset(((p["a"]["split"], p["a"]["id"]), (p["b"]["split"], p["b"]["id"]))): p for p in near["list"]}
+    assert set(found) == {frozenset({("train", 5), ("test", 0)}), frozenset({("train", 9), ("val", 1)})}
+    assert found[frozenset({("train", 5), ("test", 0)})]["pixel_mad"] == 0
+    assert found[frozenset({("train", 9), ("val", 1)})]["pixel_mad"] > 0  # features copied, pixels not
+
+
+def test_label_suspect_confidence_and_class_counts(planted, tmp_path):
+    emb = Embeddings.load(planted)
+    strict = run_qc(emb, None, k=10, min_confidence=0.9)["label_suspects"]
+    loose = run_qc(emb, None, k=10, min_confidence=0.3)["label_suspects"]
+    assert strict["suspects"] <= loose["suspects"]
+    assert sum(c["suspects"] for c in loose["by_class"].values()) == loose["suspects"]
+    assert sum(c["labelled"] for c in loose["by_class"].values()) == loose["labelled_cells"]
+    mislabelled = loose["by_class"][emb.class_names[int(emb.labels[(emb.split == "train") & (emb.ids == 20)][0])]]
+    assert mislabelled["suspects"] >= 1 and sum(mislabelled["neighbours_say"].values()) == mislabelled["suspects"]
