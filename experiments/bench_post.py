@@ -32,15 +32,32 @@ from ssl_blood.runs import write_json
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(*argv: str) -> dict:
-    """Wall seconds and peak RSS (MB) of one ssl-blood command in a fresh process."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "ssl_blood", *argv],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()
-    return {"command": "ssl-blood " + " ".join(argv[:1]), "seconds": float(seconds),
-            "peak_rss_mb": int(kb) / 1024}
+def timed(*argv: str, repeats: int = 1) -> dict:
+    """Wall seconds and peak RSS (MB) of one ssl-blood command in a fresh process; with repeats,
+    the median (min and max beside) of that many runs. `{i}` in an argument is the run's number."""
+    runs = []
+    for i in range(repeats):
+        args = [a.replace("{i}", str(i)) for a in argv]
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "ssl_blood", *args],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        seconds, kb = proc.stderr.strip().splitlines()[-1].split()
+        runs.append((float(seconds), int(kb) / 1024))
+    seconds = sorted(r[0] for r in runs)
+    return {"command": "ssl-blood " + " ".join(argv[:1]), "seconds": seconds[len(seconds) // 2],
+            "min_s": seconds[0], "max_s": seconds[-1], "runs": repeats,
+            "peak_rss_mb": max(r[1] for r in runs)}
+
+
+def probe_imports_seconds() -> float:
+    """Seconds a fresh process spends importing what `linear-probe` needs before any work:
+    torch, scikit-learn (medmnist's Evaluator), matplotlib, and torch._dynamo, which torch.optim
+    imports the first time an optimizer is built."""
+    code = ("import torch, sklearn.metrics, matplotlib.pyplot, ssl_blood.cli, ssl_blood.evaluate;"
+            "torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])")
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e", sys.executable, "-c", code], capture_output=True, text=True)
+    return float(proc.stderr.strip().splitlines()[-1])
 
 
 def folder_mb(path: Path) -> float:
@@ -67,7 +84,9 @@ def float16_effect(emb_path: Path, tmp: Path) -> dict:
     out = {"float32_mb": emb_path.stat().st_size / 1e6, "float16_mb": half_path.stat().st_size / 1e6}
     for name, e in (("float32", emb), ("float16", half)):
         parts = [labelled_split(e, s)[:2] for s in ("train", "val", "test")]
+        started = time.perf_counter()
         probe = linear_probe(*parts[0], *parts[1], *parts[2], e.class_names)
+        out[f"{name}_probe_seconds_in_process"] = time.perf_counter() - started
         out[f"{name}_probe_test_acc"], out[f"{name}_probe_weight_decay"] = probe["test_acc"], probe["weight_decay"]
     return out
 
@@ -114,6 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/reproduce/simclr-quick-seed0")
     parser.add_argument("--big-map", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of embed and linear-probe (median)")
     parser.add_argument("--out", default=str(REPO / "experiments/results/bench_post.json"))
     args = parser.parse_args()
     run = Path(args.run)
@@ -121,10 +141,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         emb = tmp / "emb.npz"
-        result["embed"] = timed("embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(emb))
+        result["embed"] = timed("embed", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp / "emb{i}.npz"),
+                                repeats=args.repeats)
+        shutil.copy(tmp / "emb0.npz", emb)
         result["embed"]["file_mb"] = emb.stat().st_size / 1e6
-        result["linear_probe"] = timed("linear-probe", "--embeddings", str(emb), "--out", str(tmp / "lp"), "--json")
-        probe = json.loads((tmp / "lp" / "linear_probe.json").read_text())
+        result["linear_probe"] = timed("linear-probe", "--embeddings", str(emb), "--out", str(tmp / "lp{i}"), "--json",
+                                       repeats=args.repeats)
+        result["linear_probe"]["imports_seconds"] = probe_imports_seconds()
+        probe = json.loads((tmp / "lp0" / "linear_probe.json").read_text())
         result["linear_probe"].update(test_acc=probe["test_acc"], weight_decay=probe["weight_decay"])
         result["float16"] = float16_effect(emb, tmp)
         copy = tmp / "run"

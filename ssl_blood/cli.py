@@ -278,10 +278,10 @@ def _add_index(sub) -> None:
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
     p.add_argument("--gallery-split", default="train")
     p.add_argument("--kind", choices=INDEX_KINDS, default="auto",
-                   help="auto: exact below 200,000 cells, IVF above; flat: exact; ivf: IVF-Flat; "
+                   help="auto: exact below 200,000 cells, HNSW above (IVF on a GPU); flat: exact; ivf: IVF-Flat; "
                         "ivfpq: IVF-PQ with exact re-ranking; hnsw: graph")
     p.add_argument("--nlist", type=int, help="IVF lists (default about 4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, help="IVF lists searched per query (HNSW: efSearch)")
+    p.add_argument("--nprobe", type=int, help="IVF lists searched per query, default 16 (HNSW: efSearch, default 64)")
     p.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantisers (must divide the dimension)")
     p.add_argument("--faiss-device", choices=["auto", "gpu", "cpu"], default="auto")
     p.add_argument("--out", required=True, metavar="INDEX_DIR")

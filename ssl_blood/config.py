@@ -294,8 +294,9 @@ def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
     quick: a 2-core CPU, under 10 minutes (measured: docs/results.md). SimCLR trains the wide
     plain CNN for 8 epochs (on val, width beat epochs: experiments/results/
     quick_preset_search.json); DINO, whose steps cost ~2.4x more, the narrow one for 12 epochs.
-    standard: a 2-core CPU, under an hour (chosen on val: experiments/results/
-    standard_preset_search.json).
+    standard: a 2-core CPU, about an hour: the quick recipe for the epochs that fit 60 minutes
+    at the quick preset's measured epoch time (SimCLR 72, DINO 84); experiments/
+    standard_preset.py compares recipes at that budget on val.
     full: ResNet-18, 200 epochs, batch 512; meant for a GPU.
     """
     if preset not in PRESETS:
@@ -307,7 +308,7 @@ def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
         cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
                              knn_every=4, **cpu)
     elif preset == "standard":
-        backbone, epochs = ("cnn6-wide", 72) if method == "simclr" else ("cnn6", 100)
+        backbone, epochs = ("cnn6-wide", 72) if method == "simclr" else ("cnn6", 84)
         cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
                              knn_every=12, **{**cpu, "warmup_epochs": 4})
     else:
