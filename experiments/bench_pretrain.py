@@ -74,7 +74,7 @@ def make_step(cfg, channels: int, device: torch.device) -> Callable[[list[torch.
 
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "windows": [round(v, 1) for v in values]}
+            "windows": [round(v, 3) for v in values]}
 
 
 def main() -> int:

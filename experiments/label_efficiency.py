@@ -2,8 +2,9 @@
 SimCLR features (CPU).
 
 For budgets of 8-400 labelled train cells and 1 %, 10 %, 100 % of train, 5 seeds each:
-- linear probe (the few-shot logistic head, fixed in advance: L2-normalised features, weight
-  decay 1e-3; no val set is used, as a lab with a handful of labels would have none) on cells
+- linear probe (the few-shot logistic head, fixed in advance: L2-normalised features scaled to
+  norm sqrt(D), weight decay 1e-3; no val set is used, as a lab with a handful of labels would
+  have none) on cells
   chosen without labels by random / typiclust / kcenter (`ssl_blood.select`), and on raw pixels
   of randomly chosen cells;
 - fine-tuning the pretrained backbone (`ssl-blood fine-tune`) at 1 %, 10 %, 100 %, class-balanced
@@ -88,10 +89,14 @@ def run(args) -> dict:
     source = source_emb.source
     pixels = embed_splits(Embedder.baseline("pixels", load_split(source, "train")), source, ["train", "test"])
     n_train = int((source_emb.split == "train").sum())
+    head = (f"logistic regression on L2-normalised features scaled to norm sqrt(D), weight decay "
+            f"{FEW_SHOT_LOGREG_WEIGHT_DECAY} (fixed)")
     results = Results(Path(args.out), {"device": describe_device("auto"), "checkpoint": str(args.checkpoint),
-                                       "identity": source_emb.identity, "seeds": args.seeds,
-                                       "probe_head": f"logistic regression on L2-normalised features, "
-                                                     f"weight decay {FEW_SHOT_LOGREG_WEIGHT_DECAY} (fixed)"})
+                                       "identity": source_emb.identity, "seeds": args.seeds, "probe_head": head})
+    if results.data.get("probe_head") != head:  # probe numbers of another head are not reused
+        results.data["entries"] = {k: v for k, v in results.data["entries"].items() if not k.startswith("probe/")}
+        results.data["probe_head"] = head
+        results.save()
     started = time.perf_counter()
     for cells in list(BUDGETS) + [round(f * n_train) for f in FRACTIONS]:
         for seed in range(args.seeds):

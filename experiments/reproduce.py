@@ -169,7 +169,10 @@ def main() -> int:
         print(json.dumps({"baseline": kind, "test_acc": result["baselines"][kind]["linear_probe_test_acc"]}),
               file=sys.stderr, flush=True)
     epochs = 1 if args.smoke else args.supervised_epochs
-    if epochs > 0:
+    previous = _reusable_supervised(Path(args.out), backbone, epochs, limit) if args.reuse_runs else None
+    if previous:
+        result["supervised"] = {**previous, "reused": True}
+    elif epochs > 0:
         sup = train_supervised(SupervisedConfig(backbone=backbone, epochs=epochs, data=source.to_dict(),
                                                 limit=limit), progress=False)
         result["supervised"] = {k: v for k, v in sup.items()
@@ -179,6 +182,18 @@ def main() -> int:
     write_text(args.docs, results_markdown(result, load_ablations()))
     print(f"wrote {out} and {args.docs}", file=sys.stderr)
     return 0
+
+
+def _reusable_supervised(path: Path, backbone: str, epochs: int, limit: int | None) -> dict | None:
+    """With --reuse-runs, the supervised reference of the results file being replaced, when it
+    was trained with the same backbone, epochs and limit (it does not depend on pretraining)."""
+    if epochs < 1 or not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    sup = old.get("supervised")
+    if sup and old.get("limit") == limit and (sup["backbone"], sup["epochs"]) == (backbone, epochs):
+        return sup
+    return None
 
 
 # ----------------------------------------------------------------------------- docs/results.md
