@@ -30,3 +30,15 @@ def test_reproduce_smoke_runs_end_to_end(data_root, tmp_path):
     assert "smoke run on a tiny subset: not a result" in text and "| baseline: raw pixels |" in text
     assert "Anchors" in text and "supervised" in text and "k-means NMI" in text
     assert "### Few-shot heads: simclr" in text and "chosen (runs)" in text
+
+    # --reuse-runs evaluates the finished runs again and keeps the matching supervised reference
+    again = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "reproduce.py"), "--smoke", "--seeds", "0",
+         "--methods", "simclr", "--data-root", str(data_root), "--runs", str(tmp_path / "runs"),
+         "--out", str(out), "--docs", str(docs), "--reuse-runs"],
+        capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads(out.read_text())
+    assert reused["methods"]["simclr"]["runs"][0]["reused"] is True
+    assert reused["supervised"]["reused"] is True
+    assert reused["supervised"]["test_acc"] == result["supervised"]["test_acc"]
