@@ -111,6 +111,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--child", choices=["stream", "memory"])
     parser.add_argument("--out", default=str(REPO / "experiments/results/bench_streaming.json"))
+    parser.add_argument("--note", help="circumstances of the measurement, shown in docs/benchmarks.md "
+                        "(e.g. another job sharing the CPU)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)), flush=True)
@@ -121,7 +123,7 @@ def main() -> int:
 
     folder = Path(args.folder)
     result = {"device": describe_device("cpu"), "images": args.images, "size": args.size,
-              "batch": args.batch, "steps": args.steps,
+              "batch": args.batch, "steps": args.steps, "note": args.note,
               "write_seconds": write_folder(folder, args.images, args.size)}
     started = time.perf_counter()
     load_split(resolve_source(image_dir=str(folder), size=args.size, layout="flat"), "train")

@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--runs", default="runs/own_cells")
     parser.add_argument("--out", default=str(REPO / "experiments/results/bloodmnist_folder64.json"))
+    parser.add_argument("--note", help="circumstances of the timing, shown in docs/results.md")
     args = parser.parse_args()
 
     folder = Path(args.folder)
@@ -61,7 +62,7 @@ def main() -> int:
     from ssl_blood.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    out = {"device": describe_device("auto"), "size": args.size, "stem": ckpt["backbone_stem"],
+    out = {"device": describe_device("auto"), "note": args.note, "size": args.size, "stem": ckpt["backbone_stem"],
            "layout": "splits (DIR/{train,val,test}/<class>/)", "epochs": cfg.epochs,
            "pretrain_seconds": sum(r["seconds"] for r in result.history),
            "probe_test_acc": probe["test_acc"], "probe_val_acc": probe["val_acc"],

@@ -365,7 +365,8 @@ def _own_cells_markdown() -> list[str]:
             f"The same images written as PNG files in class folders (`DIR/{{train,val,test}}/<class>/`), "
             f"upsampled to 64 px, loaded with `--image-dir` and pretrained with the quick preset "
             f"(stem {o['stem']} chosen for {o['size']} px) on **{o['device']}**; "
-            f"{o['pretrain_seconds']:.0f} s of training. Written by experiments/own_cells.py.", "",
+            f"{o['pretrain_seconds']:.0f} s of training{' (' + o['note'] + ')' if o.get('note') else ''}. "
+            f"Written by experiments/own_cells.py.", "",
             "| data | linear probe ACC | kNN ACC | k-means NMI |", "|---|---|---|---|",
             f"| BloodMNIST npz, 28 px (table above, seed 0) | {_pct(o.get('npz28_probe_test_acc'))} | "
             f"{_pct(o.get('npz28_knn_test_acc'))} | – |",

@@ -51,7 +51,9 @@ def kmeans(features: np.ndarray, k: int, seed: int = 0, iterations: int = 25) ->
     from sklearn.cluster import kmeans_plusplus
 
     x = np.ascontiguousarray(l2_normalize(features), dtype=np.float32)
-    seeds, _ = kmeans_plusplus(x, k, random_state=seed)
+    # plain k-means++ (one candidate per step): scikit-learn's greedy default tries 2 + log k
+    # candidates per step: 25x slower at k = 1,200 on 12k cells (206 s against 8.5 s)
+    seeds, _ = kmeans_plusplus(x, k, random_state=seed, n_local_trials=1)
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, len(x) // k + 1))
     km.train(x, init_centroids=np.ascontiguousarray(seeds, dtype=np.float32))
