@@ -106,7 +106,8 @@ def main() -> int:
               "precision": "bf16" if uses_bf16(device, cfg.precision) else "fp32",
               "channels_last": cfg.channels_last, "compile": cfg.compile,
               "image": "one image = its two views", "window_seconds": args.seconds,
-              "rounds": args.rounds, "statistic": "median of interleaved windows (min, max beside)"}
+              "rounds": args.rounds, "statistic": "median of interleaved windows (min, max beside)",
+              "lightly_workers": args.workers}
 
     # (A) model-only: two random views already on the device
     model_only = make_step(cfg, train.channels, device)

@@ -113,7 +113,7 @@ def pretrain_section(b: dict | None) -> list[str]:
         s = b[f"{key}_img_s"]
         lines.append(f"| {name} | {s['median']:.0f} ({s['min']:.0f}–{s['max']:.0f}) |")
     lines += ["", f"ssl-blood / lightly = **{b['ratio_vs_lightly']:.2f}x**; ssl-blood / model only = "
-              f"**{b['ratio_vs_model_only']:.2f}**." + (f" {b['note']}." if b.get("note") else ""),
+              f"**{b['ratio_vs_model_only']:.2f}**." + (f" {b['note'][:1].upper()}{b['note'][1:]}." if b.get("note") else ""),
               "On two CPU cores the model itself is the bottleneck, so every pipeline runs near the "
               "model-only bound; the batched augmentation's advantage shows where the model is fast and "
               "PIL is not, on a GPU (targets there: >= 5x lightly, >= 0.9 of model only)."]
