@@ -260,7 +260,12 @@ def curves_png(series: Sequence[dict], path: str | Path, xlabel: str, ylabel: st
             std = np.asarray(s["std"], dtype=float)
             ax.fill_between(x, y - std, y + std, color=color, alpha=0.18, linewidth=0)
     if log_x:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_xscale("log")
+        # the default log labels are TeX ($10^{2}$), which parse_math=False would print raw
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -25,6 +25,20 @@ def test_readme_setup_matches_ci():
 
 def test_docs_exist_and_link():
     readme = (REPO / "README.md").read_text()
-    for name in ("user-guide", "cli", "architecture", "results", "benchmarks", "immature-granulocytes"):
+    for name in ("user-guide", "cli", "architecture", "results", "benchmarks", "immature-granulocytes",
+                 "label-efficiency", "data-checks"):
         assert (REPO / "docs" / f"{name}.md").is_file(), name
         assert f"docs/{name}.md" in readme
+
+
+def test_relative_links_resolve():
+    """Every relative link and image in README.md and docs/*.md points at a file that exists."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
