@@ -137,7 +137,9 @@ def streaming_section(s: dict | None) -> list[str]:
             f"{s['stream_growth_after_setup_mb']:.0f} MB over its setup (libraries, model, optimiser, the "
             f"first step's buffers), against one batch of {st['batch_uint8_mb']:.1f} MB of uint8 images "
             f"({st['batch_views_float32_mb']:.0f} MB as two float32 views): it does not grow with the "
-            f"{st['dataset_mb']:.0f} MB dataset, which the in-memory mode holds whole."] + (
+            f"{st['dataset_mb']:.0f} MB dataset, which the in-memory mode holds whole (its resident "
+            f"memory also counts the cache file's pages, mapped while it was copied into memory; the "
+            f"kernel can drop those)."] + (
         ["", f"Note: {s['note']}"] if s.get("note") else [])
 
 
