@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,9 @@ def timed(*argv: str, repeats: int = 1) -> dict:
             raise RuntimeError(proc.stderr[-2000:])
         seconds, kb = proc.stderr.strip().splitlines()[-1].split()
         runs.append((float(seconds), int(kb) / 1024))
-    seconds = sorted(r[0] for r in runs)
-    return {"command": "ssl-blood " + " ".join(argv[:1]), "seconds": seconds[len(seconds) // 2],
-            "min_s": seconds[0], "max_s": seconds[-1], "runs": repeats,
+    seconds = [r[0] for r in runs]
+    return {"command": "ssl-blood " + " ".join(argv[:1]), "seconds": statistics.median(seconds),
+            "min_s": min(seconds), "max_s": max(seconds), "runs": repeats,
             "peak_rss_mb": max(r[1] for r in runs)}
 
 
