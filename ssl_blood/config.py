@@ -295,8 +295,9 @@ def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
     plain CNN for 8 epochs (on val, width beat epochs: experiments/results/
     quick_preset_search.json); DINO, whose steps cost ~2.4x more, the narrow one for 12 epochs.
     standard: a 2-core CPU, about an hour: the quick recipe for the epochs that fit 60 minutes
-    at the quick preset's measured epoch time (SimCLR 72, DINO 84); experiments/
-    standard_preset.py compares recipes at that budget on val.
+    at the quick preset's measured epoch time (SimCLR 72, DINO 84). For SimCLR, NT-Xent
+    temperature 0.1: the best of three recipes on val at 15 minutes (experiments/
+    standard_preset.py; experiments/results/standard_preset_search.json).
     full: ResNet-18, 200 epochs, batch 512; meant for a GPU.
     """
     if preset not in PRESETS:
@@ -311,6 +312,8 @@ def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
         backbone, epochs = ("cnn6-wide", 72) if method == "simclr" else ("cnn6", 84)
         cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
                              knn_every=12, **{**cpu, "warmup_epochs": 4})
+        if method == "simclr":
+            cfg = replace(cfg, method_config=replace(cfg.method_config, temperature=0.1))
     else:
         cfg = PretrainConfig(method=method, preset=preset)
     if method == "dino":

@@ -27,6 +27,14 @@ def test_quick_preset_is_what_the_results_measured():
     assert default_preset("cpu") == "quick" and default_preset("cuda") == "full"
 
 
+def test_standard_preset_is_what_its_search_chose():
+    simclr, dino = preset_config("standard", "simclr"), preset_config("standard", "dino")
+    assert (simclr.backbone, simclr.epochs, simclr.warmup_epochs) == ("cnn6-wide", 72, 4)
+    assert simclr.method_config.temperature == 0.1  # the val winner at 15 minutes
+    assert preset_config("quick", "simclr").method_config.temperature == 0.2
+    assert (dino.backbone, dino.epochs) == ("cnn6", 84)
+
+
 @pytest.mark.parametrize("settings, pattern", [
     ({"epochs": "abc"}, r'`set` epochs="abc" is not a valid int'),
     ({"lr": "fast"}, r'`set` lr="fast" is not a valid float'),
