@@ -388,7 +388,9 @@ def _standard_markdown() -> list[str]:
         lines.append(f"| {p['budget']} | {p['name']} | {p['epochs']} | {p['pretrain_seconds'] / 60:.1f} min | "
                      f"{_pct(p['probe_val_acc'])} / {_pct(p.get('probe_test_acc'))} | "
                      f"{_pct(p['knn_val_acc'])} / {_pct(p.get('knn_test_acc'))} |")
-    lines += ["", st.get("verdict", ""), "", "![probe accuracy against pretraining minutes](figures/standard_curve.png)"]
+    lines += ["", f"Each budget's epochs are sized from the quick run's mean epoch time ({st['epoch_seconds']:.0f} s); "
+              f"the training time column is what each run measured (the CPU's epoch time varies by a few %).",
+              "", st.get("verdict", ""), "", "![probe accuracy against pretraining minutes](figures/standard_curve.png)"]
     return lines
 
 
