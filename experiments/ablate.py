@@ -23,13 +23,13 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from ssl_blood.config import apply_settings, parse_settings, preset_config
+from ssl_blood.training.config import apply_settings, parse_settings, preset_config
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import embed_checkpoint
-from ssl_blood.evaluate import knn_accuracy, linear_probe
-from ssl_blood.runs import write_json
-from ssl_blood.train import pretrain
+from ssl_blood.features.embeddings import embed_checkpoint
+from ssl_blood.evaluation.frozen import knn_accuracy, linear_probe
+from ssl_blood.files import write_json
+from ssl_blood.training.loop import pretrain
 
 
 def score_on_val(checkpoint: Path) -> dict:

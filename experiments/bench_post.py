@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ssl_blood.device import describe_device
-from ssl_blood.embed import Embeddings
-from ssl_blood.evaluate import linear_probe, labelled_split
-from ssl_blood.runs import write_json
+from ssl_blood.features.embeddings import Embeddings
+from ssl_blood.evaluation.frozen import linear_probe, labelled_split
+from ssl_blood.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def probe_imports_seconds() -> float:
     """Seconds a fresh process spends importing what `linear-probe` needs before any work:
     torch, scikit-learn (medmnist's Evaluator), matplotlib, and torch._dynamo, which torch.optim
     imports the first time an optimizer is built."""
-    code = ("import torch, sklearn.metrics, matplotlib.pyplot, ssl_blood.cli, ssl_blood.evaluate;"
+    code = ("import torch, sklearn.metrics, matplotlib.pyplot, ssl_blood.cli, ssl_blood.evaluation.frozen;"
             "torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])")
     proc = subprocess.run(["/usr/bin/time", "-f", "%e", sys.executable, "-c", code], capture_output=True, text=True)
     return float(proc.stderr.strip().splitlines()[-1])
@@ -67,7 +67,7 @@ def folder_mb(path: Path) -> float:
 
 def import_floor() -> dict:
     """Peak RSS of a process that only imports what a report imports (the floor under it)."""
-    code = "import torch, sklearn.cluster, umap, matplotlib.pyplot, bokeh.plotting, faiss, pandas, ssl_blood.report"
+    code = "import torch, sklearn.cluster, umap, matplotlib.pyplot, bokeh.plotting, faiss, pandas, ssl_blood.analysis.report"
     proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-c", code], capture_output=True,
                           text=True)
     seconds, kb = proc.stderr.strip().splitlines()[-1].split()
@@ -116,7 +116,7 @@ def big_map(emb_path: Path, tmp: Path, n: int) -> tuple[Path, dict]:
     features; thumbnails from the split's images, the default cap of 20,000 sampled."""
     from dataclasses import replace
 
-    from ssl_blood.explore import explore_page
+    from ssl_blood.analysis.explore import explore_page
 
     emb = Embeddings.load(emb_path)
     x, y, ids = emb.select("test")

@@ -33,15 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lightly_pipeline import PILViews  # noqa: E402
 
-from ssl_blood.augment import BatchAugment, ViewGroup
-from ssl_blood.config import default_preset, preset_config
+from ssl_blood.model.augment import BatchAugment, ViewGroup
+from ssl_blood.training.config import default_preset, preset_config
 from ssl_blood.data import channel_stats, load_split, resolve_source
 from ssl_blood.device import autocast, describe_device, resolve_device, uses_bf16
 from ssl_blood.methods import MethodSetup, build_method
-from ssl_blood.models import build_backbone
-from ssl_blood.optim import build_optimizer
-from ssl_blood.runs import write_json
-from ssl_blood.train import Trainer, pretrain
+from ssl_blood.model.backbones import build_backbone
+from ssl_blood.training.optim import build_optimizer
+from ssl_blood.files import write_json
+from ssl_blood.training.loop import Trainer, pretrain
 
 
 def sync(device: torch.device) -> None:

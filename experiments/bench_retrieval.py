@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from ssl_blood.device import describe_device, resolve_device
-from ssl_blood.embed import Embedder, Embeddings, embed_splits, l2_normalize
-from ssl_blood.index import CellIndex, faiss_gpus, set_nprobe
-from ssl_blood.runs import write_json
+from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits, l2_normalize
+from ssl_blood.features.index import CellIndex, faiss_gpus, set_nprobe
+from ssl_blood.files import write_json
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int,

@@ -63,14 +63,14 @@ def child(args) -> dict:
     """Pretraining steps on the folder in one mode; prints one JSON line."""
     import torch
 
-    from ssl_blood.augment import BatchAugment
-    from ssl_blood.config import preset_config
+    from ssl_blood.model.augment import BatchAugment
+    from ssl_blood.training.config import preset_config
     from ssl_blood.data import channel_stats, load_split, resolve_source
     from ssl_blood.device import autocast
     from ssl_blood.methods import MethodSetup, build_method
-    from ssl_blood.models import build_backbone, resolve_stem
-    from ssl_blood.optim import build_optimizer, epoch_batches
-    from ssl_blood.train import ImageFeed, Trainer
+    from ssl_blood.model.backbones import build_backbone, resolve_stem
+    from ssl_blood.training.optim import build_optimizer, epoch_batches
+    from ssl_blood.training.loop import ImageFeed, Trainer
 
     started = time.perf_counter()
     source = resolve_source(image_dir=args.folder, size=args.size, layout="flat")
@@ -121,7 +121,7 @@ def main() -> int:
         return 0
     from ssl_blood.data import load_split, resolve_source
     from ssl_blood.device import describe_device
-    from ssl_blood.runs import write_json
+    from ssl_blood.files import write_json
 
     folder = Path(args.folder)
     if args.modes_only:  # keep the folder and cache timings of the results file, time the modes again

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ssl_blood.runs import write_text
+from ssl_blood.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"

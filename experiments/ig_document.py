@@ -17,10 +17,10 @@ from pathlib import Path
 
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
-from ssl_blood.evaluate import probe_embeddings
-from ssl_blood.runs import write_text
-from ssl_blood.umap_ig import IG, umap_report
+from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
+from ssl_blood.evaluation.frozen import probe_embeddings
+from ssl_blood.files import write_text
+from ssl_blood.analysis.umap_ig import IG, umap_report
 
 REPO = Path(__file__).resolve().parents[1]
 

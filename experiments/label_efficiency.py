@@ -5,7 +5,7 @@ For budgets of 8-400 labelled train cells and 1 %, 10 %, 100 % of train, 5 seeds
 - linear probe (the few-shot logistic head, fixed in advance: L2-normalised features scaled to
   norm sqrt(D), weight decay 1e-3; no val set is used, as a lab with a handful of labels would
   have none) on cells
-  chosen without labels by random / typiclust / kcenter (`ssl_blood.select`), and on raw pixels
+  chosen without labels by random / typiclust / kcenter (`ssl_blood.analysis.select`), and on raw pixels
   of randomly chosen cells;
 - fine-tuning the pretrained backbone (`ssl-blood fine-tune`) at 1 %, 10 %, 100 %, class-balanced
   subsets; learning rate and backbone-lr ratio chosen on val for seed 0 and kept for the others
@@ -31,14 +31,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ssl_blood.augment import AugmentConfig
+from ssl_blood.model.augment import AugmentConfig
 from ssl_blood.data import load_split
 from ssl_blood.device import describe_device
-from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
-from ssl_blood.evaluate import FEW_SHOT_LOGREG_WEIGHT_DECAY, FEW_SHOT_PREDICTORS
-from ssl_blood.runs import write_json, write_text
-from ssl_blood.select import select_cells
-from ssl_blood.supervised import FineTuneConfig, SupervisedConfig, fine_tune, train_supervised
+from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
+from ssl_blood.evaluation.frozen import FEW_SHOT_LOGREG_WEIGHT_DECAY, FEW_SHOT_PREDICTORS
+from ssl_blood.files import write_json, write_text
+from ssl_blood.analysis.select import select_cells
+from ssl_blood.evaluation.supervised import FineTuneConfig, SupervisedConfig, fine_tune, train_supervised
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (8, 16, 40, 80, 160, 400)
@@ -256,7 +256,7 @@ def page(data: dict, summary: dict, figure: str) -> str:
 
 
 def figure(summary: dict, path: Path) -> Path:
-    from ssl_blood.plots import curves_png
+    from ssl_blood.analysis.plots import curves_png
 
     labels = {"probe/random": ("linear probe, random", "o-"), "probe/typiclust": ("linear probe, TypiClust", "s-"),
               "probe/kcenter": ("linear probe, k-center", "^-"), "probe/pixels": ("raw pixels, random", "x:"),

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ssl_blood.augment import AugmentConfig
+from ssl_blood.model.augment import AugmentConfig
 from ssl_blood.data import CellData
 
 

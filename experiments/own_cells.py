@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssl_blood.config import build_config
+from ssl_blood.training.config import build_config
 from ssl_blood.data import DataSource, available_splits, load_split, medmnist_info, resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import embed_checkpoint
-from ssl_blood.evaluate import knn_embeddings, probe_embeddings
-from ssl_blood.runs import write_json
-from ssl_blood.train import pretrain
+from ssl_blood.features.embeddings import embed_checkpoint
+from ssl_blood.evaluation.frozen import knn_embeddings, probe_embeddings
+from ssl_blood.files import write_json
+from ssl_blood.training.loop import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def main() -> int:
     result = pretrain(cfg, run, resume=reuse, overwrite=not reuse, progress=False)
     emb = embed_checkpoint(run / "checkpoint.pt")
     probe, knn = probe_embeddings(emb), knn_embeddings(emb, cluster_seed=None)
-    from ssl_blood.checkpoint import load_checkpoint
+    from ssl_blood.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run / "checkpoint.pt")
     out = {"device": describe_device("auto"), "note": args.note, "size": args.size, "stem": ckpt["backbone_stem"],

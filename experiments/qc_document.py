@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 
 from ssl_blood.device import describe_device
-from ssl_blood.embed import embed_checkpoint
+from ssl_blood.features.embeddings import embed_checkpoint
 import numpy as np
 
-from ssl_blood.qc import add_pixel_differences, near_duplicates, run_qc
-from ssl_blood.runs import write_text
+from ssl_blood.analysis.qc import add_pixel_differences, near_duplicates, run_qc
+from ssl_blood.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def top_suspects_montage(result: dict, emb, out: Path, n: int = 50) -> Path:
     """n label suspects over all classes, ten to a row: each class's most confident first,
     then each class's second, and so on (confidences tie near 1, so a plain sort would fill the
     page with the first classes)."""
-    from ssl_blood.plots import cell_grid
+    from ssl_blood.analysis.plots import cell_grid
 
     cells = top_cells(result, n)
     images = {s: emb.split_images(s) for s in emb.splits()}

@@ -28,14 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from ssl_blood.config import default_preset, preset_config
+from ssl_blood.training.config import default_preset, preset_config
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.device import describe_device, resolve_device
-from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
-from ssl_blood.evaluate import few_shot_embeddings, knn_embeddings, probe_embeddings
-from ssl_blood.runs import write_json, write_text
-from ssl_blood.supervised import SupervisedConfig, train_supervised
-from ssl_blood.train import pretrain
+from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
+from ssl_blood.evaluation.frozen import few_shot_embeddings, knn_embeddings, probe_embeddings
+from ssl_blood.files import write_json, write_text
+from ssl_blood.evaluation.supervised import SupervisedConfig, train_supervised
+from ssl_blood.training.loop import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 # Published and measured reference numbers (BloodMNIST-28, test split), shown beside ours.

@@ -21,13 +21,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ssl_blood.config import apply_settings, parse_settings, preset_config
+from ssl_blood.training.config import apply_settings, parse_settings, preset_config
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
-from ssl_blood.embed import embed_checkpoint
-from ssl_blood.evaluate import knn_embeddings, probe_embeddings
-from ssl_blood.runs import write_json
-from ssl_blood.train import pretrain
+from ssl_blood.features.embeddings import embed_checkpoint
+from ssl_blood.evaluation.frozen import knn_embeddings, probe_embeddings
+from ssl_blood.files import write_json
+from ssl_blood.training.loop import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = {"base": "", "temp0.1": "simclr.temperature=0.1", "batch512": "batch_size=512"}
@@ -55,7 +55,7 @@ def score(run: Path, with_test: bool, limit: int | None = None) -> dict:
     emb = embed_checkpoint(run / "checkpoint.pt", splits=["train", "val", "test"] if with_test else ["train", "val"],
                            limit=limit)
     if not with_test:  # val only: the val split plays the test split's part in the helpers
-        from ssl_blood.evaluate import knn_accuracy, linear_probe
+        from ssl_blood.evaluation.frozen import knn_accuracy, linear_probe
 
         (tx, ty, _), (vx, vy, _) = emb.select("train"), emb.select("val")
         return {"probe_val_acc": linear_probe(tx, ty, vx, vy, None, None, emb.class_names)["val_acc"],
@@ -109,7 +109,7 @@ def main() -> int:
                f"targets (92.0 %, 89 %) are {'reached' if reached else 'not both reached'}.")
     write_json({"device": device, "chosen": chosen, "epoch_seconds": per_epoch, "curve": curve,
                 "verdict": verdict}, args.out)
-    from ssl_blood.plots import curves_png
+    from ssl_blood.analysis.plots import curves_png
 
     minutes = [p["pretrain_seconds"] / 60 for p in curve]
     curves_png([{"label": "linear probe, test", "x": minutes, "y": [p["probe_test_acc"] for p in curve]},

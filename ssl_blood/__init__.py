@@ -1,8 +1,9 @@
 """ssl-blood: self-supervised representation learning for blood-cell microscopy.
 
-Data flow, one module each: data (folders) -> augment -> models -> methods -> train
-(checkpoint, runs) -> embed -> index -> retrieval / evaluate / supervised / select / qc ->
-plots / umap_ig / explore -> analysis / report -> cli. The public API is re-exported here lazily,
+The tree is the data flow, each package importing only from those before it (docs/architecture.md):
+core (errors, ui, files, device) -> data (sources -> catalogue -> decode -> CellData) -> model
+(augment, backbones, inference, checkpoint) -> features (embeddings, index, retrieval) ->
+methods -> training -> evaluation -> analysis -> cli. The public API is re-exported here lazily,
 so `import ssl_blood` stays cheap:
 
 >>> from ssl_blood import preset_config, pretrain
@@ -18,15 +19,16 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "DataSource": "data", "CellData": "data", "load_split": "data", "resolve_source": "data",
-    "AugmentConfig": "augment", "BatchAugment": "augment", "ViewGroup": "augment",
-    "build_backbone": "models", "backbone_names": "models",
+    "AugmentConfig": "model.augment", "BatchAugment": "model.augment", "ViewGroup": "model.augment",
+    "build_backbone": "model.backbones", "backbone_names": "model.backbones",
+    "load_checkpoint": "model.checkpoint", "load_backbone": "model.checkpoint",
+    "export_backbone": "model.checkpoint",
+    "Embedder": "features.embeddings", "EmbedderSpec": "features.embeddings",
+    "Embeddings": "features.embeddings", "embed_splits": "features.embeddings",
+    "CellIndex": "features.index",
     "Method": "methods", "register_method": "methods", "method_names": "methods",
-    "PretrainConfig": "config", "preset_config": "config",
-    "pretrain": "train", "PretrainResult": "train",
-    "load_checkpoint": "checkpoint", "load_backbone": "checkpoint", "export_backbone": "checkpoint",
-    "RunDir": "runs",
-    "Embedder": "embed", "EmbedderSpec": "embed", "Embeddings": "embed", "embed_splits": "embed",
-    "CellIndex": "index",
+    "PretrainConfig": "training.config", "preset_config": "training.config",
+    "pretrain": "training.loop", "PretrainResult": "training.loop", "RunDir": "training.run_dir",
     "UserError": "errors", "RunFailed": "errors",
 }
 _RENAMED = {"register_method": "register"}

@@ -65,7 +65,7 @@ def loose_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_config(synthetic_npz: Path):
     """A config that trains in about a second on the CPU."""
-    from ssl_blood.config import preset_config
+    from ssl_blood.training.config import preset_config
     from ssl_blood.data import resolve_source
 
     cfg = preset_config("quick", "simclr")
@@ -90,9 +90,9 @@ def artifacts() -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A pretrained run on a synthetic npz (session-wide): (run_dir, npz_path)."""
-    from ssl_blood.config import preset_config
+    from ssl_blood.training.config import preset_config
     from ssl_blood.data import resolve_source
-    from ssl_blood.train import pretrain
+    from ssl_blood.training.loop import pretrain
 
     root = tmp_path_factory.mktemp("tiny_run")
     npz = make_npz(root / "cells.npz", n_train=96, n_val=32, n_test=40, class_names=CELL_NAMES)
@@ -107,7 +107,7 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_embeddings(tiny_run, tmp_path_factory):
     """embeddings.npz of the tiny run (all splits)."""
-    from ssl_blood.embed import embed_checkpoint
+    from ssl_blood.features.embeddings import embed_checkpoint
 
     run, _ = tiny_run
     path = tmp_path_factory.mktemp("tiny_emb") / "emb.npz"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ssl_blood.augment import (AugmentConfig, BatchAugment, ViewGroup, color_jitter,
+from ssl_blood.model.augment import (AugmentConfig, BatchAugment, ViewGroup, color_jitter,
                                eval_preprocess, gaussian_blur, sample_crop_affine, to_unit_float, warp)
 
 IDENTITY = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # normalisation that keeps [0, 1] values

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssl_blood.checkpoint import load_backbone, load_checkpoint
+from ssl_blood.model.checkpoint import load_backbone, load_checkpoint
 from ssl_blood.errors import UserError
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from ssl_blood.config import (PretrainConfig, apply_settings, build_config, default_preset,
+from ssl_blood.training.config import (PretrainConfig, apply_settings, build_config, default_preset,
                               parse_settings, preset_config, scale_epochs_to_data)
 from ssl_blood.errors import UserError
 

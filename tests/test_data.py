@@ -120,7 +120,7 @@ def test_npz_class_names_and_medmnist_names(tmp_path):
     (lambda a: a.update(train_images=a["train_images"][..., :2]), r"expected \(N, H, W\)"),
     (lambda a: a.update(train_labels=a["train_labels"][:10]), "10 labels for 64 images"),
     (lambda a: a.update(train_labels=np.zeros((64, 3), np.int64)), "multi-label"),
-    (lambda a: a.pop("train_images"), "no 'train_images'"),
+    (lambda a: a.pop("train_images"), "no 'train' split"),
 ])
 def test_malformed_npz_is_refused(tmp_path, mutate, pattern):
     arrays = dict(np.load(make_npz(tmp_path / "ok.npz")))
@@ -156,7 +156,9 @@ def test_channel_stats_in_chunks_equal_one_pass():
 
 
 def test_datasource_roundtrip():
-    source = DataSource("npz", "/x/cells.npz", 16)
+    from ssl_blood.data.sources.npz import NpzSource
+
+    source = NpzSource("/x/cells.npz", 16)
     assert DataSource.from_dict(source.to_dict()) == source and source.name == "cells"
     old = DataSource.from_dict({"kind": "image-dir", "path": "/x/smears", "size": 28})  # format 1
     assert old.layout == "auto" and old.split_fractions == (0.7, 0.1, 0.2)

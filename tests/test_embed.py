@@ -4,9 +4,9 @@ import torch
 
 from ssl_blood.cli import main
 from ssl_blood.data import load_split, resolve_source
-from ssl_blood.embed import Embedder, EmbedderSpec, Embeddings, embed_checkpoint, embed_splits
+from ssl_blood.features.embeddings import Embedder, EmbedderSpec, Embeddings, embed_checkpoint, embed_splits
 from ssl_blood.errors import UserError
-from ssl_blood.runs import sha256_file
+from ssl_blood.files import sha256_file
 
 
 def test_checkpoint_embeddings_file(tiny_run, tmp_path):
@@ -28,8 +28,8 @@ def test_checkpoint_embeddings_file(tiny_run, tmp_path):
 
 
 def test_features_match_the_backbone(tiny_run):
-    from ssl_blood.augment import eval_preprocess
-    from ssl_blood.checkpoint import load_backbone
+    from ssl_blood.model.augment import eval_preprocess
+    from ssl_blood.model.checkpoint import load_backbone
 
     run, npz = tiny_run
     trained = load_backbone(run / "checkpoint.pt")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings, EmbedderSpec
+from ssl_blood.features.embeddings import Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
-from ssl_blood.evaluate import (PROBE_WEIGHT_DECAYS, classification_metrics, cluster_metrics,
+from ssl_blood.evaluation.frozen import (PROBE_WEIGHT_DECAYS, classification_metrics, cluster_metrics,
                                 few_shot, knn_embeddings, knn_scores, linear_probe, mean_ci95,
                                 probe_embeddings, support_indices)
 
@@ -88,7 +88,7 @@ def test_knn_on_the_gallery_split_never_votes_for_itself():
 
 
 def test_knn_masks_unfilled_neighbours():
-    from ssl_blood.index import CellIndex
+    from ssl_blood.features.index import CellIndex
 
     gx, gy = blobs(400, spread=0.2)
     index = CellIndex.build(gx, labels=gy, kind="ivf", nlist=40, nprobe=1, use_gpu=False)
@@ -248,7 +248,7 @@ def test_few_shot_logistic_head_does_not_underfit_many_labels(data_root):
     """The fixed few-shot head stays near the val-tuned linear probe with thousands of labels
     (raw BloodMNIST pixels, 3,000 train cells): on unit-norm features its weight decay underfit
     to 54 % against the probe's 80 %."""
-    from ssl_blood.evaluate import FEW_SHOT_PREDICTORS
+    from ssl_blood.evaluation.frozen import FEW_SHOT_PREDICTORS
 
     arrays = np.load(data_root / "bloodmnist.npz")
     tx = arrays["train_images"][:3000].reshape(3000, -1).astype(np.float32) / 255

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssl_blood.embed import Embeddings, EmbedderSpec
+from ssl_blood.features.embeddings import Embeddings, EmbedderSpec
 from tests.helpers import REPO
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings
+from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
-from ssl_blood.explore import explore_page
+from ssl_blood.analysis.explore import explore_page
 from tests.helpers import (CHROMEDRIVER, CHROMIUM, DEEP_QUERY, chrome, console_errors,
                            requested_urls, wait_for)
 

@@ -9,10 +9,11 @@ import tifffile
 import torch
 from PIL import Image
 
-from ssl_blood import folders
+from ssl_blood.data import decode as folders
 from ssl_blood.data import available_splits, load_split, resolve_source
 from ssl_blood.errors import UserError
-from ssl_blood.folders import read_cell_image, stratified_split
+from ssl_blood.data.catalogue import stratified_split
+from ssl_blood.data.decode import read_cell_image
 from tests.helpers import (bloodmnist_folder, bloodmnist_manifest, bloodmnist_subset,
                            class_names_of_bloodmnist, write_png)
 
@@ -48,7 +49,7 @@ def test_split_folders_match_the_npz(subset, tmp_path, data_root):
 
 
 def test_same_images_give_the_same_features(subset, tmp_path, data_root, tiny_run):
-    from ssl_blood.embed import Embedder
+    from ssl_blood.features.embeddings import Embedder
 
     root = bloodmnist_folder(tmp_path / "cells", {"test": subset["test"]}, "splits")
     folder_test = load_split(resolve_source(image_dir=str(root), size=28), "test")
@@ -149,18 +150,20 @@ def test_manifest_without_split_or_some_labels(subset, tmp_path):
 
 def test_decode_cache_is_used_and_invalidated(subset, tmp_path, monkeypatch):
     root = bloodmnist_folder(tmp_path / "cells", {"train": subset["train"]}, "splits")
-    source = resolve_source(image_dir=str(root), size=28, cache_dir=str(tmp_path / "cache"))
-    first = load_split(source, "train")
+    def source():  # a new source each time: one source object decodes once and keeps it
+        return resolve_source(image_dir=str(root), size=28, cache_dir=str(tmp_path / "cache"))
+
+    first = load_split(source(), "train")
     assert first.image_file is not None and first.image_file.parent == tmp_path / "cache"
     real = folders.read_cell_image
     monkeypatch.setattr(folders, "read_cell_image", lambda *a: pytest.fail("decoded again"))
-    second = load_split(source, "train")
+    second = load_split(source(), "train")
     assert torch.equal(first.images, second.images)
     changed = sorted(root.rglob("*.png"))[0]
     Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(changed)
     os.utime(changed, ns=(1, 1))  # a different modification time
     monkeypatch.setattr(folders, "read_cell_image", real)
-    third = load_split(source, "train")
+    third = load_split(source(), "train")
     assert third.image_file != first.image_file
     row = list(third.metadata["path"]).index(os.path.relpath(changed, root))
     assert third.images[row].sum() == 0

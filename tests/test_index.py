@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex, default_nlist, faiss_gpus
+from ssl_blood.features.index import CellIndex, default_nlist, faiss_gpus
 
 
 def clustered(n=2000, dim=32, clusters=20, seed=0):
@@ -58,7 +58,7 @@ def test_every_kind_finds_near_duplicates(kind, tmp_path):
 
 
 def test_auto_kind_by_size():
-    from ssl_blood.index import AUTO_FLAT_BELOW, choose_kind
+    from ssl_blood.features.index import AUTO_FLAT_BELOW, choose_kind
 
     assert choose_kind(AUTO_FLAT_BELOW - 1) == "flat"
     assert choose_kind(AUTO_FLAT_BELOW) == "hnsw"  # fastest at recall >= 0.95 on a CPU

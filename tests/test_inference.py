@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from ssl_blood.inference import frozen_for_inference, inference_batch, run_model
-from ssl_blood.models import build_backbone
+from ssl_blood.model.inference import frozen_for_inference, inference_batch, run_model
+from ssl_blood.model.backbones import build_backbone
 
 
 def test_folded_batch_norm_gives_the_same_features():

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from ssl_blood import methods
-from ssl_blood.augment import AugmentConfig, BatchAugment, ViewGroup
+from ssl_blood.model.augment import AugmentConfig, BatchAugment, ViewGroup
 from ssl_blood.data import channel_stats, load_split, resolve_source
 from ssl_blood.errors import UserError
 from ssl_blood.methods import Method, MethodSetup, build_method, method_names, register
 from ssl_blood.methods.dino import DINO, DINOConfig
 from ssl_blood.methods.simclr import SimCLR, SimCLRConfig
-from ssl_blood.models import build_backbone
+from ssl_blood.model.backbones import build_backbone
 
 SETUP = MethodSetup(epochs=10, input_size=28, crop_scale=(0.14, 1.0))
 
@@ -193,9 +193,9 @@ class Toy(Method):
 
 
 def test_a_third_method_needs_only_its_class_and_config(tiny_config, tmp_path):
-    from ssl_blood.config import PretrainConfig, apply_settings
-    from ssl_blood.embed import embed_checkpoint
-    from ssl_blood.train import pretrain
+    from ssl_blood.training.config import PretrainConfig, apply_settings
+    from ssl_blood.features.embeddings import embed_checkpoint
+    from ssl_blood.training.loop import pretrain
 
     register(Toy)
     try:
@@ -209,4 +209,4 @@ def test_a_third_method_needs_only_its_class_and_config(tiny_config, tmp_path):
         emb = embed_checkpoint(tmp_path / "run" / "checkpoint.pt")
         assert emb.dim == result.backbone.num_features
     finally:
-        methods._METHODS.pop("toy")
+        methods.base._METHODS.pop("toy")

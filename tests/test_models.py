@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ssl_blood.errors import UserError
-from ssl_blood.models import (backbone_names, build_backbone, describe_backbones, output_dim,
+from ssl_blood.model.backbones import (backbone_names, build_backbone, describe_backbones, output_dim,
                               resolve_stem)
 
 

@@ -7,8 +7,8 @@ import torch
 from ssl_blood.errors import UserError
 from ssl_blood.methods import MethodSetup, build_method
 from ssl_blood.methods.simclr import SimCLRConfig
-from ssl_blood.models import build_backbone
-from ssl_blood.optim import (build_optimizer, effective_batch, epoch_batches, lr_schedule,
+from ssl_blood.model.backbones import build_backbone
+from ssl_blood.training.optim import (build_optimizer, effective_batch, epoch_batches, lr_schedule,
                              peak_lr)
 
 

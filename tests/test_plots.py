@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from ssl_blood import plots
+from ssl_blood.analysis import plots
 
 
 def test_curves_with_bands_and_log_axis(tmp_path):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings, EmbedderSpec
-from ssl_blood.qc import run_qc
+from ssl_blood.features.embeddings import Embeddings, EmbedderSpec
+from ssl_blood.analysis.qc import run_qc
 from tests.helpers import make_npz
 
 

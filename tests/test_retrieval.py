@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from ssl_blood.cli import main
-from ssl_blood.index import CellIndex
-from ssl_blood.retrieval import neighbours, retrieval_metrics
+from ssl_blood.features.index import CellIndex
+from ssl_blood.features.retrieval import neighbours, retrieval_metrics
 from tests.helpers import CELL_NAMES
 
 
@@ -34,7 +34,7 @@ def test_unfilled_neighbours_never_count():
 
 
 def test_ivf_padding_is_not_returned_as_a_neighbour(tmp_path):
-    from ssl_blood.retrieval import describe, evaluate_index
+    from ssl_blood.features.retrieval import describe, evaluate_index
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(20, 16))

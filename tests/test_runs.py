@@ -10,7 +10,8 @@ import time
 import pytest
 
 from ssl_blood.errors import UserError
-from ssl_blood.runs import FolderLock, RunDir, atomic_write, write_json, write_text
+from ssl_blood.files import FolderLock, atomic_write, write_json, write_text
+from ssl_blood.training.run_dir import RunDir
 
 
 def leftovers(folder):
@@ -97,7 +98,7 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ssl_blood.runs import FolderLock; "
+        "import sys, time; from ssl_blood.files import FolderLock; "
         f"FolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings, EmbedderSpec
+from ssl_blood.features.embeddings import Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
-from ssl_blood.select import read_ids, select_cells, write_picks
+from ssl_blood.analysis.select import read_ids, select_cells, write_picks
 
 SPEC = EmbedderSpec(kind="pixels", identity="pixels:t", image_size=4, channels=1, num_classes=0,
                     source={"kind": "npz", "path": "/gone.npz", "size": 4})

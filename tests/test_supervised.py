@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from ssl_blood.augment import AugmentConfig
+from ssl_blood.model.augment import AugmentConfig
 from ssl_blood.cli import main
 from ssl_blood.data import resolve_source
 from ssl_blood.errors import UserError
-from ssl_blood.supervised import (FineTuneConfig, SupervisedConfig, fine_tune, labelled_subset,
+from ssl_blood.evaluation.supervised import (FineTuneConfig, SupervisedConfig, fine_tune, labelled_subset,
                                   train_supervised)
 from tests.helpers import make_npz
 
@@ -61,7 +61,7 @@ def test_fine_tune_improves_over_its_initial_probe(tiny_run, halves, tmp_path):
                                 "val_acc": result["val_acc"]}
     written = json.loads((tmp_path / "ft" / "fine_tune.json").read_text())
     assert written["test_acc"] == result["test_acc"]
-    from ssl_blood.checkpoint import load_checkpoint
+    from ssl_blood.model.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "ft" / "checkpoint.pt")["kind"] == "fine-tune"
 
@@ -79,7 +79,7 @@ def test_supervised_fraction_uses_the_same_cells_as_fine_tune(tiny_run, halves):
 
 
 def test_few_shot_episode_draws_the_same_cells_as_fine_tune_with_that_seed():
-    from ssl_blood.evaluate import support_indices
+    from ssl_blood.evaluation.frozen import support_indices
 
     labels = np.repeat(np.arange(4), 30)
     ids = labelled_subset(labels, 4, seed=7, shots=3)

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssl_blood.checkpoint import export_backbone, load_backbone, load_checkpoint
-from ssl_blood.config import PretrainConfig
+from ssl_blood.model.checkpoint import export_backbone, load_backbone, load_checkpoint
+from ssl_blood.training.config import PretrainConfig
 from ssl_blood.errors import RunFailed, UserError
-from ssl_blood.runs import RunDir
-from ssl_blood.train import pretrain
+from ssl_blood.training.run_dir import RunDir
+from ssl_blood.training.loop import pretrain
 from tests.conftest import tiny_dino
 from tests.helpers import REPO
 
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_the_run(tiny_config, tmp_path):
 
 
 def test_non_finite_weights_are_never_checkpointed(tiny_config, tmp_path, monkeypatch):
-    import ssl_blood.train as train
+    import ssl_blood.training.loop as train
 
     runs = []
     real_setup = train._setup
@@ -177,9 +177,9 @@ def test_lost_or_torn_metrics_lines_are_repaired_on_resume(tiny_config, tmp_path
 
 _CHILD = """
 import sys, time, torch
-from ssl_blood import runs
-from ssl_blood.config import PretrainConfig
-from ssl_blood.train import pretrain
+from ssl_blood.training import run_dir as runs
+from ssl_blood.training.config import PretrainConfig
+from ssl_blood.training.loop import pretrain
 real = torch.save
 def slow_save(obj, f, *a, **k):  # widen the window a kill can land in
     print("saving", flush=True)
@@ -234,7 +234,7 @@ def test_two_runs_on_one_folder_the_second_is_refused(tiny_config, tmp_path):
 
 
 def test_export_writes_a_plain_state_dict(tiny_config, tmp_path):
-    from ssl_blood.models import PlainCNN
+    from ssl_blood.model.backbones import PlainCNN
 
     pretrain(tiny_config, tmp_path / "run", progress=False)
     info = export_backbone(tmp_path / "run" / "checkpoint.pt", tmp_path / "backbone.pt")
@@ -269,7 +269,7 @@ def test_ddp_ranks_end_with_identical_weights_and_global_bn(tiny_config, tmp_pat
     assert rank0["bn"] and all(name.startswith("_GlobalBatchNorm") for name in rank0["bn"])
     ckpt = load_checkpoint(out / "checkpoint.pt")  # rank 0 wrote the run files
     assert ckpt["epoch"] == 2 and state_equal(ckpt["method"], rank0["state"])
-    from ssl_blood.models import build_backbone
+    from ssl_blood.model.backbones import build_backbone
 
     torch.manual_seed(cfg.seed)  # and training moved the weights away from the initialisation
     assert not torch.equal(build_backbone(cfg.backbone).state_dict()["0.weight"], ckpt["backbone"]["0.weight"])
@@ -287,7 +287,7 @@ def test_global_batch_norm_equals_one_big_batch(tmp_path):
 
 
 def _bn_rank(rank: int, init_file: str, x: torch.Tensor, out: str) -> None:
-    from ssl_blood.distributed import sync_batch_norm
+    from ssl_blood.training.distributed import sync_batch_norm
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from ssl_blood.cli import main
-from ssl_blood.embed import Embeddings
+from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
-from ssl_blood.umap_ig import (class_index, has_class, confusion_rows, fit_umap, neighbour_composition,
+from ssl_blood.analysis.umap_ig import (class_index, has_class, confusion_rows, fit_umap, neighbour_composition,
                                subclusters)
 
 NAMES = ("basophil", "immature granulocytes", "monocyte", "neutrophil")
@@ -73,7 +73,7 @@ def test_class_index_and_confusion_rows():
 
 
 def write_embeddings(path, features, labels, source=None):
-    from ssl_blood.embed import EmbedderSpec
+    from ssl_blood.features.embeddings import EmbedderSpec
 
     spec = EmbedderSpec(kind="pixels", identity=f"pixels:{path.stem}", image_size=16, channels=3,
                         num_classes=4, source=source or {"kind": "npz", "path": "/gone.npz", "size": 16})
@@ -134,7 +134,7 @@ def test_too_few_cells_for_umap(tmp_path, capsys):
 
 def test_dollar_signs_in_class_names_are_drawn_literally(tmp_path):
     """Matplotlib would parse $...$ as mathtext (and fail on $\\x$); names are data."""
-    from ssl_blood.plots import confusion_matrix_png
+    from ssl_blood.analysis.plots import confusion_matrix_png
 
     names = ["$\\x$ cells", "a_b$", "50$", "plain"]
     path = confusion_matrix_png(np.eye(4, dtype=int) * 3, names, tmp_path / "cm.png", "title $\\alpha$")

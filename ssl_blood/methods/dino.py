@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssl_blood.augment import ViewGroup
+from ssl_blood.model.augment import ViewGroup
 from ssl_blood.errors import RunFailed
-from ssl_blood.methods import Mean, Method, MethodSetup, register
+from ssl_blood.methods.base import Mean, Method, MethodSetup, register
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssl_blood.methods import Method, MethodSetup, register
+from ssl_blood.methods.base import Method, MethodSetup, register
 
 
 @dataclass

@@ -38,7 +38,7 @@ def class_colors(n: int) -> list[str]:
 
 
 def _save(fig, path: str | Path, svg: bool = False, dpi: int = DPI) -> list[Path]:
-    from ssl_blood.runs import save_figure
+    from ssl_blood.files import save_figure
 
     plt = _pyplot()
     path = Path(path)

@@ -19,7 +19,7 @@ import torch
 
 from ssl_blood import ui
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex
+from ssl_blood.features.index import CellIndex
 
 # 1e-1 and 1 widen the grid because the raw-pixel baseline chose 1e-2, its old edge; every
 # feature set now chooses inside it (docs/results.md lists the choices).
@@ -84,7 +84,7 @@ def cluster_metrics(features: np.ndarray, labels: np.ndarray, num_classes: int,
     import faiss
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    from ssl_blood.embed import l2_normalize
+    from ssl_blood.features.embeddings import l2_normalize
 
     if len(features) < num_classes:
         raise UserError(f"{len(features)} cells are too few to cluster into {num_classes} classes",
@@ -112,7 +112,7 @@ def knn_scores(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndar
     """Class scores (Q, C) of DINO's weighted kNN: each of the k nearest gallery vectors
     (cosine, through CellIndex) votes for its class with weight exp(similarity / T). With
     `exclude_ids` (queries from the gallery's own split) a query never votes for itself."""
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     if k < 1 or not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"kNN needs `k` >= 1 and `temperature` > 0 (got k={k}, T={temperature})",
@@ -288,7 +288,7 @@ def support_indices(labels: np.ndarray, num_classes: int, rng: np.random.Generat
 
 
 def _predict_prototype(sx, sy, queries, num_classes):
-    from ssl_blood.embed import l2_normalize
+    from ssl_blood.features.embeddings import l2_normalize
 
     sx = l2_normalize(sx)
     prototypes = l2_normalize(np.stack([sx[sy == c].mean(0) for c in range(num_classes)]))
@@ -302,7 +302,7 @@ def _predict_knn(sx, sy, queries, num_classes):
 
 
 def _predict_logreg(sx, sy, queries, num_classes):
-    from ssl_blood.embed import l2_normalize
+    from ssl_blood.features.embeddings import l2_normalize
 
     def scaled(x: np.ndarray) -> torch.Tensor:  # norm sqrt(D): see FEW_SHOT_LOGREG_WEIGHT_DECAY
         return torch.as_tensor(l2_normalize(x) * np.float32(math.sqrt(x.shape[1])))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ssl_blood import ui
-from ssl_blood.augment import eval_preprocess
+from ssl_blood.model.augment import eval_preprocess
 from ssl_blood.device import autocast
 
 

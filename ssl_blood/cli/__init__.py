@@ -41,7 +41,7 @@ def _csv(text: str | None, kind: Callable[[str], Any] = str, flag: str = "list")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    from ssl_blood.folders import LAYOUTS
+    from ssl_blood.data import LAYOUTS
 
     group = p.add_argument_group("data (one of --data-root, --npz, --image-dir, --manifest)")
     source = group.add_mutually_exclusive_group()
@@ -108,9 +108,9 @@ _PRETRAIN_FLAGS = {  # argparse dest -> config field
 
 
 def _add_pretrain(sub) -> None:
-    from ssl_blood.config import OPTIMIZERS, PRECISIONS, PRESETS, STREAMING
+    from ssl_blood.training.config import OPTIMIZERS, PRECISIONS, PRESETS, STREAMING
     from ssl_blood.methods import method_names
-    from ssl_blood.models import STEMS, backbone_names
+    from ssl_blood.model.backbones import STEMS, backbone_names
 
     p = sub.add_parser("pretrain", help="pretrain a backbone with SimCLR or DINO",
                        description="Pretrain a backbone self-supervised; writes OUT/checkpoint.pt, "
@@ -149,9 +149,9 @@ def _add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_blood.config import apply_settings, build_config, default_run_dir, parse_settings
+    from ssl_blood.training.config import apply_settings, build_config, default_run_dir, parse_settings
     from ssl_blood.device import resolve_device
-    from ssl_blood.train import pretrain, resume_config
+    from ssl_blood.training.loop import pretrain, resume_config
 
     overrides = {field: getattr(args, dest) for dest, field in _PRETRAIN_FLAGS.items()
                  if getattr(args, dest) is not None}
@@ -190,7 +190,7 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ssl_blood.checkpoint import export_backbone
+    from ssl_blood.model.checkpoint import export_backbone
 
     info = export_backbone(args.checkpoint, args.out, args.overwrite)
     print(f"wrote {info['out']}: {info['backbone']} (stem {info['stem']}) state_dict, "
@@ -203,8 +203,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_embed(sub) -> None:
-    from ssl_blood.embed import BASELINES, EXPORT_FORMATS, FEATURE_DTYPES
-    from ssl_blood.models import backbone_names
+    from ssl_blood.features.embeddings import BASELINES, EXPORT_FORMATS, FEATURE_DTYPES
+    from ssl_blood.model.backbones import backbone_names
 
     p = sub.add_parser("embed", help="backbone features of data splits -> embeddings file",
                        description="Embed data splits with a checkpoint's backbone (or a baseline). "
@@ -232,7 +232,7 @@ def _add_embed(sub) -> None:
 def _embeddings_from_args(args: argparse.Namespace, splits: Sequence[str] | None = None):
     """Embeddings of the requested splits, from --checkpoint or a --baseline."""
     from ssl_blood.data import available_splits, load_split
-    from ssl_blood.embed import Embedder, embed_checkpoint, embed_splits
+    from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
 
     source = _source(args) if (_source_given(args) or not args.checkpoint) else None
     if args.checkpoint:
@@ -252,14 +252,14 @@ def _embeddings_from_args(args: argparse.Namespace, splits: Sequence[str] | None
 
 
 def _checkpoint_source(checkpoint: str):
-    from ssl_blood.checkpoint import load_checkpoint
+    from ssl_blood.model.checkpoint import load_checkpoint
     from ssl_blood.data import DataSource
 
     return DataSource.from_dict(load_checkpoint(checkpoint)["dataset"]["source"])
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ssl_blood.runs import refuse_existing
+    from ssl_blood.files import refuse_existing
 
     refuse_existing(args.out, args.overwrite)
     emb = _embeddings_from_args(args)
@@ -270,7 +270,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _add_index(sub) -> None:
-    from ssl_blood.index import INDEX_KINDS
+    from ssl_blood.features.index import INDEX_KINDS
 
     p = sub.add_parser("index", help="build a faiss index over one split of an embeddings file",
                        description="Build a cosine faiss index over the gallery split of an "
@@ -290,9 +290,9 @@ def _add_index(sub) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from ssl_blood.embed import Embeddings
-    from ssl_blood.index import INDEX_FILE, CellIndex
-    from ssl_blood.runs import refuse_existing
+    from ssl_blood.features.embeddings import Embeddings
+    from ssl_blood.features.index import INDEX_FILE, CellIndex
+    from ssl_blood.files import refuse_existing
 
     refuse_existing(Path(args.out) / INDEX_FILE, args.overwrite)
     emb = Embeddings.load(args.embeddings)
@@ -348,9 +348,9 @@ def _metrics_table(result: dict) -> str:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
-    from ssl_blood import retrieval
-    from ssl_blood.index import CellIndex
-    from ssl_blood.runs import refuse_existing
+    from ssl_blood.features import retrieval
+    from ssl_blood.features.index import CellIndex
+    from ssl_blood.files import refuse_existing
 
     if args.k < 1:
         raise UserError(f"--k {args.k} must be at least 1")
@@ -394,8 +394,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def _write_montage(path: str, index, source, images, answers: list[dict]) -> None:
     from ssl_blood.data import load_split
-    from ssl_blood.plots import retrieval_montage
-    from ssl_blood.retrieval import montage_rows
+    from ssl_blood.analysis.plots import retrieval_montage
+    from ssl_blood.features.retrieval import montage_rows
 
     gallery = load_split(source, index.meta["gallery_split"]).images.numpy()
     captions = [Path(a["query"]["image"]).name if "image" in a["query"]
@@ -407,9 +407,9 @@ def _write_montage(path: str, index, source, images, answers: list[dict]) -> Non
 
 
 def _retrieve_evaluate(args, index, embedder, source) -> int:
-    from ssl_blood import retrieval
+    from ssl_blood.features import retrieval
     from ssl_blood.data import load_split
-    from ssl_blood.embed import Embeddings
+    from ssl_blood.features.embeddings import Embeddings
 
     split = args.split or "test"
     same_split = split == index.meta["gallery_split"]
@@ -445,7 +445,7 @@ def _add_eval_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_embeddings(args: argparse.Namespace):
-    from ssl_blood.embed import Embeddings
+    from ssl_blood.features.embeddings import Embeddings
 
     if args.embeddings:
         return Embeddings.load(args.embeddings)
@@ -453,7 +453,7 @@ def _eval_embeddings(args: argparse.Namespace):
 
 
 def _eval_out_dir(args: argparse.Namespace) -> Path:
-    from ssl_blood.runs import RunDir
+    from ssl_blood.training.run_dir import RunDir
 
     if args.out:
         return Path(args.out)
@@ -486,9 +486,9 @@ def _add_linear_probe(sub) -> None:
 
 
 def cmd_linear_probe(args: argparse.Namespace) -> int:
-    from ssl_blood.evaluate import probe_embeddings
-    from ssl_blood.plots import confusion_matrix_png
-    from ssl_blood.runs import write_json
+    from ssl_blood.evaluation.frozen import probe_embeddings
+    from ssl_blood.analysis.plots import confusion_matrix_png
+    from ssl_blood.files import write_json
 
     emb = _eval_embeddings(args)
     result = probe_embeddings(emb, progress=None)
@@ -522,7 +522,7 @@ def _add_knn(sub) -> None:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    from ssl_blood.evaluate import knn_embeddings
+    from ssl_blood.evaluation.frozen import knn_embeddings
 
     emb = _eval_embeddings(args)
     result = knn_embeddings(emb, args.k, args.temperature, args.split)
@@ -538,7 +538,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 
 def _add_few_shot(sub) -> None:
-    from ssl_blood.evaluate import FEW_SHOT_HEADS
+    from ssl_blood.evaluation.frozen import FEW_SHOT_HEADS
 
     p = sub.add_parser("few-shot", help="prototype / kNN / logistic heads with few labels",
                        description="Heads trained on small class-balanced labelled sets from train; "
@@ -555,7 +555,7 @@ def _add_few_shot(sub) -> None:
 
 
 def cmd_few_shot(args: argparse.Namespace) -> int:
-    from ssl_blood.evaluate import few_shot_embeddings
+    from ssl_blood.evaluation.frozen import few_shot_embeddings
 
     emb = _eval_embeddings(args)
     result = few_shot_embeddings(emb, progress=None, shots=_csv(args.shots, int, "--shots"),
@@ -583,7 +583,7 @@ def _add_labelled_subset(p: argparse.ArgumentParser) -> None:
 
 
 def _add_supervised(sub) -> None:
-    from ssl_blood.models import STEMS, backbone_names
+    from ssl_blood.model.backbones import STEMS, backbone_names
 
     p = sub.add_parser("supervised", help="train the backbone end-to-end with labels (reference)",
                        description="MedMNIST v2 protocol: Adam 1e-3, x0.1 at 50 %% and 75 %% of the "
@@ -614,7 +614,7 @@ def _training_summary(result: dict, what: str) -> str:
 
 
 def cmd_supervised(args: argparse.Namespace) -> int:
-    from ssl_blood.supervised import SupervisedConfig, train_supervised
+    from ssl_blood.evaluation.supervised import SupervisedConfig, train_supervised
 
     cfg = SupervisedConfig(backbone=args.backbone, stem=args.stem, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, augment=args.augment == "device",
@@ -650,7 +650,7 @@ def _add_fine_tune(sub) -> None:
 
 
 def cmd_fine_tune(args: argparse.Namespace) -> int:
-    from ssl_blood.supervised import FineTuneConfig, fine_tune
+    from ssl_blood.evaluation.supervised import FineTuneConfig, fine_tune
 
     cfg = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size,
                          lrs=tuple(_csv(args.lrs, float, "--lrs")),
@@ -670,7 +670,7 @@ def cmd_fine_tune(args: argparse.Namespace) -> int:
 
 
 def _add_select(sub) -> None:
-    from ssl_blood.select import STRATEGIES
+    from ssl_blood.analysis.select import STRATEGIES
 
     p = sub.add_parser("select", help="choose which train cells to label first",
                        description="The --budget train cells to label first, chosen on the "
@@ -690,9 +690,9 @@ def _add_select(sub) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from ssl_blood.embed import Embeddings
-    from ssl_blood.runs import refuse_existing
-    from ssl_blood.select import montage, read_ids, select_cells, write_picks
+    from ssl_blood.features.embeddings import Embeddings
+    from ssl_blood.files import refuse_existing
+    from ssl_blood.analysis.select import montage, read_ids, select_cells, write_picks
 
     refuse_existing(args.out, args.overwrite)
     if args.montage:
@@ -724,7 +724,7 @@ def _read_json(path: str | None, what: str) -> dict | None:
 
 
 def _add_umap(sub) -> None:
-    from ssl_blood.umap_ig import IG
+    from ssl_blood.analysis.umap_ig import IG
 
     p = sub.add_parser("umap", help="UMAP maps and the immature-granulocyte analysis",
                        description="2-D UMAP (cosine) of one split coloured by class, the highlighted "
@@ -742,8 +742,8 @@ def _add_umap(sub) -> None:
 
 
 def cmd_umap(args: argparse.Namespace) -> int:
-    from ssl_blood.embed import Embeddings
-    from ssl_blood.umap_ig import umap_report
+    from ssl_blood.features.embeddings import Embeddings
+    from ssl_blood.analysis.umap_ig import umap_report
 
     emb = Embeddings.load(args.embeddings)
     compare = Embeddings.load(args.compare) if args.compare else None
@@ -783,9 +783,9 @@ def _add_explore(sub) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
-    from ssl_blood.embed import Embeddings
-    from ssl_blood.explore import explore_page
-    from ssl_blood.runs import refuse_existing
+    from ssl_blood.features.embeddings import Embeddings
+    from ssl_blood.analysis.explore import explore_page
+    from ssl_blood.files import refuse_existing
 
     refuse_existing(args.out, args.overwrite)
     emb = Embeddings.load(args.embeddings)
@@ -817,9 +817,9 @@ def _add_qc(sub) -> None:
 
 
 def cmd_qc(args: argparse.Namespace) -> int:
-    from ssl_blood.embed import Embeddings
-    from ssl_blood.qc import run_qc
-    from ssl_blood.runs import refuse_existing
+    from ssl_blood.features.embeddings import Embeddings
+    from ssl_blood.analysis.qc import run_qc
+    from ssl_blood.files import refuse_existing
 
     out = Path(args.out) if args.out else Path(args.embeddings).with_name(Path(args.embeddings).stem + "-qc")
     refuse_existing(out / "qc.json", args.overwrite)
@@ -844,7 +844,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    from ssl_blood.embed import BASELINES
+    from ssl_blood.features.embeddings import BASELINES
 
     p = sub.add_parser("report", help="one self-contained HTML page of a run",
                        description="Everything of one pretraining run on one HTML page (images "
@@ -862,7 +862,7 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ssl_blood.report import build_report
+    from ssl_blood.analysis.report import build_report
 
     path = build_report(args.run, args.out, limit=args.limit, device=args.device,
                         baselines=_csv(args.baselines, flag="--baselines"))

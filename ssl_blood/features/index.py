@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ssl_blood.errors import UserError
-from ssl_blood.runs import atomic_path, write_json
+from ssl_blood.files import atomic_path, write_json
 
 INDEX_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
 INDEX_FILE, META_FILE = "index.faiss", "meta.json"

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ssl_blood.augment import AugmentConfig
+from ssl_blood.model.augment import AugmentConfig
 from ssl_blood.errors import UserError
 from ssl_blood.methods import default_method_config, method_class, method_names
-from ssl_blood.models import STEMS
+from ssl_blood.model.backbones import STEMS
 
 PRESETS = ("quick", "standard", "full")
 OPTIMIZERS = ("lars", "sgd", "adamw")
@@ -97,7 +97,7 @@ class PretrainConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        from ssl_blood.runs import write_json
+        from ssl_blood.files import write_json
 
         write_json(self.to_dict(), path)
 
@@ -113,7 +113,7 @@ class PretrainConfig:
 
     def validate(self) -> "PretrainConfig":
         """Refuse settings that cannot train: names, ranges, finite positive numbers."""
-        from ssl_blood.models import backbone_names
+        from ssl_blood.model.backbones import backbone_names
 
         def finite_positive(value: float) -> bool:
             return math.isfinite(value) and value > 0

@@ -19,7 +19,8 @@ import numpy as np
 
 from ssl_blood import ui
 from ssl_blood.errors import UserError
-from ssl_blood.runs import RunDir, sha256_file, write_json
+from ssl_blood.files import sha256_file, write_json
+from ssl_blood.training.run_dir import RunDir
 
 ANALYSIS_FORMAT = 2
 STAGES = ("embeddings", "probes", "kNN", "UMAP and IG analysis", "interactive map", "retrieval montage")
@@ -27,8 +28,8 @@ STAGES = ("embeddings", "probes", "kNN", "UMAP and IG analysis", "interactive ma
 
 def check_inputs(run: RunDir, limit: int | None, baselines: Sequence[str]) -> dict[str, Any]:
     """Refuse bad input before anything is written; returns the loaded checkpoint."""
-    from ssl_blood.checkpoint import load_checkpoint
-    from ssl_blood.embed import BASELINES
+    from ssl_blood.model.checkpoint import load_checkpoint
+    from ssl_blood.features.embeddings import BASELINES
 
     if not run.path.is_dir():
         raise UserError(f"`run` {run.path}: no such folder; give the folder of a pretraining run",
@@ -64,8 +65,8 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
                      progress: bool | None = None) -> dict[str, Any]:
     """Compute (or reuse) everything the report shows; returns paths and results."""
     from ssl_blood.data import DataSource, available_splits, load_split
-    from ssl_blood.embed import Embedder
-    from ssl_blood.plots import training_curves_png
+    from ssl_blood.features.embeddings import Embedder
+    from ssl_blood.analysis.plots import training_curves_png
 
     run = RunDir(run_dir)
     checkpoint = check_inputs(run, limit, baselines)
@@ -122,7 +123,7 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
 
 def _embeddings(out: Path, name: str, embedder, source, splits: list[str], limit: int | None):
     """Stored embeddings of every split; raw pixels are recomputed instead of stored."""
-    from ssl_blood.embed import Embeddings, embed_splits
+    from ssl_blood.features.embeddings import Embeddings, embed_splits
 
     path = out / f"embeddings-{name}.npz"
     if name == "pixels":
@@ -144,8 +145,8 @@ def _only(emb, split: str):
 
 
 def _evaluations(out: Path, embeddings: dict) -> dict[str, Any]:
-    from ssl_blood.evaluate import knn_embeddings, probe_embeddings
-    from ssl_blood.plots import confusion_matrix_png
+    from ssl_blood.evaluation.frozen import knn_embeddings, probe_embeddings
+    from ssl_blood.analysis.plots import confusion_matrix_png
 
     probes = {n: _cached_json(out / f"linear_probe-{n}.json", lambda e=e: probe_embeddings(e))
               for n, e in embeddings.items()}
@@ -161,7 +162,7 @@ def _evaluations(out: Path, embeddings: dict) -> dict[str, Any]:
 def _umap(out: Path, embeddings: dict, probe: dict) -> dict[str, Any] | None:
     """One UMAP of the test split, stored in the model's embeddings file (the interactive map
     reuses it), and the IG analysis when the data has that class."""
-    from ssl_blood.umap_ig import IG, fit_umap, has_class, umap_report
+    from ssl_blood.analysis.umap_ig import IG, fit_umap, has_class, umap_report
 
     emb = embeddings["model"]
     path = out / "umap" / "ig_analysis.json"
@@ -179,7 +180,7 @@ def _umap(out: Path, embeddings: dict, probe: dict) -> dict[str, Any] | None:
 
 
 def _map(out: Path, emb, probe: dict | None, split: str) -> Path:
-    from ssl_blood.explore import explore_page
+    from ssl_blood.analysis.explore import explore_page
 
     path = out / "map.html"
     if not path.exists():
@@ -189,9 +190,9 @@ def _map(out: Path, emb, probe: dict | None, split: str) -> Path:
 
 def _montage(out: Path, emb, splits: list[str]) -> Path:
     """A few query cells (one per class from test, else the first cells) and their neighbours."""
-    from ssl_blood.index import CellIndex
-    from ssl_blood.plots import retrieval_montage
-    from ssl_blood.retrieval import describe, montage_rows, neighbours
+    from ssl_blood.features.index import CellIndex
+    from ssl_blood.analysis.plots import retrieval_montage
+    from ssl_blood.features.retrieval import describe, montage_rows, neighbours
 
     path = out / "retrieval.png"
     if path.exists():

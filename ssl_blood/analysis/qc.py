@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from ssl_blood import ui
-from ssl_blood.embed import Embeddings
+from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex
-from ssl_blood.runs import write_json
+from ssl_blood.features.index import CellIndex
+from ssl_blood.files import write_json
 
 SPLIT_ORDER = ("train", "val", "test")
 AUTO_THRESHOLD_FRACTION = 0.1  # of the median nearest-neighbour cosine distance
@@ -53,7 +53,7 @@ def near_duplicates(emb: Embeddings, threshold: float | None = None, k: int = 10
         raise UserError(f"`threshold` {threshold} must be in (0, 1]", param="threshold")
     rows = np.arange(len(emb.features))
     index = CellIndex.build(emb.features, ids=rows, use_gpu=False)
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     similarity, position = neighbours(index, emb.features, min(k, len(rows) - 1), exclude_ids=rows)
     median_nn_distance = float(np.median(1 - similarity[:, 0]))
@@ -104,7 +104,7 @@ def exact_duplicates(images: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _train_neighbours(emb: Embeddings, k: int) -> tuple[np.ndarray, np.ndarray, CellIndex]:
     """Every cell's k nearest train cells (a train cell never finds itself)."""
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     index = CellIndex.from_embeddings(emb, "train", kind="flat", use_gpu=False)
     if index.ntotal <= k:
@@ -206,7 +206,7 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
            k: int = 10, top: int = 20, min_confidence: float = 0.8) -> dict[str, Any]:
     """Every check; with `out_dir`, qc.json and montages there. `threshold` None: adaptive
     (see the module docstring)."""
-    from ssl_blood import plots
+    from ssl_blood.analysis import plots
 
     if not 0 < min_confidence <= 1:
         raise UserError(f"`min_confidence` {min_confidence} must be in (0, 1]", param="min_confidence")

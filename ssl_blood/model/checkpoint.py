@@ -21,7 +21,7 @@ from torch import nn
 
 from ssl_blood import __version__
 from ssl_blood.errors import UserError
-from ssl_blood.runs import refuse_existing, sha256_file, torch_save
+from ssl_blood.files import refuse_existing, sha256_file, torch_save
 
 FORMAT_VERSION = 2
 DATASET_KEYS = {"name": str, "source": dict, "num_classes": int, "class_names": list,
@@ -120,7 +120,7 @@ def _check_structure(ckpt: Any, path: Path) -> None:
 
 def _upgrade_v1(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Format 1 had no stem (its names carried it) and no kind."""
-    from ssl_blood.models import resolve_stem
+    from ssl_blood.model.backbones import resolve_stem
 
     name, stem = _OLD_BACKBONES.get(ckpt["backbone_name"],
                                     (ckpt["backbone_name"], resolve_stem("auto", ckpt["dataset"]["input_size"])))
@@ -162,7 +162,7 @@ class TrainedBackbone:
 
 def backbone_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """The evaluation backbone of a loaded checkpoint, in eval mode on the CPU."""
-    from ssl_blood.models import build_backbone
+    from ssl_blood.model.backbones import build_backbone
 
     model = build_backbone(ckpt["backbone_name"], int(ckpt["dataset"]["channels"]),
                            ckpt["backbone_stem"])

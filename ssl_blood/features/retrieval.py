@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ssl_blood.data import DataSource, load_split
-from ssl_blood.embed import Embedder, Embeddings, EmbedderSpec
+from ssl_blood.features.embeddings import Embedder, Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
-from ssl_blood.folders import read_cell_image
-from ssl_blood.index import CellIndex
+from ssl_blood.data.decode import read_cell_image
+from ssl_blood.features.index import CellIndex
 
 
 def embedder_for(index: CellIndex, device: str = "auto") -> Embedder:

@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ssl_blood.embed import Embeddings, l2_normalize
+from ssl_blood.features.embeddings import Embeddings, l2_normalize
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex
-from ssl_blood.runs import atomic_write
+from ssl_blood.features.index import CellIndex
+from ssl_blood.files import atomic_write
 
 STRATEGIES = ("typiclust", "kcenter", "random")
 TYPICALITY_NEIGHBOURS = 20
@@ -31,7 +31,7 @@ TYPICALITY_NEIGHBOURS = 20
 
 def typicality(features: np.ndarray, k: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:
     """1 / mean cosine distance of each cell to its k nearest other cells."""
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     n = len(features)
     k = min(k, n - 1)
@@ -185,7 +185,7 @@ def write_picks(result: dict[str, Any], path: str | Path) -> Path:
 
 def montage(result: dict[str, Any], emb: Embeddings, path: str | Path) -> Path | None:
     """The chosen cells in order, eight to a row, captioned with rank and id."""
-    from ssl_blood.plots import cell_grid
+    from ssl_blood.analysis.plots import cell_grid
 
     split = result["picks"][0]["split"] if result["picks"] else "train"
     images = emb.split_images(split)

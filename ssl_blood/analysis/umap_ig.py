@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ssl_blood.embed import Embeddings, l2_normalize
+from ssl_blood.features.embeddings import Embeddings, l2_normalize
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex
-from ssl_blood.runs import write_json
+from ssl_blood.features.index import CellIndex
+from ssl_blood.files import write_json
 
 IG = "immature granulocytes"
 UMAP_NEIGHBOURS, UMAP_MIN_DIST = 15, 0.1
@@ -85,7 +85,7 @@ def neighbour_composition(features: np.ndarray, labels: np.ndarray, class_names:
                           k: int = 20) -> dict[str, dict[str, float]]:
     """For each class, the share of each class among its cells' k nearest neighbours (cosine,
     full embedding space, the cell itself excluded). Each row sums to one."""
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     k = min(k, len(features) - 1)
     index = CellIndex.build(features, labels=labels, ids=np.arange(len(features)), use_gpu=False)
@@ -195,7 +195,7 @@ def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highl
                 probe: dict | None = None) -> dict[str, Any]:
     """Write umap.png/.svg, ig_subclusters.png, ig_neighbours.png and ig_analysis.json. The map
     of `emb` reuses the coordinates the embeddings file holds for the split, if any."""
-    from ssl_blood.plots import cell_grid, neighbour_composition_png, umap_panels_png
+    from ssl_blood.analysis.plots import cell_grid, neighbour_composition_png, umap_panels_png
 
     out = Path(out_dir)
     target = class_index(emb.class_names, highlight)

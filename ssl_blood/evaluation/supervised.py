@@ -29,16 +29,17 @@ import torch
 from torch import nn
 
 from ssl_blood import ui
-from ssl_blood.augment import AugmentConfig, BatchAugment, eval_preprocess
-from ssl_blood.checkpoint import (backbone_from_checkpoint, dataset_info, load_checkpoint,
+from ssl_blood.model.augment import AugmentConfig, BatchAugment, eval_preprocess
+from ssl_blood.model.checkpoint import (backbone_from_checkpoint, dataset_info, load_checkpoint,
                                   make_checkpoint, save_checkpoint)
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import autocast, describe_device, resolve_device
 from ssl_blood.errors import UserError
-from ssl_blood.evaluate import classification_metrics, fit_logistic, support_indices
-from ssl_blood.inference import run_model
-from ssl_blood.models import build_backbone, resolve_stem
-from ssl_blood.runs import RunDir, write_json
+from ssl_blood.evaluation.frozen import classification_metrics, fit_logistic, support_indices
+from ssl_blood.model.inference import run_model
+from ssl_blood.model.backbones import build_backbone, resolve_stem
+from ssl_blood.files import write_json
+from ssl_blood.training.run_dir import RunDir
 
 
 def labelled_subset(labels: np.ndarray, num_classes: int, seed: int, fraction: float | None = None,

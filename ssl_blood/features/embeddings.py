@@ -26,8 +26,8 @@ from torch import nn
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import resolve_device
 from ssl_blood.errors import UserError
-from ssl_blood.inference import frozen_for_inference
-from ssl_blood.runs import atomic_write, sha256_bytes, sha256_file
+from ssl_blood.model.inference import frozen_for_inference
+from ssl_blood.files import atomic_write, sha256_bytes, sha256_file
 
 BASELINES = ("pixels", "random-init")
 EMBEDDER_KINDS = ("checkpoint",) + BASELINES
@@ -121,7 +121,7 @@ class Embedder:
                             f"or a checkpoint trained on such data)", param="size")
 
     def __call__(self, images: torch.Tensor, progress: bool | None = False) -> np.ndarray:
-        from ssl_blood.inference import run_model
+        from ssl_blood.model.inference import run_model
 
         self.check_images(images)
         spec = self.spec
@@ -141,7 +141,7 @@ class Embedder:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Embedder":
-        from ssl_blood.checkpoint import load_backbone
+        from ssl_blood.model.checkpoint import load_backbone
 
         trained = load_backbone(path)
         ds = trained.dataset
@@ -158,7 +158,7 @@ class Embedder:
     def baseline(cls, kind: str, train: CellData, backbone: str = "resnet18", seed: int = 0,
                  device: str = "auto", stem: str = "auto") -> "Embedder":
         """`pixels` or `random-init`, with statistics from the train split."""
-        from ssl_blood.models import resolve_stem
+        from ssl_blood.model.backbones import resolve_stem
 
         common = dict(image_size=train.image_size, channels=train.channels,
                       num_classes=train.num_classes, source=train.source.to_dict())
@@ -192,7 +192,7 @@ class Embedder:
                                 param="checkpoint")
             return cls.from_checkpoint(path, device)
         if spec.kind == "random-init":
-            from ssl_blood.models import build_backbone
+            from ssl_blood.model.backbones import build_backbone
 
             torch.manual_seed(int(spec.seed or 0))
             model = build_backbone(spec.backbone, spec.channels, spec.stem or "s1").eval()

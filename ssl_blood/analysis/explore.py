@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from ssl_blood import ui
-from ssl_blood.embed import Embeddings
+from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
-from ssl_blood.index import CellIndex
-from ssl_blood.runs import write_text
+from ssl_blood.features.index import CellIndex
+from ssl_blood.files import write_text
 
 COLOURINGS = ("class", "predicted class", "probe right / wrong", "outlier score")
 SPRITE_COLUMNS = 64
@@ -86,7 +86,7 @@ def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
                      x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, CellIndex]:
     """(similarities, gallery positions (-1: none found)) of each cell's k nearest cells, and
     the index: the given one (same embedder), else an exact index over the split."""
-    from ssl_blood.retrieval import neighbours
+    from ssl_blood.features.retrieval import neighbours
 
     if index_dir is not None:
         index = CellIndex.load(index_dir, expected_identity=emb.identity, expected_dim=emb.dim,
@@ -100,7 +100,7 @@ def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
 
 
 def _outlier_scores(emb: Embeddings, split: str, k: int = 10) -> np.ndarray:
-    from ssl_blood.qc import outlier_scores
+    from ssl_blood.analysis.qc import outlier_scores
 
     return outlier_scores(emb, k)[emb.mask(split)]
 
@@ -118,7 +118,7 @@ def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None
                  index_dir: str | None = None, k: int = 8, max_thumbnails: int = 20_000,
                  seed: int = 0) -> tuple[str, dict[str, Any]]:
     """The page as a string (the report embeds it) and what it holds."""
-    from ssl_blood.umap_ig import IG, class_index, fit_umap, has_class
+    from ssl_blood.analysis.umap_ig import IG, class_index, fit_umap, has_class
 
     mask = emb.mask(split)
     x, y, ids = emb.features[mask], emb.labels[mask], emb.ids[mask]
@@ -192,7 +192,7 @@ def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions
     """Per map cell: position, labels, colours per colouring, thumbnail offset, metadata, and
     its neighbours as k numeric columns (n0.. gallery row, -1 none; s0.. similarity), which
     bokeh ships as compact binary arrays."""
-    from ssl_blood.plots import class_colors
+    from ssl_blood.analysis.plots import class_colors
 
     names = list(emb.class_names) + ["unlabelled"]
     colours = class_colors(len(emb.class_names)) + ["#999999"]

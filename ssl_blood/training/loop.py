@@ -24,19 +24,19 @@ import torch
 from torch import nn
 
 from ssl_blood import ui
-from ssl_blood.augment import BatchAugment, ViewGroup
-from ssl_blood.checkpoint import (dataset_info, load_checkpoint, make_checkpoint,
+from ssl_blood.model.augment import BatchAugment, ViewGroup
+from ssl_blood.model.checkpoint import (dataset_info, load_checkpoint, make_checkpoint,
                                   save_checkpoint)
-from ssl_blood.config import RUNTIME_FIELDS, PretrainConfig
+from ssl_blood.training.config import RUNTIME_FIELDS, PretrainConfig
 from ssl_blood.data import CellData, DataSource, available_splits, channel_stats, load_split, stratified_indices
 from ssl_blood.device import autocast, resolve_device, uses_bf16
-from ssl_blood.distributed import Distributed
+from ssl_blood.training.distributed import Distributed
 from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.methods import Method, MethodSetup, build_method
-from ssl_blood.models import build_backbone, resolve_stem
-from ssl_blood.optim import (build_optimizer, effective_batch, epoch_batches, epoch_seed,
+from ssl_blood.model.backbones import build_backbone, resolve_stem
+from ssl_blood.training.optim import (build_optimizer, effective_batch, epoch_batches, epoch_seed,
                              lr_schedule, peak_lr)
-from ssl_blood.runs import RunDir
+from ssl_blood.training.run_dir import RunDir
 
 FINITE_CHECK_EVERY = 10  # steps between loss syncs: a sync per step would stall the GPU queue
 MONITOR_GALLERY = 20_000  # labelled train cells the kNN monitor embeds, at most (stratified)
@@ -269,6 +269,9 @@ def _open_run_folder(run: _Run, resume: bool, overwrite: bool) -> None:
     truth, which repairs a line lost to a kill or torn by one)."""
     run_dir = run.run_dir
     run_dir.check_new_or_resume(resume, overwrite)  # type: ignore[union-attr]
+    if resume and run.start_epoch >= run.cfg.epochs:  # a finished run: nothing to train
+        run_dir.repair_metrics(run.history)  # type: ignore[union-attr]
+        return
     run_dir.remove_stale_temps()  # type: ignore[union-attr]
     if not resume:
         run_dir.clear_run_files()  # type: ignore[union-attr]
@@ -366,8 +369,8 @@ def _knn_due(cfg: PretrainConfig, epoch: int) -> bool:
 
 
 def _knn_monitor(run: _Run) -> float:
-    from ssl_blood.evaluate import knn_accuracy
-    from ssl_blood.inference import run_model
+    from ssl_blood.evaluation.frozen import knn_accuracy
+    from ssl_blood.model.inference import run_model
 
     gallery, val = run.monitor  # type: ignore[misc]
     info = run.dataset

@@ -1,5 +1,5 @@
 """report.html: everything of one run on one page, images and the interactive map embedded,
-nothing fetched. The numbers and pictures come from `ssl_blood.analysis` (computed or reused);
+nothing fetched. The numbers and pictures come from `ssl_blood.analysis.report_data` (computed or reused);
 this module only renders them.
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ssl_blood.errors import UserError
-from ssl_blood.runs import RunDir, write_text
+from ssl_blood.files import write_text
+from ssl_blood.training.run_dir import RunDir
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -146,7 +147,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, limit: int 
                  progress: bool | None = None) -> Path:
     """Write the run's one-file HTML report (holding the run folder's lock); returns its path.
     Bad input is refused before anything in the folder changes."""
-    from ssl_blood.analysis import check_inputs, prepare_analysis
+    from ssl_blood.analysis.report_data import check_inputs, prepare_analysis
 
     run = RunDir(run_dir)
     check_inputs(run, limit, baselines)

@@ -1,0 +1,1 @@
+"""Frozen features: embedding a split, storing embeddings, the FAISS index, retrieval."""

@@ -1,0 +1,1 @@
+"""The network: augmentations, backbones, batched inference, checkpoints."""

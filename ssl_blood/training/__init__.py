@@ -1,0 +1,1 @@
+"""Pretraining: config and presets, optimiser and schedules, DDP, the loop, the run folder."""
