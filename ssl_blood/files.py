@@ -42,7 +42,9 @@ def _write_error(path: Path, exc: OSError) -> UserError:
     reason = exc.strerror or type(exc).__name__
     fix = {errno.ENOSPC: "free disk space", errno.EROFS: "choose a writable folder",
            errno.EACCES: "choose a folder you may write to",
-           errno.EDQUOT: "free disk space"}.get(exc.errno, "choose another folder")
+           errno.EDQUOT: "free disk space",
+           errno.EFBIG: "raise the file-size limit (ulimit -f) or write to another disk",
+           }.get(exc.errno, "choose another folder")
     return UserError(f"cannot write {path} ({reason}); {fix} and run the command again "
                      f"(existing files were left as they were)")
 
@@ -114,7 +116,11 @@ def write_json(value: Any, path: str | Path) -> Path:
 def torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first: torch.save's zip writer turns a failed write (disk full,
+    # file-size limit) into a RuntimeError; a plain write raises the OSError we can explain.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getbuffer())
 
 
 def save_figure(fig, path: str | Path, **kwargs: Any) -> Path:

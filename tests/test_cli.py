@@ -2,6 +2,7 @@
 reach the user with flags."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,18 @@ def test_choices_come_from_the_registries(capsys):
 
     _, out, _ = run_cli(capsys, "pretrain", "--help")
     assert all(m in out for m in method_names()) and all(b in out for b in backbone_names())
+
+
+def test_file_size_limit_at_a_checkpoint_save_is_one_line(tmp_path):
+    """`ulimit -f`: the checkpoint write fails with EFBIG; one line naming the limit, exit 1,
+    no traceback, no partial checkpoint."""
+    npz = make_npz(tmp_path / "cells.npz")
+    script = (f"ulimit -f 64; exec {sys.executable} -m ssl_blood pretrain --npz {npz} --backbone "
+              f"cnn6 --epochs 1 --batch-size 32 --device cpu --out {tmp_path / 'run'} --knn-every -1")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("ssl-blood")]
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(lines) == 1
+    assert re.search(r"File too large.*ulimit -f", lines[0]), lines
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]

@@ -163,13 +163,15 @@ def test_hand_edited_embeddings_are_refused(tiny_embeddings, tmp_path, edit, pat
         Embeddings.load(tmp_path / "edited.npz")
 
 
-def test_embed_checkpoint_refuses_data_with_other_classes(tiny_run, tmp_path):
+def test_a_checkpoint_embeds_a_lab_s_own_classes(tiny_run, tmp_path):
+    """Transfer: a backbone pretrained on 4 classes embeds labelled data of 3 other classes."""
     from tests.helpers import make_npz
 
     run, _ = tiny_run
-    other = make_npz(tmp_path / "other.npz", classes=3)
-    with pytest.raises(UserError, match="4 classes but this data has 3"):
-        embed_checkpoint(run / "checkpoint.pt", resolve_source(npz=str(other)))
+    other = make_npz(tmp_path / "other.npz", classes=3, class_names=("blast", "lymph", "eos"))
+    emb = embed_checkpoint(run / "checkpoint.pt", resolve_source(npz=str(other)))
+    assert emb.class_names == ("blast", "lymph", "eos") and set(emb.labels.tolist()) == {0, 1, 2}
+    assert np.isfinite(emb.features).all() and emb.embedder.source["path"] == str(other)
 
 
 def test_bad_embeddings_file(tmp_path):

@@ -13,6 +13,8 @@ from ssl_blood.cli import main
 from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
 from ssl_blood.analysis.explore import explore_page
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
 from tests.helpers import (CHROMEDRIVER, CHROMIUM, DEEP_QUERY, chrome, console_errors,
                            requested_urls, wait_for)
 
@@ -133,3 +135,83 @@ def test_map_in_headless_chromium(page, artifacts):
     finally:
         driver.quit()
     assert seconds_to_interactive < 5  # the measured budget (2 s) is in docs/benchmarks.md
+
+
+HOSTILE = '"><img src=x onerror="window.__xss=1">'
+
+
+@pytest.mark.browser
+def test_hostile_class_names_stay_text_in_the_map_and_the_report(tiny_embeddings, tmp_path):
+    """Class names come from folder names and manifest cells: in the tooltip, the neighbour panel,
+    the selection summary, the CSV and the report's iframe they are text, never markup."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium and chromium-driver (see .ci/run)")
+        pytest.skip("chromium / chromedriver not installed (Debian packages chromium, chromium-driver)")
+    from dataclasses import replace
+
+    from ssl_blood.analysis.report import render
+
+    emb = Embeddings.load(tiny_embeddings)
+    names = tuple(f"{HOSTILE}{i}" if n == "monocyte" else n for i, n in enumerate(emb.class_names))
+    hostile_name = next(n for n in names if n.startswith(HOSTILE))
+    quote_meta = {"path": np.array([f'a "quoted" <b>{i}</b>' for i in range(len(emb.ids))])}
+    emb = replace(emb, class_names=names, metadata=quote_meta)
+    map_path = tmp_path / "map.html"
+    explore_page(emb, map_path, "test", k=6)
+    report_path = tmp_path / "report.html"
+    report_path.write_text(render(tmp_path, {}, [{"epoch": 1, "loss": 1.0}],
+                                  {"curves": None, "map": str(map_path)}))
+    assert 'sandbox="allow-scripts allow-downloads"' in report_path.read_text()
+    driver = chrome()
+    try:
+        driver.get(map_path.as_uri())
+        assert wait_for(lambda: driver.execute_script(
+            "return window.Bokeh && Bokeh.index.roots && [...Bokeh.index.roots].length > 0"), 10)
+        x, y, cls, _ = driver.execute_script(POINT, f"cells:{hostile_name}", 0)
+        assert cls == hostile_name
+        actions = ActionBuilder(driver)
+        actions.pointer_action.move_to_location(int(x), int(y))
+        actions.perform()
+        assert wait_for(lambda: driver.execute_script(DEEP_QUERY, ".tip-class")) == [hostile_name]
+        tip = driver.execute_script("""
+            function all(root, acc) { for (const e of root.querySelectorAll('*')) {
+              acc.push(e); if (e.shadowRoot) all(e.shadowRoot, acc); } return acc; }
+            return all(document, []).filter(e => e.classList.contains('cell-tip')).map(e => e.textContent);""")
+        assert any('a "quoted" <b>' in t for t in tip) and not any("&quot;" in t for t in tip)
+        actions = ActionBuilder(driver)
+        actions.pointer_action.move_to_location(int(x), int(y))
+        actions.pointer_action.click()
+        actions.perform()
+        title = wait_for(lambda: driver.execute_script(DEEP_QUERY, ".nb-title"))
+        assert hostile_name in title[0]
+        driver.execute_script("""
+            const src = [...Bokeh.documents[0].all_models].find(m => m.name === arguments[0]);
+            src.selected.indices = [0, 1];""", f"cells:{hostile_name}")
+        summary = wait_for(lambda: driver.execute_script("""
+            const div = [...Bokeh.documents[0].all_models].find(m => m.name === 'selection');
+            return div.text.includes('selected') ? div.text : null;"""))
+        assert "&lt;img" in summary and "<img" not in summary
+        csv_text = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            URL.createObjectURL = (blob) => { blob.text().then(done); return 'about:blank'; };
+            HTMLAnchorElement.prototype.click = () => {};  // no navigation, no file saved
+            const button = [...Bokeh.documents[0].all_models].find(m => m.name === 'download');
+            Promise.resolve(button.js_event_callbacks['button_click'][0].execute(button, {}));""")
+        import csv as csv_module
+        import io
+
+        rows = list(csv_module.reader(io.StringIO(csv_text)))
+        assert rows[0] == ["split", "id", "class"] and len(rows) == 3
+        assert all(r[2] == hostile_name for r in rows[1:])
+        driver.get(report_path.as_uri())
+        frame = wait_for(lambda: driver.find_elements("css selector", "iframe"))[0]
+        driver.switch_to.frame(frame)
+        assert wait_for(lambda: driver.execute_script(
+            "return window.Bokeh && [...Bokeh.index.roots].length > 0"), 10)
+        assert driver.execute_script("return window.__xss") is None
+        driver.switch_to.default_content()
+        assert driver.execute_script("return window.__xss") is None
+        assert console_errors(driver) == []
+    finally:
+        driver.quit()

@@ -259,6 +259,9 @@ def test_corrupt_image_in_a_class_folder_is_skipped_and_counted(subset, tmp_path
     (lambda rows: [rows[0]] + [r.replace(",train", ",test") for r in rows[1:]], r"assigns no row to 'train'"),
     (lambda rows: ["file,label,split"] + rows[1:], r"no 'path' column"),
     (lambda rows: rows + [",basophil,train"], r"empty path"),
+    (lambda rows: rows + ["basophil"], r"line \d+ has 1 cells but the header has 3 columns"),
+    (lambda rows: rows[:2] + ["img/x.png,basophil,train,extra"] + rows[2:], r"line 3 has 4 cells"),
+    (lambda rows: rows[:1], r"has a header but no rows"),
 ])
 def test_bad_manifests(subset, tmp_path, edit, pattern):
     csv_path = bloodmnist_manifest(tmp_path / "export", subset, extra=False)
@@ -278,3 +281,55 @@ def test_bad_split_fractions(tmp_path):
     for bad in ((0.5, 0.5), (0.7, 0.2, 0.2), (0.0, 0.5, 0.5), (0.8, -0.1, 0.3)):
         with pytest.raises(UserError, match="split_fractions"):
             resolve_source(image_dir=str(tmp_path), size=28, split_fractions=bad)
+
+
+def test_an_image_too_large_for_pil_is_skipped_when_sizing_and_decoding(subset, tmp_path, monkeypatch, capsys):
+    """A decompression bomb (PIL refuses images beyond 2 x MAX_IMAGE_PIXELS; here the limit is
+    lowered so a 200-px image counts) neither crashes size detection nor decoding."""
+    from PIL import Image as PILImage
+
+    root = bloodmnist_folder(tmp_path / "cells", {"train": subset["train"]}, "splits")
+    write_png(root / "train" / "basophil" / "zz-huge.png", np.zeros((200, 200, 3), np.uint8))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+    source = resolve_source(image_dir=str(root), cache_dir="")
+    assert source.size == 28
+    data = load_split(source, "train")
+    assert len(data) == PER_SPLIT["train"]
+    assert "zz-huge.png" in capsys.readouterr().err
+
+
+def test_cache_notices_content_changed_behind_the_same_size_and_mtime(tmp_path):
+    """`cp -p` / `rsync -a` / unzip of fixed-size BMPs: same byte size, same mtime, new pixels.
+    The cache key includes the inode change time, which every such rewrite updates."""
+    root = tmp_path / "cells" / "blast"
+    root.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(root / f"{i}.bmp")
+    target = root / "0.bmp"
+    before = target.stat()
+
+    def load():
+        source = resolve_source(image_dir=str(tmp_path / "cells"), size=20, layout="classes",
+                                split_fractions=(1.0, 0.0, 0.0), cache_dir=str(tmp_path / "cache"))
+        data = load_split(source, "train")
+        return data.images[list(data.metadata["path"]).index("blast/0.bmp")]
+
+    assert int(load().max()) == 0
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    assert int(load().min()) == 200
+
+
+def test_a_cache_entry_of_the_wrong_image_size_is_decoded_again(subset, tmp_path):
+    root = bloodmnist_folder(tmp_path / "cells", {"train": subset["train"]}, "splits")
+
+    def source():
+        return resolve_source(image_dir=str(root), size=28, cache_dir=str(tmp_path / "cache"))
+
+    first = load_split(source(), "train")
+    expected, cache_file = first.images.clone(), first.image_file
+    del first  # its images are mapped from the file about to be replaced
+    np.save(cache_file, np.zeros((len(expected), 3, 16, 16), np.uint8))  # right count, wrong size
+    again = load_split(source(), "train")
+    assert again.images.shape[-1] == 28 and torch.equal(again.images, expected)

@@ -103,3 +103,19 @@ def test_label_suspect_confidence_and_class_counts(planted, tmp_path):
     assert sum(c["labelled"] for c in loose["by_class"].values()) == loose["labelled_cells"]
     mislabelled = loose["by_class"][emb.class_names[int(emb.labels[(emb.split == "train") & (emb.ids == 20)][0])]]
     assert mislabelled["suspects"] >= 1 and sum(mislabelled["neighbours_say"].values()) == mislabelled["suspects"]
+
+
+def test_qc_on_embeddings_of_a_subset_checks_only_the_cells_they_hold(planted, tmp_path):
+    """`embed --limit` keeps some ids of each split; pixel duplicates among the other cells of the
+    split are not reported (and used to crash the label lookup)."""
+    from dataclasses import replace
+
+    emb = Embeddings.load(planted)
+    keep = ~((emb.split == "test") & (emb.ids == 0))  # the copy of train cell 5 is not held
+    subset = replace(emb, features=emb.features[keep], labels=emb.labels[keep],
+                     split=emb.split[keep], ids=emb.ids[keep])
+    result = run_qc(subset, tmp_path / "qc", threshold=0.999, k=10, top=10)
+    assert result["exact_duplicates"]["pairs"] == 0
+    held = {(s, i) for s, i in zip(subset.split, subset.ids)}
+    assert all((p[side]["split"], p[side]["id"]) in held
+               for p in result["near_duplicates"]["list"] for side in ("a", "b"))

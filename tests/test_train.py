@@ -297,3 +297,27 @@ def _bn_rank(rank: int, init_file: str, x: torch.Tensor, out: str) -> None:
         torch.save({"out": y.detach(), "running_var": bn.running_var}, Path(out) / f"bn{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_weights_that_explode_while_the_loss_stays_finite_stop_the_run(tiny_config, tmp_path, optimizer):
+    """lr 1e30: the normalised loss stays finite while the weights reach ~1e28; the run must stop
+    (exit 1) rather than save weights whose features overflow, and advise only what is not set."""
+    cfg = replace(tiny_config, lr=1e30, epochs=1, knn_every=-1, optimizer=optimizer,
+                  batch_size=64)  # one step (in warm-up): its loss is computed before the update
+    with pytest.raises(RunFailed, match=r"the weights (grew to|became non-finite).*lower `lr` \(now 1e\+30\)") as err:
+        pretrain(cfg, tmp_path / "run", progress=False)
+    assert ("use the lars optimizer" in str(err.value)) == (optimizer != "lars")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    with pytest.raises(RunFailed, match="the weights"):
+        pretrain(cfg, None, progress=False)  # no run folder: the same check
+
+
+def test_a_checkpoint_with_absurd_weights_is_refused(tiny_config, tmp_path):
+    pretrain(replace(tiny_config, epochs=1, knn_every=-1), tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in ckpt["backbone"].items() if v.is_floating_point() and "running" not in k)
+    ckpt["backbone"][name] = ckpt["backbone"][name] * 1e28
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"its weights grew to .*diverged run"):
+        load_checkpoint(tmp_path / "bad.pt")

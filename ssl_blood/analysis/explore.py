@@ -17,7 +17,6 @@ keeps a thumbnail and the rest show none (docs/benchmarks.md has the measured si
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
@@ -203,7 +202,8 @@ def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions
     ramp = ["#2c7bb6", "#abd9e9", "#ffffbf", "#fdae61", "#d7191c"]
     offsets = np.array([_offset(sheet["row_slot"].get(r), sheet) for r in range(len(y))], dtype=np.int32)
     metadata = {k: v[mask] for k, v in emb.metadata.items()}
-    meta_text = [" · ".join(f"{html.escape(k)}: {html.escape(str(v[r]))}" for k, v in metadata.items())
+    # plain text: the tooltip's @meta is escaped by bokeh (escaping here too showed &quot;)
+    meta_text = [" · ".join(f"{k}: {v[r]}" for k, v in metadata.items())
                  for r in range(len(y))]
     right = np.where((pred == y) & (y >= 0), 1, np.where(y >= 0, 0, -1)) if predicted is not None else np.full(len(y), -1)
     columns: dict[str, Any] = {
@@ -240,7 +240,14 @@ _TOOLTIP = """<div class="cell-tip" style="max-width:260px">
 <div>predicted: @pred (@right)</div><div>outlier score: @outlier{0.000}</div>
 <div style="font-size:11px;color:#555">@meta</div></div>"""
 
-_TAP_JS = """
+# Bokeh's Div.text is HTML: every value from the data (class names come from folder names and
+# manifest cells) goes through esc() before it is put into a string of HTML.
+_ESC_JS = """
+const esc = (v) => String(v).replace(/[&<>"']/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;',
+                                                         '"': '&quot;', "'": '&#39;'})[c]);
+"""
+
+_TAP_JS = _ESC_JS + """
 const src = cb_data.source;
 const i = src.inspected.indices.length ? src.inspected.indices[0] : null;
 if (i === null) return;
@@ -255,12 +262,12 @@ for (let j = 0; j < k; j++) {
   const cls = label >= 0 ? names[label] : 'unlabelled';
   const img = (bx === 1 && by === 1) ? '' :
     `<div class="thumb" style="background-position:${bx}px ${by}px"></div>`;
-  rows += `<div class="nb">${img}<div class="nb-text">#${g.gid[n]}<br>${cls}<br>${d['s' + j][i].toFixed(3)}</div></div>`;
+  rows += `<div class="nb">${img}<div class="nb-text">#${esc(g.gid[n])}<br>${esc(cls)}<br>${esc(d['s' + j][i].toFixed(3))}</div></div>`;
 }
-panel.text = `<div class="nb-title">cell ${d.id[i]} (${d.cls[i]}): ${found} nearest ${gallery_split} cells</div>` + rows;
+panel.text = `<div class="nb-title">cell ${esc(d.id[i])} (${esc(d.cls[i])}): ${found} nearest ${esc(gallery_split)} cells</div>` + rows;
 """
 
-_SELECT_JS = """
+_SELECT_JS = _ESC_JS + """
 const counts = {}; const picked = [];
 for (const src of sources) {
   const d = src.data;
@@ -270,14 +277,17 @@ for (const src of sources) {
   }
 }
 window.sslBloodSelection = picked;
-const parts = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c}: ${n}`);
+const parts = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${esc(c)}: ${n}`);
 summary.text = picked.length ? `<b>${picked.length} cells selected</b><br>` + parts.join('<br>')
                              : 'Select cells with the box or lasso tool.';
 """
 
 _DOWNLOAD_JS = """
 const picked = window.sslBloodSelection || [];
-const csv = 'split,id,class\\n' + picked.map(([id, c]) => `${split},${id},"${c}"`).join('\\n') + '\\n';
+// RFC 4180 quoting; a leading = + - @ is defused so a spreadsheet shows it as text
+const field = (v) => { let t = String(v); if (/^[=+\\-@]/.test(t)) t = "'" + t;
+                       return '"' + t.replace(/"/g, '""') + '"'; };
+const csv = 'split,id,class\\n' + picked.map(([id, c]) => `${split},${id},${field(c)}`).join('\\n') + '\\n';
 const a = document.createElement('a');
 a.href = URL.createObjectURL(new Blob([csv], {type: 'text/csv'}));
 a.download = 'selected_cells.csv';

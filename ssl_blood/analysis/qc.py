@@ -89,11 +89,15 @@ def add_pixel_differences(pairs: list[dict], images: dict[str, np.ndarray]) -> N
         p["pixel_mad"] = round(float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()), 3)
 
 
-def exact_duplicates(images: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Identical images (uint8 bytes) within and across splits; `images[split][id]`."""
+def exact_duplicates(images: dict[str, np.ndarray],
+                     ids: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Identical images (uint8 bytes) within and across splits; `images[split][id]`. With `ids`
+    (split -> ids), only those cells are compared: embeddings of a subset (`embed --limit`)
+    check the cells they hold, not the rest of the split."""
     seen: dict[str, list[tuple[str, int]]] = {}
     for split, array in images.items():
-        for i, image in enumerate(array):
+        for i in (ids[split] if ids is not None else range(len(array))):
+            i, image = int(i), array[int(i)]
             seen.setdefault(hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest(), []).append((split, i))
     groups = [cells for cells in seen.values() if len(cells) > 1]
     pairs = [{"a": {"split": a[0], "id": a[1]}, "b": {"split": b[0], "id": b[1]},
@@ -230,7 +234,8 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
         add_pixel_differences(result["near_duplicates"]["list"], images)
     bar.update(1)
     bar.set_description("qc: pixel duplicates")
-    result["exact_duplicates"] = exact_duplicates(images) if images is not None else None
+    held = {s: np.sort(emb.ids[emb.split == s]) for s in emb.splits()}
+    result["exact_duplicates"] = exact_duplicates(images, held) if images is not None else None
     if result["exact_duplicates"] is not None:
         result["exact_duplicates"]["label_conflicts"] = add_labels(result["exact_duplicates"]["list"], emb)
     bar.update(1)

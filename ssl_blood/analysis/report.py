@@ -110,7 +110,9 @@ def _map_section(analysis: dict) -> str:
     return ("<p class='muted'>Hover a cell to see it, click it to list its nearest cells, click the "
             "legend to hide a class, select with the box or lasso tool to count classes and "
             "download ids. (Also saved as analysis/map.html.)</p>"
-            f'<iframe title="interactive map" srcdoc="{page}" style="width:100%;height:720px;'
+            # sandboxed: the map's scripts run in an opaque origin, away from the report page
+            f'<iframe title="interactive map" sandbox="allow-scripts allow-downloads" '
+            f'srcdoc="{page}" style="width:100%;height:720px;'
             'border:1px solid #ddd"></iframe>')
 
 

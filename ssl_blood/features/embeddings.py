@@ -25,7 +25,7 @@ from torch import nn
 
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import resolve_device
-from ssl_blood.errors import UserError
+from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.model.inference import frozen_for_inference
 from ssl_blood.files import atomic_write, sha256_bytes, sha256_file
 
@@ -396,6 +396,10 @@ def embed_splits(embedder: Embedder, source: DataSource, splits: Sequence[str],
         embedder.check_images(part.images, f"the {part.split} images of {source.name}")
     class_names = next((p.class_names for p in parts if p.class_names), ())
     features = [embedder(p.images, progress=progress) for p in parts]
+    if not all(np.isfinite(f).all() for f in features):  # weights that load but overflow
+        raise RunFailed(f"{embedder.spec.identity} gives non-finite features on {source.name}; "
+                        f"its weights are unusable (a diverged run): embed with another "
+                        f"checkpoint")
     keys = sorted({k for p in parts for k in p.metadata})
     metadata = {k: np.concatenate([p.metadata.get(k, np.full(len(p), "")) for p in parts]).astype(str)
                 for k in keys}
@@ -417,15 +421,9 @@ def embed_checkpoint(checkpoint: str | Path, source: DataSource | None = None,
                      splits: Sequence[str] = ("train", "val", "test"), limit: int | None = None,
                      device: str = "auto", progress: bool | None = False) -> Embeddings:
     """Embed `splits` of `source` (default: the data the checkpoint was trained on) with a
-    checkpoint's backbone. Labelled data with another number of classes than the checkpoint's
-    own is refused: that is almost always the wrong data (embed it explicitly to transfer)."""
+    checkpoint's backbone. Any data of the checkpoint's channels works: a backbone pretrained on
+    one dataset embeds a lab's own labelled cells (transfer), and the embeddings carry that
+    data's own classes."""
     embedder = Embedder.from_checkpoint(checkpoint, device)
     source = source or DataSource.from_dict(embedder.spec.source)
-    emb = embed_splits(embedder, source, splits, limit, progress=progress)
-    trained = embedder.spec.num_classes
-    if trained and emb.class_names and trained != len(emb.class_names):
-        raise UserError(f"the checkpoint was pretrained on data with {trained} classes but this "
-                        f"data has {len(emb.class_names)}; evaluate it on its own dataset, or "
-                        f"embed this data with ssl-blood embed and pass the embeddings",
-                        param="checkpoint")
-    return emb
+    return embed_splits(embedder, source, splits, limit, progress=progress)

@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from ssl_blood import __version__
-from ssl_blood.errors import UserError
+from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.files import refuse_existing, sha256_file, torch_save
 
 FORMAT_VERSION = 2
+# A trained conv net's weights stay within about +-10; 1e6 is only reached by a run that diverged
+# while its normalised loss stayed finite (e.g. lr 1e30), whose features then overflow.
+WEIGHT_LIMIT = 1e6
 DATASET_KEYS = {"name": str, "source": dict, "num_classes": int, "class_names": list,
                 "image_size": int, "input_size": int, "channels": int, "mean": list, "std": list}
 _OLD_BACKBONES = {"resnet18-s2": ("resnet18", "s2"), "resnet18-imagenet": ("resnet18", "s4")}
@@ -42,12 +45,7 @@ def make_checkpoint(kind: str, config: dict, dataset: dict, backbone_name: str, 
                     backbone: nn.Module, model: nn.Module, epoch: int, history: list[dict],
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """The checkpoint dict; refuses (RunFailed) to hold non-finite weights."""
-    from ssl_blood.errors import RunFailed
-
-    bad = non_finite_tensors(model.state_dict())
-    if bad:
-        raise RunFailed(f"the weights became non-finite ({len(bad)} tensors, e.g. {bad[0]}) by "
-                        f"epoch {epoch}; lower the learning rate; the last good checkpoint is kept")
+    check_weights(model.state_dict(), config, epoch)
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -65,6 +63,37 @@ def non_finite_tensors(state: dict[str, Any]) -> list[str]:
     """Names of floating-point tensors holding NaN or inf."""
     return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
             and not bool(torch.isfinite(v).all())]
+
+
+def absurd_tensors(state: dict[str, Any], limit: float = WEIGHT_LIMIT) -> list[str]:
+    """Names of floating-point parameters with a value beyond `limit` in magnitude."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and v.numel() and not k.endswith(("running_mean", "running_var"))
+            and float(v.detach().abs().max()) > limit]
+
+
+def weight_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with a set of weights (non-finite or absurdly large), or None."""
+    bad = non_finite_tensors(state)
+    if bad:
+        return f"became non-finite ({len(bad)} tensors, e.g. {bad[0]})"
+    huge = absurd_tensors(state)
+    if huge:
+        peak = max(float(state[k].detach().abs().max()) for k in huge)
+        return f"grew to {peak:.1e} ({len(huge)} tensors, e.g. {huge[0]}; sane weights stay far below {WEIGHT_LIMIT:.0e})"
+    return None
+
+
+def check_weights(state: dict[str, Any], config: dict, epoch: int) -> None:
+    """Stop a run (RunFailed) whose weights are non-finite or absurd, with advice that fits its
+    config (no "use lars" for a run already using it)."""
+    problem = weight_problem(state)
+    if problem:
+        advice = f"lower `lr` (now {config.get('lr')})"
+        if config.get("optimizer") not in (None, "lars"):
+            advice += " or use the lars optimizer"
+        raise RunFailed(f"the weights {problem} by epoch {epoch} (the training diverged); "
+                        f"{advice}; the last good checkpoint is kept", param="lr")
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
@@ -85,11 +114,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     _check_structure(ckpt, path)
     if ckpt["format_version"] == 1:
         ckpt = _upgrade_v1(ckpt)
-    bad = non_finite_tensors(ckpt["backbone"])
-    if bad:
-        raise UserError(f"`checkpoint` {path} holds non-finite weights ({len(bad)} tensors, e.g. "
-                        f"{bad[0]}); it comes from a diverged run: use an earlier checkpoint or "
-                        f"train again with a lower learning rate", param="checkpoint")
+    problem = weight_problem(ckpt["backbone"])
+    if problem:
+        raise UserError(f"`checkpoint` {path}: its weights {problem}; it comes from a diverged "
+                        f"run: use an earlier checkpoint or train again with a lower learning "
+                        f"rate", param="checkpoint")
     return ckpt
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ssl_blood import ui
 from ssl_blood.model.augment import BatchAugment, ViewGroup
-from ssl_blood.model.checkpoint import (dataset_info, load_checkpoint, make_checkpoint,
+from ssl_blood.model.checkpoint import (check_weights, dataset_info, load_checkpoint, make_checkpoint,
                                   save_checkpoint)
 from ssl_blood.training.config import RUNTIME_FIELDS, PretrainConfig
 from ssl_blood.data import CellData, DataSource, available_splits, channel_stats, load_split, stratified_indices
@@ -340,9 +340,10 @@ def _train_epoch(run: _Run, epoch: int, bar) -> dict[str, Any]:
 def _stop_if_not_finite(run: _Run, mean_loss: torch.Tensor, epoch: int, step: int) -> None:
     """Every rank decides on the all-reduced loss, so all stop together."""
     if not math.isfinite(float(run.ddp.mean(mean_loss))):
+        lars = "" if run.cfg.optimizer == "lars" else " or use the lars optimizer"
         raise RunFailed(f"the loss became non-finite at epoch {epoch + 1}, step {step + 1}; lower "
-                        f"lr (now {run.cfg.lr}) or use the lars optimizer; the last good "
-                        f"checkpoint is kept", param="lr")
+                        f"`lr` (now {run.cfg.lr}){lars}; the last good checkpoint is kept",
+                        param="lr")
 
 
 def _finish_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
@@ -350,6 +351,7 @@ def _finish_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
     if run.monitor is not None and run.ddp.is_main and _knn_due(run.cfg, epoch):
         record["knn_val_acc"] = _knn_monitor(run)
     record.update(run.method.check_collapse(record["loss"], epoch + 1, run.ddp.mean))
+    check_weights(run.method.state_dict(), run.cfg.to_dict(), epoch + 1)
     run.history.append(record)
     if run.run_dir is not None and run.ddp.is_main:
         ckpt = make_checkpoint("pretrain", run.cfg.to_dict(), run.dataset, run.cfg.backbone,
