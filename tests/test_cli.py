@@ -3,12 +3,15 @@ reach the user with flags."""
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_blood.cli import main
 from ssl_blood.device import resolve_device, uses_bf16
@@ -182,3 +185,28 @@ def test_file_size_limit_at_a_checkpoint_save_is_one_line(tmp_path):
     assert re.search(r"File too large.*ulimit -f", lines[0]), lines
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_pretraining_says_how_to_resume_and_releases_the_folder(tmp_path, sig):
+    """Ctrl-C and `kill` alike: exit 1, one line naming the signal and the resume command, the
+    last checkpoint kept and loadable, no .lock or temporary file left."""
+    npz = make_npz(tmp_path / "cells.npz")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ssl_blood", "pretrain", "--npz", str(npz), "--backbone", "cnn6",
+            "--epochs", "400", "--batch-size", "16", "--device", "cpu", "--out", str(out),
+            "--knn-every", "-1"]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / "checkpoint.pt").is_file(), child.communicate()[1]
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 1, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("ssl-blood")]
+    assert "Traceback" not in err and len(lines) == 1
+    assert f"stopped by {sig.name}" in lines[0] and f"ssl-blood pretrain --out {out} --resume" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    epochs = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= epochs < 400

@@ -73,6 +73,9 @@ def test_picks_csv_roundtrip_and_bad_input(tmp_path):
     (tmp_path / "bad.csv").write_text("id\nabc\n")
     with pytest.raises(UserError, match="ids must be integers"):
         read_ids(tmp_path / "bad.csv")
+    (tmp_path / "latin1.csv").write_bytes("id,note\n3,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="cannot be read as UTF-8 text.*save it as a UTF-8 CSV"):
+        read_ids(tmp_path / "latin1.csv")
 
 
 def test_select_cli_with_montage(tiny_embeddings, tmp_path, capsys):

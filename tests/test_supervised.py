@@ -90,6 +90,7 @@ def test_few_shot_episode_draws_the_same_cells_as_fine_tune_with_that_seed():
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"fraction": 1.5}, r"`fraction` 1.5 must be in \(0, 1\]"),
     ({"fraction": 0.0}, r"`fraction` 0.0 must be in \(0, 1\]"),
+    ({"fraction": float("nan")}, r"`fraction` nan must be in \(0, 1\]"),
     ({"shots": 51}, r"asked for 51 labelled images of class 0 but the train split has 50"),
 ])
 def test_bad_label_budgets(halves, kwargs, pattern):
@@ -120,3 +121,9 @@ def test_cli(tiny_run, halves, tmp_path, capsys):
     assert "already holds a checkpoint" in capsys.readouterr().err
     assert main(["fine-tune", "--checkpoint", str(run / "checkpoint.pt"), "--fraction", "2"]) == 2
     assert "--fraction 2.0 must be in (0, 1]" in capsys.readouterr().err
+    for command in (["fine-tune", "--checkpoint", str(run / "checkpoint.pt")],
+                    ["supervised", "--npz", halves["path"], "--backbone", "cnn6"]):
+        assert main(command + ["--fraction", "nan", "--epochs", "1", "--out", str(tmp_path / "nan")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "--fraction nan must be in (0, 1]" in err
+        assert not (tmp_path / "nan").exists()

@@ -118,7 +118,11 @@ def read_ids(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"`exclude` {path}: no such file; give a CSV with an 'id' column",
                         param="exclude")
-    rows = path.read_text().splitlines()
+    try:
+        rows = path.read_text(encoding="utf-8-sig").splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"`exclude` {path} cannot be read as UTF-8 text ({type(exc).__name__}); "
+                        f"save it as a UTF-8 CSV with an 'id' column", param="exclude") from None
     try:
         if rows and "id" in next(csv.reader([rows[0]])):
             values = [r["id"] for r in csv.DictReader(rows)]

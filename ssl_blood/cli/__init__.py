@@ -10,9 +10,12 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -171,6 +174,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.set:
         cfg = apply_settings(cfg, parse_settings(args.set))
     out = Path(args.out) if args.out else default_run_dir(cfg)
+    args.out = str(out)  # an interrupted run names it in its resume hint
     result = pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, force=args.force)
     last = result.history[-1] if result.history else {}
     knn = f", kNN val acc {last['knn_val_acc']:.4f}" if "knn_val_acc" in last else ""
@@ -935,14 +939,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "json", False):
         ui.set_quiet(True)
     try:
-        return int(args.func(args) or 0)
+        with _signals_interrupt():
+            return int(args.func(args) or 0)
     except SslBloodError as exc:
         message = _as_flags(exc, _subparser(parser, args.command))
         sys.stderr.write(f"ssl-blood {args.command}: error: {' '.join(message.split())}\n")
         return exc.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"ssl-blood {args.command}: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        sys.stderr.write(f"ssl-blood {args.command}: stopped by {exc.args[0] if exc.args else 'SIGINT'}"
+                         f"; {_after_interrupt(args)}\n")
+        return 1
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM (a scheduler, `kill`) stops a command as Ctrl-C does: the step in progress is
+    abandoned, `with` blocks release folder locks, finished files stay (all writes are atomic)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command left and how to go on."""
+    if args.command == "pretrain" and getattr(args, "out", None) and (Path(args.out) / "checkpoint.pt").is_file():
+        return (f"the last checkpoint in {args.out} is kept; continue with "
+                f"`ssl-blood pretrain --out {args.out} --resume`")
+    return "no file was left half-written; run the command again"
 
 
 if __name__ == "__main__":

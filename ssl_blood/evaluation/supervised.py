@@ -51,6 +51,8 @@ def labelled_subset(labels: np.ndarray, num_classes: int, seed: int, fraction: f
         raise UserError("give fraction or shots, not both", param="fraction")
     if fraction is None and shots is None:
         return np.flatnonzero(labels >= 0)
+    if fraction is not None and not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise UserError(f"`fraction` {fraction} must be in (0, 1], e.g. 0.1", param="fraction")
     setting = [1, int(shots)] if shots is not None else [2, int(round(float(fraction) * 1e6))]
     rng = np.random.default_rng([seed] + setting)
     return support_indices(labels, num_classes, rng, shots=shots, fraction=fraction)
