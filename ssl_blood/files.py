@@ -131,6 +131,25 @@ def save_figure(fig, path: str | Path, **kwargs: Any) -> Path:
     return write_bytes(path, buffer.getvalue())
 
 
+def check_writable(path: str | Path, folder: bool, param: str = "out") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is
+    wanted (or the reverse), or a location whose nearest existing folder is not writable.
+    Nothing is created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        wanted = "a folder" if folder else "a file name"
+        raise UserError(f"`{param}` {path} is {'a folder' if path.is_dir() else 'a file'}; give "
+                        f"{wanted}", param=param)
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"`{param}` {path}: {existing} is a file, not a folder; choose another "
+                        f"path", param=param)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"`{param}` {path}: {existing} is not writable; choose a folder you may "
+                        f"write to", param=param)
+    return path
+
+
 def refuse_existing(path: str | Path, overwrite: bool, param: str = "out") -> Path:
     """Refuse to replace an existing file unless `overwrite`."""
     path = Path(path)

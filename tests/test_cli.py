@@ -210,3 +210,17 @@ def test_interrupted_pretraining_says_how_to_resume_and_releases_the_folder(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     epochs = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= epochs < 400
+
+
+@pytest.mark.parametrize("command", [["linear-probe"], ["umap"], ["explore"]])
+def test_unwritable_out_is_refused_before_any_work(command, tiny_embeddings, tmp_path, capsys, monkeypatch):
+    """--out under a file: refused before the embeddings are even read (they used to be probed,
+    or UMAP-embedded, for 40 s first)."""
+    from ssl_blood.features.embeddings import Embeddings
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(Embeddings, "load", classmethod(lambda *a, **k: pytest.fail("work started")))
+    code, _, err = run_cli(capsys, *command, "--embeddings", tiny_embeddings, "--out",
+                           tmp_path / "afile" / "out")
+    assert_one_line_error(code, err, r"--out .*afile is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "x"

@@ -152,6 +152,10 @@ def test_few_shot_bad_input():
             few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
     with pytest.raises(UserError, match="unknown few-shot `heads` entry 'svm'"):
         few_shot(tx, ty, sx, sy, sx, sy, 4, heads=("svm",))
+    with pytest.raises(UserError, match="`heads` is empty"):
+        few_shot(tx, ty, sx, sy, sx, sy, 4, heads=())
+    with pytest.raises(UserError, match="`shots` and `fractions` are both empty"):
+        few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(), fractions=())
 
 
 def write_embeddings(path, labelled=True, splits=("train", "val", "test"), subset=None):
@@ -203,6 +207,9 @@ def test_eval_commands_on_embeddings(tmp_path, capsys):
     assert len(shots) == 3 and {"setting", "head", "mean_acc", "ci95", "episodes", "heads"} <= shots[0].keys()
     assert main(["few-shot", "--embeddings", str(emb), "--shots", "5", "--fractions", ""]) == 0
     assert "5-shot" in capsys.readouterr().out
+    assert main(["few-shot", "--embeddings", str(emb), "--shots", "", "--fractions", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--shots and --fractions are both empty" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, pattern", [

@@ -333,3 +333,21 @@ def test_a_cache_entry_of_the_wrong_image_size_is_decoded_again(subset, tmp_path
     np.save(cache_file, np.zeros((len(expected), 3, 16, 16), np.uint8))  # right count, wrong size
     again = load_split(source(), "train")
     assert again.images.shape[-1] == 28 and torch.equal(again.images, expected)
+
+
+def test_pretraining_on_a_folder_notes_unreadable_images_once_and_keeps_their_list(subset, tmp_path, capsys):
+    from ssl_blood.cli import main
+
+    root = bloodmnist_folder(tmp_path / "cells", subset, "splits")
+    for i in range(7):
+        (root / "train" / "basophil" / f"broken-{i}.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    assert main(["pretrain", "--image-dir", str(root), "--size", "28", "--backbone", "cnn6",
+                 "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--cache-dir", "",
+                 "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("unreadable image") == 1, err
+    note = next(line for line in err.splitlines() if "unreadable image" in line)
+    assert "skipped 7 unreadable image(s)" in note and note.count("broken-") == 5
+    listed = (tmp_path / "run" / "unreadable_images.txt").read_text().splitlines()
+    assert sorted(os.path.basename(p) for p in listed) == [f"broken-{i}.png" for i in range(7)]

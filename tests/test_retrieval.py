@@ -151,3 +151,20 @@ def test_index_bad_input(index_dir, tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "emb.npz"), "--out", str(tmp_path / "idx")]) == 2
     assert "index.faiss exists; set --overwrite" in capsys.readouterr().err
+
+
+def test_too_few_neighbours_are_explained_by_the_index_kind():
+    """A flat index is exact: it falls short only when the gallery is small (raising nprobe
+    would not help); an IVF index falls short when its probed lists are small."""
+    from ssl_blood.features.retrieval import shortfall
+
+    rng = np.random.default_rng(0)
+    flat = CellIndex.build(rng.normal(size=(6, 8)).astype(np.float32), use_gpu=False, kind="flat")
+    answers = [{"found": 5}, {"found": 10}]
+    note = shortfall(flat, answers, 10)
+    assert note.startswith("1 of 2 queries got fewer than 10 neighbours")
+    assert "gallery holds 6 cells" in note and "nprobe" not in note
+    ivf = CellIndex.build(rng.normal(size=(400, 8)).astype(np.float32), use_gpu=False, kind="ivf",
+                          nlist=40, nprobe=1)
+    assert "larger `nprobe`" in shortfall(ivf, answers, 10)
+    assert shortfall(flat, [{"found": 10}], 10) is None

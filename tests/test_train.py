@@ -254,6 +254,7 @@ def _ddp_rank(rank: int, world: int, init_file: str, cfg_dict: dict, out: str) -
         result = pretrain(PretrainConfig.from_dict(cfg_dict), out, progress=False)
         bn = [type(m).__name__ for m in result.method.modules() if "BatchNorm" in type(m).__name__]
         torch.save({"state": result.method.state_dict(), "bn": bn}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -295,6 +296,7 @@ def _bn_rank(rank: int, init_file: str, x: torch.Tensor, out: str) -> None:
         y = bn(x[rank * 4:(rank + 1) * 4])
         y.sum().backward()
         torch.save({"out": y.detach(), "running_var": bn.running_var}, Path(out) / f"bn{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -386,10 +386,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     similarity, position = retrieval.neighbours(index, embedder(images), args.k, exclude)
     answers = retrieval.describe(index, similarity, position, queries,
                                  retrieval.gallery_metadata(index))
-    short = [a for a in answers if a["found"] < args.k]
-    if short:
-        ui.note(f"{len(short)} of {len(answers)} queries got fewer than {args.k} neighbours "
-                f"(the {index.kind} index searched too few lists: raise --nprobe when building it)")
+    note = retrieval.shortfall(index, answers, args.k)
+    if note:
+        ui.note(_as_flags(UserError(note), None))
     if args.montage:
         _write_montage(args.montage, index, source, images, answers)
     print(json.dumps(answers) if args.json else _retrieval_table(answers))
@@ -492,11 +491,11 @@ def _add_linear_probe(sub) -> None:
 def cmd_linear_probe(args: argparse.Namespace) -> int:
     from ssl_blood.evaluation.frozen import probe_embeddings
     from ssl_blood.analysis.plots import confusion_matrix_png
-    from ssl_blood.files import write_json
+    from ssl_blood.files import check_writable, write_json
 
+    out = check_writable(_eval_out_dir(args), folder=True)  # before minutes of work
     emb = _eval_embeddings(args)
     result = probe_embeddings(emb, progress=None)
-    out = _eval_out_dir(args)
     result["confusion_matrix_png"] = str(confusion_matrix_png(
         result["confusion_matrix"], emb.class_names, out / "confusion_matrix.png",
         f"Linear probe, test: {emb.name}"))
@@ -748,7 +747,9 @@ def _add_umap(sub) -> None:
 def cmd_umap(args: argparse.Namespace) -> int:
     from ssl_blood.features.embeddings import Embeddings
     from ssl_blood.analysis.umap_ig import umap_report
+    from ssl_blood.files import check_writable
 
+    check_writable(args.out, folder=True)  # before the embedding of UMAP
     emb = Embeddings.load(args.embeddings)
     compare = Embeddings.load(args.compare) if args.compare else None
     result = umap_report(emb, args.out, args.split, args.highlight, compare, args.seed,
@@ -789,9 +790,9 @@ def _add_explore(sub) -> None:
 def cmd_explore(args: argparse.Namespace) -> int:
     from ssl_blood.features.embeddings import Embeddings
     from ssl_blood.analysis.explore import explore_page
-    from ssl_blood.files import refuse_existing
+    from ssl_blood.files import check_writable, refuse_existing
 
-    refuse_existing(args.out, args.overwrite)
+    check_writable(refuse_existing(args.out, args.overwrite), folder=False)
     emb = Embeddings.load(args.embeddings)
     info = explore_page(emb, args.out, args.split, _read_json(args.probe, "--probe"), args.index,
                         args.k, args.max_thumbnails, args.seed)
@@ -900,15 +901,18 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
     return action.choices[command]
 
 
-def _as_flags(exc: SslBloodError, parser: argparse.ArgumentParser) -> str:
+def _as_flags(exc: SslBloodError, parser: argparse.ArgumentParser | None) -> str:
     """The library's message with each `parameter` it quotes written as this command's flag
     (`nlist` 5000 -> --nlist 5000, `augment.hue` -> --set augment.hue); a parameter this
-    command has no flag for keeps its name."""
-    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    command has no flag for keeps its name. Without a parser (a note about another command's
+    flag), every parameter is written as --its-name."""
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings} if parser else None
 
     def flag(match: re.Match) -> str:
         name = match.group(1)
-        return f"--set {name}" if "." in name else flags.get(name, name)
+        if "." in name:
+            return f"--set {name}"
+        return flags.get(name, name) if flags is not None else "--" + name.replace("_", "-")
 
     return re.sub(r"`([A-Za-z_][\w.]*)`", flag, str(exc))
 

@@ -328,10 +328,16 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
     if unknown:
         raise UserError(f"unknown few-shot `heads` entry '{unknown[0]}'; choose from "
                         f"{', '.join(FEW_SHOT_PREDICTORS)}", param="heads")
+    if not heads:
+        raise UserError(f"`heads` is empty; choose from {', '.join(FEW_SHOT_PREDICTORS)}",
+                        param="heads")
     if episodes < 1:
         raise UserError(f"`episodes` {episodes} must be at least 1", param="episodes")
     settings = [(f"{s}-shot", {"shots": int(s)}) for s in shots]
     settings += [(f"{f:g} of train", {"fraction": float(f)}) for f in fractions]
+    if not settings:
+        raise UserError("`shots` and `fractions` are both empty: nothing to evaluate; give at "
+                        "least one, e.g. `shots` 1,5,10", param=("shots", "fractions"))
     results = []
     for number, (name, how) in enumerate(ui.bar(settings, desc="few-shot", unit="setting",
                                                 enabled=progress)):

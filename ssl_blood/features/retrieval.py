@@ -73,6 +73,19 @@ def neighbours(index: CellIndex, features: np.ndarray, k: int,
             np.where(kept, position[rows, order], -1))
 
 
+def shortfall(index: CellIndex, answers: Sequence[dict], k: int) -> str | None:
+    """Why some queries got fewer than `k` neighbours, with the fix; None when none did. An
+    exact (flat) index only falls short when the gallery is too small; an IVF index also when
+    `nprobe` lists hold too few cells."""
+    short = [a for a in answers if a["found"] < k]
+    if not short:
+        return None
+    cause = (f"the {index.kind} index searched too few lists: rebuild it with a larger `nprobe`"
+             if index.kind.startswith("ivf") else
+             f"the gallery holds {index.ntotal} cells: ask for a smaller `k` or index more cells")
+    return f"{len(short)} of {len(answers)} queries got fewer than {k} neighbours ({cause})"
+
+
 def describe(index: CellIndex, similarity: np.ndarray, position: np.ndarray,
              queries: Sequence[dict], metadata: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """JSON-able answers: per query its description, how many neighbours were found, and the

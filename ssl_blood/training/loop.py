@@ -36,6 +36,7 @@ from ssl_blood.methods import Method, MethodSetup, build_method
 from ssl_blood.model.backbones import build_backbone, resolve_stem
 from ssl_blood.training.optim import (build_optimizer, effective_batch, epoch_batches, epoch_seed,
                              lr_schedule, peak_lr)
+from ssl_blood.files import write_text
 from ssl_blood.training.run_dir import RunDir
 
 FINITE_CHECK_EVERY = 10  # steps between loss syncs: a sync per step would stall the GPU queue
@@ -277,6 +278,9 @@ def _open_run_folder(run: _Run, resume: bool, overwrite: bool) -> None:
         run_dir.clear_run_files()  # type: ignore[union-attr]
     run.cfg.save(run_dir.config)  # type: ignore[union-attr]
     run_dir.write_metrics(run.history)  # type: ignore[union-attr]
+    skipped = run.train.source.unreadable_files()
+    if skipped:  # the note names five; the run keeps the whole list
+        write_text(run_dir / RunDir.UNREADABLE, "".join(p + "\n" for p in skipped))  # type: ignore[operator]
 
 
 def check_resumable(saved: PretrainConfig, requested: PretrainConfig, force: bool = False) -> None:

@@ -24,7 +24,8 @@ class RunDir:
     REPORT = "report.html"
     SUPERVISED = "supervised.json"
     FINE_TUNE = "fine_tune.json"
-    RUN_FILES = (CHECKPOINT, CONFIG, METRICS)
+    UNREADABLE = "unreadable_images.txt"  # images of the data that could not be read
+    RUN_FILES = (CHECKPOINT, CONFIG, METRICS, UNREADABLE)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
