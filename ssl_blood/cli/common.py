@@ -1,0 +1,134 @@
+"""What several commands share: data flags (built from the source registry), list parsing,
+JSON output, embeddings from --checkpoint or --baseline. Heavy libraries load inside functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ssl_blood.errors import SslBloodError, UserError
+
+
+def csv_list(text: str | None, kind: Callable[[str], Any] = str, flag: str = "list") -> list[Any]:
+    if not text:
+        return []
+    try:
+        return [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give a comma-separated list of {kind.__name__}") from None
+
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    from ssl_blood.data import LAYOUTS
+
+    group = p.add_argument_group("data (one of --data-root, --npz, --image-dir, --manifest)")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--data-root", metavar="DIR",
+                        help="medmnist root holding bloodmnist.npz (default: $SSL_BLOOD_DATA_ROOT, "
+                             "else ~/.medmnist)")
+    source.add_argument("--npz", metavar="FILE", help="any MedMNIST-format .npz")
+    source.add_argument("--image-dir", metavar="DIR",
+                        help="folder of cell images: DIR/{train,val,test}/CLASS/..., DIR/CLASS/..., "
+                             "or loose images (unlabelled); an 'unlabeled' folder beside class "
+                             "folders adds unlabelled training images")
+    source.add_argument("--manifest", metavar="FILE.csv",
+                        help="CSV with a 'path' column, optional 'label' and 'split'; other "
+                             "columns are kept as metadata")
+    group.add_argument("--size", type=int, help="image side in pixels, 16-256 (BloodMNIST: 28, 64, "
+                                                "128, 224; folders: their own size, at most 64)")
+    group.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (auto: detect)")
+    group.add_argument("--split-fractions", default="0.7,0.1,0.2", metavar="TRAIN,VAL,TEST",
+                       help="how an unsplit labelled folder or manifest is split (seeded, stratified)")
+    group.add_argument("--split-seed", type=int, default=0, help="seed of that split")
+    group.add_argument("--skip-missing", action="store_true",
+                       help="go on without manifest rows whose file is missing")
+    group.add_argument("--cache-dir", metavar="DIR",
+                       help="where decoded images are cached (default ~/.cache/ssl-blood; 'none': "
+                            "no cache)")
+    group.add_argument("--limit", type=int, metavar="N", help="stratified subset of N images per split")
+
+
+def source_from_args(args: argparse.Namespace):
+    from ssl_blood.data import resolve_source
+
+    cache = None if args.cache_dir is None else ("" if args.cache_dir.lower() == "none" else args.cache_dir)
+    return resolve_source(args.data_root, args.npz, args.image_dir, args.size, manifest=args.manifest,
+                          layout=args.layout, split_fractions=csv_list(args.split_fractions, float,
+                                                                   "--split-fractions"),
+                          split_seed=args.split_seed, skip_missing=args.skip_missing,
+                          cache_dir=cache)
+
+
+def source_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None
+               for k in ("data_root", "npz", "image_dir", "manifest", "size"))
+
+
+def add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON value (no progress bars)")
+
+
+def print_json(value: Any) -> int:
+    print(json.dumps(value))
+    return 0
+
+
+
+def embeddings_from_args(args: argparse.Namespace, splits: Sequence[str] | None = None):
+    """Embeddings of the requested splits, from --checkpoint or a --baseline."""
+    from ssl_blood.data import available_splits, load_split
+    from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
+
+    source = source_from_args(args) if (source_given(args) or not args.checkpoint) else None
+    if args.checkpoint:
+        source = source or checkpoint_source(args.checkpoint)
+    wanted = list(splits or csv_list(getattr(args, "splits", None)) or available_splits(source))
+    have = available_splits(source)
+    missing = [s for s in wanted if s not in have]
+    if missing:
+        raise UserError(f"the data has no '{missing[0]}' split (it has {', '.join(have)}); "
+                        f"choose --splits from those")
+    if args.checkpoint:
+        return embed_checkpoint(args.checkpoint, source, wanted, args.limit, args.device, progress=None)
+    train = load_split(source, "train", args.limit)
+    embedder = Embedder.baseline(args.baseline, train, args.backbone or "resnet18", args.seed,
+                                 args.device)
+    return embed_splits(embedder, source, wanted, args.limit, progress=None)
+
+
+def checkpoint_source(checkpoint: str):
+    from ssl_blood.model.checkpoint import load_checkpoint
+    from ssl_blood.data import DataSource
+
+    return DataSource.from_dict(load_checkpoint(checkpoint)["dataset"]["source"])
+
+
+
+def read_json(path: str | None, what: str) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{what} {path}: cannot read it as JSON ({exc}); give the file ssl-blood "
+                        f"wrote") from None
+
+
+def as_flags(exc: SslBloodError, parser: argparse.ArgumentParser | None) -> str:
+    """The library's message with each `parameter` it quotes written as this command's flag
+    (`nlist` 5000 -> --nlist 5000, `augment.hue` -> --set augment.hue); a parameter this
+    command has no flag for keeps its name. Without a parser (a note about another command's
+    flag), every parameter is written as --its-name."""
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings} if parser else None
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1)
+        if "." in name:
+            return f"--set {name}"
+        return flags.get(name, name) if flags is not None else "--" + name.replace("_", "-")
+
+    return re.sub(r"`([A-Za-z_][\w.]*)`", flag, str(exc))
