@@ -6,7 +6,8 @@ from PIL import Image
 
 from ssl_blood.cli import main
 from ssl_blood.features.index import CellIndex
-from ssl_blood.features.retrieval import neighbours, retrieval_metrics
+from ssl_blood.features.neighbours import neighbours
+from ssl_blood.features.retrieval import retrieval_metrics
 from tests.helpers import CELL_NAMES
 
 
@@ -117,6 +118,12 @@ def test_retrieve_evaluate_json(index_dir, tmp_path, capsys, tiny_run):
         assert set(overall) == {"precision@1", "precision@5", "precision@10", "mAP@10", "queries"}
         assert overall["queries"] == 40 and 0 <= overall["mAP@10"] <= 1
         assert len(result[key]["per_class"]) == 4
+    assert main(["retrieve", "--index", str(index_dir), "--evaluate", "--split", "test", "--json",
+                 "--k", "20", "--baseline-embeddings", str(tmp_path / "px.npz")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("model", "raw pixels"):  # --k sets the depth searched and scored
+        assert set(result[key]["overall"]) == {"precision@1", "precision@5", "precision@10",
+                                               "precision@20", "mAP@20", "queries"}
 
 
 @pytest.mark.parametrize("argv, pattern", [

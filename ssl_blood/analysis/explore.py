@@ -85,7 +85,7 @@ def _neighbour_table(emb: Embeddings, split: str, index_dir: str | None, k: int,
                      x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, CellIndex]:
     """(similarities, gallery positions (-1: none found)) of each cell's k nearest cells, and
     the index: the given one (same embedder), else an exact index over the split."""
-    from ssl_blood.features.retrieval import neighbours
+    from ssl_blood.features.neighbours import neighbours
 
     if index_dir is not None:
         index = CellIndex.load(index_dir, expected_identity=emb.identity, expected_dim=emb.dim,

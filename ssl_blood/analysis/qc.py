@@ -29,6 +29,7 @@ from ssl_blood import ui
 from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
 from ssl_blood.features.index import CellIndex
+from ssl_blood.features.neighbours import KNN_TEMPERATURE, neighbours, weighted_vote
 from ssl_blood.files import write_json
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -53,7 +54,6 @@ def near_duplicates(emb: Embeddings, threshold: float | None = None, k: int = 10
         raise UserError(f"`threshold` {threshold} must be in (0, 1]", param="threshold")
     rows = np.arange(len(emb.features))
     index = CellIndex.build(emb.features, ids=rows, use_gpu=False)
-    from ssl_blood.features.retrieval import neighbours
 
     similarity, position = neighbours(index, emb.features, min(k, len(rows) - 1), exclude_ids=rows)
     median_nn_distance = float(np.median(1 - similarity[:, 0]))
@@ -108,7 +108,6 @@ def exact_duplicates(images: dict[str, np.ndarray],
 
 def _train_neighbours(emb: Embeddings, k: int) -> tuple[np.ndarray, np.ndarray, CellIndex]:
     """Every cell's k nearest train cells (a train cell never finds itself)."""
-    from ssl_blood.features.retrieval import neighbours
 
     index = CellIndex.from_embeddings(emb, "train", kind="flat", use_gpu=False)
     if index.ntotal <= k:
@@ -151,19 +150,11 @@ def outliers(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
 
 
 def label_suspects(emb: Embeddings, similarity: np.ndarray, position: np.ndarray,
-                   index: CellIndex, top: int = 20, temperature: float = 0.07,
+                   index: CellIndex, top: int = 20, temperature: float = KNN_TEMPERATURE,
                    min_confidence: float = 0.8) -> dict[str, Any]:
     """Labelled cells whose neighbourhood votes for another class with at least
     `min_confidence` of the weight; the top of each class by that confidence."""
-    found = position >= 0
-    weights = np.where(found, np.exp((similarity - np.where(found, similarity, -np.inf).max(1, keepdims=True))
-                                     / temperature), 0.0)
-    votes = np.zeros((len(weights), len(emb.class_names)))
-    neighbour_labels = index.gallery_labels[np.maximum(position, 0)]
-    usable = found & (neighbour_labels >= 0)
-    np.add.at(votes, (np.arange(len(votes))[:, None], np.maximum(neighbour_labels, 0)),
-              np.where(usable, weights, 0.0))
-    share = votes / np.maximum(votes.sum(1, keepdims=True), 1e-300)
+    share = weighted_vote(similarity, position, index.gallery_labels, len(emb.class_names), temperature)
     voted = share.argmax(1)
     confidence = share.max(1)
     labelled = emb.labels >= 0

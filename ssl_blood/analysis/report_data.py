@@ -192,7 +192,8 @@ def _montage(out: Path, emb, splits: list[str]) -> Path:
     """A few query cells (one per class from test, else the first cells) and their neighbours."""
     from ssl_blood.features.index import CellIndex
     from ssl_blood.analysis.plots import retrieval_montage
-    from ssl_blood.features.retrieval import describe, montage_rows, neighbours
+    from ssl_blood.features.neighbours import neighbours
+    from ssl_blood.features.retrieval import describe, montage_rows
 
     path = out / "retrieval.png"
     if path.exists():

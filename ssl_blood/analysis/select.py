@@ -31,7 +31,7 @@ TYPICALITY_NEIGHBOURS = 20
 
 def typicality(features: np.ndarray, k: int = TYPICALITY_NEIGHBOURS) -> np.ndarray:
     """1 / mean cosine distance of each cell to its k nearest other cells."""
-    from ssl_blood.features.retrieval import neighbours
+    from ssl_blood.features.neighbours import neighbours
 
     n = len(features)
     k = min(k, n - 1)

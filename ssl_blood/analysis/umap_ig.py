@@ -85,7 +85,7 @@ def neighbour_composition(features: np.ndarray, labels: np.ndarray, class_names:
                           k: int = 20) -> dict[str, dict[str, float]]:
     """For each class, the share of each class among its cells' k nearest neighbours (cosine,
     full embedding space, the cell itself excluded). Each row sums to one."""
-    from ssl_blood.features.retrieval import neighbours
+    from ssl_blood.features.neighbours import neighbours
 
     k = min(k, len(features) - 1)
     index = CellIndex.build(features, labels=labels, ids=np.arange(len(features)), use_gpu=False)

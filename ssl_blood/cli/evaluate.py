@@ -94,12 +94,14 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def _add_knn(sub) -> None:
+    from ssl_blood.features.neighbours import KNN_K, KNN_TEMPERATURE
+
     p = sub.add_parser("knn", help=HELP["knn"],
                        description="DINO's weighted cosine kNN: train split as gallery (a train "
                                    "query never counts itself); k-means cluster metrics too.")
     _add_eval_inputs(p)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=int, default=KNN_K)
+    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
     p.add_argument("--split", default="test", help="query split (default test)")
     p.set_defaults(func=cmd_knn)
 

@@ -139,6 +139,7 @@ def _metrics_table(result: dict) -> str:
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from ssl_blood.features import retrieval
+    from ssl_blood.features.neighbours import neighbours
     from ssl_blood.features.index import CellIndex
     from ssl_blood.files import refuse_existing
 
@@ -169,7 +170,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         queries = [{"split": args.split, "id": i, "label": int(l),
                     "class": names[l] if 0 <= l < len(names) else None} for i, l in zip(ids, labels)]
         exclude = ids if same_split else None
-    similarity, position = retrieval.neighbours(index, embedder(images), args.k, exclude)
+    similarity, position = neighbours(index, embedder(images), args.k, exclude)
     answers = retrieval.describe(index, similarity, position, queries,
                                  retrieval.gallery_metadata(index))
     note = retrieval.shortfall(index, answers, args.k)
@@ -207,10 +208,11 @@ def _retrieve_evaluate(args, index, embedder, source) -> int:
                               "gallery_subset": index.meta.get("subset") or None,
                               "model": retrieval.evaluate_index(
                                   index, embedder(data.images, progress=None), data.labels.numpy(),
-                                  k=10, exclude_ids=data.ids.numpy() if same_split else None)}
+                                  k=args.k, exclude_ids=data.ids.numpy() if same_split else None)}
     for path in args.baseline_embeddings or []:
         emb = Embeddings.load(path)
-        result[emb.name] = retrieval.evaluate_embeddings(emb, index.meta["gallery_split"], split)
+        result[emb.name] = retrieval.evaluate_embeddings(emb, index.meta["gallery_split"], split,
+                                                         args.k)
     if args.json:
         return print_json(result)
     for name, metrics in result.items():

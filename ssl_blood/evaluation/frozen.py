@@ -20,6 +20,8 @@ import torch
 from ssl_blood import ui
 from ssl_blood.errors import UserError
 from ssl_blood.features.index import CellIndex
+from ssl_blood.features.neighbours import (KNN_K, KNN_TEMPERATURE, clamped_k, neighbours,
+                                           weighted_vote)
 
 # 1e-1 and 1 widen the grid because the raw-pixel baseline chose 1e-2, its old edge; every
 # feature set now chooses inside it (docs/results.md lists the choices).
@@ -106,35 +108,25 @@ def cluster_metrics(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 
 def knn_scores(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray,
-               num_classes: int, k: int = 20, temperature: float = 0.07,
+               num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
                index: CellIndex | None = None, exclude_ids: np.ndarray | None = None,
                gallery_ids: np.ndarray | None = None) -> np.ndarray:
-    """Class scores (Q, C) of DINO's weighted kNN: each of the k nearest gallery vectors
-    (cosine, through CellIndex) votes for its class with weight exp(similarity / T). With
-    `exclude_ids` (queries from the gallery's own split) a query never votes for itself."""
-    from ssl_blood.features.retrieval import neighbours
-
-    if k < 1 or not (math.isfinite(temperature) and temperature > 0):
-        raise UserError(f"kNN needs `k` >= 1 and `temperature` > 0 (got k={k}, T={temperature})",
-                        param="k")
+    """Class scores (Q, C) of DINO's weighted kNN over the k nearest gallery vectors (cosine,
+    through CellIndex; the vote of `features.neighbours`). With `exclude_ids` (queries from the
+    gallery's own split) a query never votes for itself."""
+    if k < 1:
+        raise UserError(f"kNN needs `k` >= 1 (got {k})", param="k")
     index = index or CellIndex.build(gallery, labels=gallery_labels, ids=gallery_ids,
                                      use_gpu=False)
-    similarity, position = neighbours(index, queries, min(k, index.ntotal - (exclude_ids is not None)),
+    similarity, position = neighbours(index, queries, clamped_k(index, k, exclude_ids is not None),
                                       exclude_ids)
-    found = position >= 0
-    # subtracting each row's max leaves the normalised votes unchanged and avoids overflow
-    top = np.where(found, similarity, -np.inf).max(1, keepdims=True)
-    top[~np.isfinite(top)] = 0.0  # a query with no neighbour found: all its weights are 0 anyway
-    weights = np.where(found, np.exp((similarity - top) / temperature), 0.0)
-    votes = np.zeros((len(queries), num_classes), dtype=np.float64)
-    labels = index.gallery_labels[np.maximum(position, 0)]
-    np.add.at(votes, (np.arange(len(queries))[:, None], labels), weights)
-    return (votes / np.maximum(votes.sum(1, keepdims=True), 1e-300)).astype(np.float32)
+    return weighted_vote(similarity, position, index.gallery_labels, num_classes,
+                         temperature).astype(np.float32)
 
 
 def knn_accuracy(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray,
-                 query_labels: np.ndarray, num_classes: int, k: int = 20,
-                 temperature: float = 0.07) -> float:
+                 query_labels: np.ndarray, num_classes: int, k: int = KNN_K,
+                 temperature: float = KNN_TEMPERATURE) -> float:
     scores = knn_scores(gallery, gallery_labels, queries, num_classes, k, temperature)
     return float((scores.argmax(1) == query_labels).mean())
 
@@ -297,7 +289,7 @@ def _predict_prototype(sx, sy, queries, num_classes):
 
 def _predict_knn(sx, sy, queries, num_classes):
     index = CellIndex.build(sx, labels=sy, use_gpu=False)
-    return [knn_scores(sx, sy, q, num_classes, k=min(20, len(sx)), index=index).argmax(1)
+    return [knn_scores(sx, sy, q, num_classes, k=clamped_k(index, KNN_K, False), index=index).argmax(1)
             for q in queries]
 
 
@@ -398,7 +390,7 @@ def probe_embeddings(emb, device: str = "cpu", progress: bool | None = False,
     return {**_provenance(emb), **result}
 
 
-def knn_embeddings(emb, k: int = 20, temperature: float = 0.07, query_split: str = "test",
+def knn_embeddings(emb, k: int = KNN_K, temperature: float = KNN_TEMPERATURE, query_split: str = "test",
                    cluster_seed: int | None = 0) -> dict[str, Any]:
     """Weighted kNN: train is the gallery, `query_split` the queries (a train query never
     counts itself)."""

@@ -19,6 +19,7 @@ from ssl_blood.features.embeddings import Embedder, Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
 from ssl_blood.data.decode import read_cell_image
 from ssl_blood.features.index import CellIndex
+from ssl_blood.features.neighbours import neighbours
 
 
 def embedder_for(index: CellIndex, device: str = "auto") -> Embedder:
@@ -50,27 +51,6 @@ def images_from_split(source: DataSource, split: str, ids: Sequence[int]) -> tup
                         f"(ids 0..{len(data) - 1})", param="ids")
     index = torch.as_tensor(list(ids), dtype=torch.long)
     return data.images[index], data.labels[index].numpy()
-
-
-def neighbours(index: CellIndex, features: np.ndarray, k: int,
-               exclude_ids: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, gallery positions), each (Q, k), best first, -1 / -inf where fewer than
-    k were found. With `exclude_ids` (queries from the gallery's own split) a query never gets
-    the gallery cell with its own id back."""
-    if exclude_ids is None:
-        return index.search(features, k)
-    if k >= index.ntotal:
-        raise UserError(f"`k` {k} must be smaller than the {index.ntotal} gallery cells when the "
-                        f"queries come from the gallery's own split (a cell is not its own "
-                        f"neighbour); use a smaller k", param="k")
-    similarity, position = index.search(features, k + 1)
-    own = np.asarray(exclude_ids, dtype=np.int64)[:, None]
-    keep = (position >= 0) & (index.gallery_ids[np.maximum(position, 0)] != own)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept ones first, ranks preserved
-    rows = np.arange(len(position))[:, None]
-    kept = keep[rows, order]
-    return (np.where(kept, similarity[rows, order], -np.inf).astype(np.float32),
-            np.where(kept, position[rows, order], -1))
 
 
 def shortfall(index: CellIndex, answers: Sequence[dict], k: int) -> str | None:
@@ -130,13 +110,15 @@ def gallery_metadata(index: CellIndex) -> dict[str, np.ndarray]:
 def retrieval_metrics(query_labels: np.ndarray, neighbour_labels: np.ndarray,
                       gallery_labels: np.ndarray, class_names: Sequence[str],
                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-    """precision@k (share of the top k with the query's class) and mAP@10 (AP@10 =
-    sum_i P@i * rel_i / min(R, 10), R = gallery cells of the query's class), overall and per
+    """precision@k for each of `ks` up to the depth searched, and at that depth K (the number of
+    neighbour columns: share of the top k with the query's class), and mAP@K (AP@K =
+    sum_i P@i * rel_i / min(R, K), R = gallery cells of the query's class), overall and per
     class. A neighbour label of -2 marks a place the index could not fill: never relevant."""
     kmax = neighbour_labels.shape[1]
+    ks = sorted({k for k in ks if k <= kmax} | {kmax})
     relevant = neighbour_labels == query_labels[:, None]  # (Q, k)
     gallery_counts = np.bincount(gallery_labels[gallery_labels >= 0], minlength=len(class_names))
-    depth = min(10, kmax)
+    depth = kmax
     hits = relevant[:, :depth]
     precision_at_i = np.cumsum(hits, 1) / np.arange(1, depth + 1)
     denominators = np.minimum(gallery_counts[query_labels], depth).clip(min=1)

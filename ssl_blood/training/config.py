@@ -17,6 +17,7 @@ from typing import Any
 
 from ssl_blood.model.augment import AugmentConfig
 from ssl_blood.errors import UserError
+from ssl_blood.features.neighbours import KNN_K, KNN_TEMPERATURE
 from ssl_blood.methods import default_method_config, method_class, method_names
 from ssl_blood.model.backbones import STEMS
 
@@ -59,8 +60,8 @@ class PretrainConfig:
     channels_last: bool = True  # NHWC activations: faster on GPUs and for the plain CNN on CPUs
     stream: str = "auto"  # train split on the device ("memory") or read per batch ("stream")
     knn_every: int = 10  # epochs between kNN checks on val (0 = only at the end, -1 = never)
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = KNN_K
+    knn_temperature: float = KNN_TEMPERATURE
 
     def __post_init__(self) -> None:
         if self.method_config is None and self.method in method_names():
