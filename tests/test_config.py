@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from ssl_blood.training.config import (PretrainConfig, apply_settings, build_config, default_preset,
-                              parse_settings, preset_config, scale_epochs_to_data)
+from ssl_blood.training.config import (PretrainConfig, apply_settings, default_preset, parse_settings,
+                                       preset_config)
+from ssl_blood.training.recipe import build_config, scale_epochs_to_data
 from ssl_blood.errors import UserError
 
 

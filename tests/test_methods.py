@@ -208,5 +208,26 @@ def test_a_third_method_needs_only_its_class_and_config(tiny_config, tmp_path):
         assert math.isfinite(result.history[-1]["loss"])
         emb = embed_checkpoint(tmp_path / "run" / "checkpoint.pt")
         assert emb.dim == result.backbone.num_features
+        # presets: a method without recipes of its own gets the generic ones, not DINO's
+        from ssl_blood.training.config import preset_config
+
+        quick, dino = preset_config("quick", "toy"), preset_config("quick", "dino")
+        assert quick.method == "toy" and quick.method_config == ToyConfig()
+        assert quick.backbone == "cnn6" and quick.augment.crop_scale != dino.augment.crop_scale
+        assert preset_config("full", "toy").backbone == "resnet18"
     finally:
         methods.base._METHODS.pop("toy")
+
+
+def test_method_presets_and_migrations_live_with_the_method():
+    from ssl_blood.methods.dino import DINO
+    from ssl_blood.training.config import PretrainConfig, preset_config
+
+    simclr, dino = preset_config("standard", "simclr"), preset_config("standard", "dino")
+    assert (simclr.backbone, simclr.epochs, simclr.method_config.temperature) == ("cnn6-wide", 72, 0.1)
+    assert (dino.backbone, dino.epochs, tuple(dino.augment.crop_scale)) == ("cnn6", 84, (0.35, 1.0))
+    old = {**preset_config("quick", "dino").to_dict()}
+    old["augment"] = {**old["augment"], "local_views": 4}  # format 1 kept it in augment
+    old["dino"] = {k: v for k, v in old["dino"].items() if k != "local_views"}
+    assert PretrainConfig.from_dict(old).method_config.local_views == 4
+    assert "collapsed_epochs" in DINO.migrate_state({})

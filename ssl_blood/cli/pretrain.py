@@ -66,7 +66,8 @@ def _add_pretrain(sub) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ssl_blood.training.config import apply_settings, build_config, default_run_dir, parse_settings
+    from ssl_blood.training.config import apply_settings, default_run_dir, parse_settings
+    from ssl_blood.training.recipe import build_config
     from ssl_blood.device import resolve_device
     from ssl_blood.training.loop import pretrain, resume_config
 

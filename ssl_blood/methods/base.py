@@ -71,6 +71,31 @@ class Method(nn.Module):
         """Raise RunFailed when training has collapsed; return numbers for metrics.jsonl."""
         return {}
 
+    # -- a method's recipes and its history live with it ---------------------------------
+
+    @classmethod
+    def preset(cls, preset: str) -> dict[str, Any]:
+        """Config values of a named preset ("quick", "standard" or "full") for this method,
+        applied over PretrainConfig's defaults; nested dicts ("augment", "method_config")
+        replace only the fields they name. A method without its own recipes gets these
+        generic ones (the narrow CNN for 12 / 84 epochs on a CPU, ResNet-18 on a GPU)."""
+        cpu = dict(batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-5, warmup_epochs=1)
+        if preset == "quick":
+            return dict(cpu, backbone="cnn6", epochs=12, knn_every=4)
+        if preset == "standard":
+            return dict(cpu, backbone="cnn6", epochs=84, knn_every=12, warmup_epochs=4)
+        return {}
+
+    @classmethod
+    def migrate_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A config saved by an older version of this method, in today's form."""
+        return config
+
+    @classmethod
+    def migrate_state(cls, state: dict[str, Any]) -> dict[str, Any]:
+        """A state_dict saved by an older version of this method, in today's form."""
+        return state
+
 
 _METHODS: dict[str, type[Method]] = {}
 

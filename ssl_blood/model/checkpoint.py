@@ -157,11 +157,9 @@ def _upgrade_v1(ckpt: dict[str, Any]) -> dict[str, Any]:
     if config.get("backbone") in _OLD_BACKBONES:
         config["backbone"], config["stem"] = _OLD_BACKBONES[config["backbone"]]
     kind = "supervised" if config.get("method") == "supervised" else "pretrain"
-    method = dict(ckpt.get("method", {}))
-    if config.get("method") == "dino":  # format 2 keeps DINO's collapse count in the state
-        method.setdefault("collapsed_epochs", torch.zeros((), dtype=torch.long))
+    # the method's own state is migrated by the method when a run resumes (Method.migrate_state)
     return {**ckpt, "backbone_name": name, "backbone_stem": stem, "config": config, "kind": kind,
-            "method": method, "history": ckpt.get("history", [])}
+            "history": ckpt.get("history", [])}
 
 
 @dataclass

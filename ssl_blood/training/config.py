@@ -147,20 +147,16 @@ class PretrainConfig:
 
 
 def _migrate(d: dict[str, Any]) -> dict[str, Any]:
-    """Configs of format-1 checkpoints: the lightly PIL pipeline keys are gone (it moved to
-    experiments/), DINO's multi-crop settings moved from augment to the dino section."""
+    """Configs of older checkpoints: the lightly PIL pipeline keys are gone (it moved to
+    experiments/), each method migrates its own section (`Method.migrate_config`), and a
+    section of a method the run does not use is dropped."""
     for obsolete in ("augment_pipeline", "num_workers"):
         d.pop(obsolete, None)
-    augment = dict(d.get("augment", {}))
-    moved = {k: augment.pop(k) for k in ("local_views", "local_size", "local_scale") if k in augment}
-    if moved:
-        d["augment"] = augment
-        if d.get("method") == "dino":
-            d["dino"] = {**moved, **d.get("dino", {})}
-    if d.get("method") != "simclr":
-        d.pop("simclr", None)
-    if d.get("method") != "dino":
-        d.pop("dino", None)
+    if d.get("method") in method_names():
+        d = method_class(d["method"]).migrate_config(d)
+    for name in method_names():
+        if d.get("method") != name:
+            d.pop(name, None)
     return d
 
 
@@ -289,74 +285,19 @@ def default_preset(device_type: str) -> str:
 
 
 def preset_config(preset: str, method: str = "simclr") -> PretrainConfig:
-    """The named preset for a method (sized for BloodMNIST's 11,959 training images; see
-    `scale_epochs_to_data` for other datasets).
-
-    quick: a 2-core CPU, under 10 minutes (measured: docs/results.md). SimCLR trains the wide
-    plain CNN for 8 epochs (on val, width beat epochs: experiments/results/
-    quick_preset_search.json); DINO, whose steps cost ~2.4x more, the narrow one for 12 epochs.
-    standard: a 2-core CPU, about an hour: the quick recipe for the epochs that fit 60 minutes
-    at the quick preset's measured epoch time (SimCLR 72, DINO 84). For SimCLR, NT-Xent
-    temperature 0.1: the best of three recipes on val at 15 minutes (experiments/
-    standard_preset.py; experiments/results/standard_preset_search.json).
-    full: ResNet-18, 200 epochs, batch 512; meant for a GPU.
-    """
+    """The named preset for a method: the method's own recipe (`Method.preset`) over the
+    defaults, sized for BloodMNIST's 11,959 training images (`training.recipe.
+    scale_epochs_to_data` sizes it for other datasets). quick: a 2-core CPU, under 10 minutes;
+    standard: a 2-core CPU, about an hour (measured: docs/results.md); full: ResNet-18, 200
+    epochs, batch 512, meant for a GPU."""
     if preset not in PRESETS:
         raise UserError(f"unknown `preset` '{preset}'; choose one of {', '.join(PRESETS)}", param="preset")
-    method_class(method)
-    cpu = dict(batch_size=256, optimizer="lars", lr=0.6, weight_decay=1e-5, warmup_epochs=1)
-    if preset == "quick":
-        backbone, epochs = ("cnn6-wide", 8) if method == "simclr" else ("cnn6", 12)
-        cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
-                             knn_every=4, **cpu)
-    elif preset == "standard":
-        backbone, epochs = ("cnn6-wide", 72) if method == "simclr" else ("cnn6", 84)
-        cfg = PretrainConfig(method=method, preset=preset, backbone=backbone, epochs=epochs,
-                             knn_every=12, **{**cpu, "warmup_epochs": 4})
-        if method == "simclr":
-            cfg = replace(cfg, method_config=replace(cfg.method_config, temperature=0.1))
-    else:
-        cfg = PretrainConfig(method=method, preset=preset)
-    if method == "dino":
-        # DINO's global crops cover more of the cell than SimCLR's; local crops see the parts
-        cfg = replace(cfg, augment=replace(cfg.augment, crop_scale=(0.35, 1.0)))
-    return cfg
-
-
-def scale_epochs_to_data(cfg: PretrainConfig, train_size: int) -> PretrainConfig:
-    """A preset is a budget of images seen: on a dataset of another size its epochs scale by
-    11,959 / train_size (at least 1, at most 20x the preset's), warm-up likewise."""
-    factor = min(20.0, BLOODMNIST_TRAIN / max(1, train_size))
-    epochs = max(1, round(cfg.epochs * factor))
-    warmup = min(epochs, round(cfg.warmup_epochs * factor))
-    return replace(cfg, epochs=epochs, warmup_epochs=warmup)
-
-
-def build_config(preset: str | None, method: str | None, config_file: str | None,
-                 overrides: dict[str, Any], source: Any, device_type: str) -> PretrainConfig:
-    """The config of a new run: a saved config.json or the named preset (default by device),
-    with explicit settings on top. A preset's epochs scale to the data's size unless epochs is
-    given (`scale_epochs_to_data`)."""
-    from ssl_blood.data import load_split
-
-    if config_file:
-        cfg = PretrainConfig.load(config_file)
-        if method and method != cfg.method:
-            raise UserError(f"`method` {method} differs from the config file's {cfg.method}; edit "
-                            f"the file or drop method", param="method")
-    else:
-        cfg = preset_config(preset or default_preset(device_type), method or "simclr")
-        if "epochs" not in overrides:
-            train_size = len(load_split(source, "train", overrides.get("limit")))
-            scaled = scale_epochs_to_data(cfg, train_size)
-            if scaled.epochs != cfg.epochs:
-                from ssl_blood import ui
-
-                ui.note(f"preset {cfg.preset}: {scaled.epochs} epochs for {train_size} training "
-                        f"images ({cfg.epochs} for BloodMNIST's {BLOODMNIST_TRAIN}); set epochs to "
-                        f"choose")
-            cfg = scaled
-    return PretrainConfig.from_dict({**cfg.to_dict(), **overrides, "data": source.to_dict()})
+    recipe = dict(method_class(method).preset(preset))
+    cfg = PretrainConfig(method=method, preset=preset)
+    augment = recipe.pop("augment", {})
+    method_config = recipe.pop("method_config", {})
+    return replace(cfg, **recipe, augment=replace(cfg.augment, **augment),
+                   method_config=replace(cfg.method_config, **method_config))
 
 
 def default_run_dir(cfg: PretrainConfig) -> Path:

@@ -32,7 +32,7 @@ from ssl_blood.data import CellData, DataSource, available_splits, channel_stats
 from ssl_blood.device import autocast, resolve_device, uses_bf16
 from ssl_blood.training.distributed import Distributed
 from ssl_blood.errors import RunFailed, UserError
-from ssl_blood.methods import Method, MethodSetup, build_method
+from ssl_blood.methods import Method, MethodSetup, build_method, method_class
 from ssl_blood.model.backbones import build_backbone, resolve_stem
 from ssl_blood.training.optim import (build_optimizer, effective_batch, epoch_batches, epoch_seed,
                              lr_schedule, peak_lr)
@@ -248,7 +248,7 @@ def _setup(cfg: PretrainConfig, run_dir: RunDir | None, ddp: Distributed, resume
     steps_per_epoch = len(train) // batch
     start_epoch, history = 0, []
     if state is not None:
-        method.load_state_dict(state["method"])
+        method.load_state_dict(method_class(cfg.method).migrate_state(dict(state["method"])))
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         _restore_rng(state.get("rng", {}))
