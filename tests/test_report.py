@@ -83,9 +83,11 @@ def test_report_renders_in_headless_chromium(report, artifacts):
             "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);")
         assert len(images) >= 4
         assert all(complete and width > 100 for _, complete, width in images), images
-        frame_models = driver.execute_script(
-            "const w = document.querySelector('iframe').contentWindow;"
-            "return w.Bokeh ? w.Bokeh.documents.length : 0;")
+        frame = driver.find_element("css selector", "iframe")
+        assert frame.get_attribute("sandbox") == "allow-scripts allow-downloads"
+        driver.switch_to.frame(frame)  # sandboxed: the page's own scripts cannot reach into it
+        frame_models = driver.execute_script("return window.Bokeh ? Bokeh.documents.length : 0;")
+        driver.switch_to.default_content()
         assert frame_models == 1  # the interactive map runs inside the page
         assert console_errors(driver) == []
         assert all(u.startswith(("file:", "data:", "about:")) for u in requested_urls(driver))

@@ -64,7 +64,7 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
                      baselines: Sequence[str] = ("pixels", "random-init"),
                      progress: bool | None = None) -> dict[str, Any]:
     """Compute (or reuse) everything the report shows; returns paths and results."""
-    from ssl_blood.data import DataSource, available_splits, load_split
+    from ssl_blood.data import available_splits, load_split
     from ssl_blood.features.embeddings import Embedder
     from ssl_blood.analysis.plots import training_curves_png
 
@@ -87,7 +87,7 @@ def prepare_analysis(run_dir: str | Path, limit: int | None = None, device: str 
                               "curves": curves if curves.exists() else training_curves_png(history, curves)}
     bar.set_description("report: embeddings")
     model = Embedder.from_checkpoint(run.checkpoint, device)
-    source = DataSource.from_dict(model.spec.source)
+    source = model.spec.data_source()
     splits = list(available_splits(source))
     train = load_split(source, "train", limit) if baselines else None
     embedders = {"model": model, **{kind: Embedder.baseline(kind, train, model.spec.backbone, 0, device,

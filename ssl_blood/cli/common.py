@@ -80,32 +80,13 @@ def print_json(value: Any) -> int:
 
 def embeddings_from_args(args: argparse.Namespace, splits: Sequence[str] | None = None):
     """Embeddings of the requested splits, from --checkpoint or a --baseline."""
-    from ssl_blood.data import available_splits, load_split
-    from ssl_blood.features.embeddings import Embedder, embed_checkpoint, embed_splits
+    from ssl_blood.features.embeddings import embed
 
     source = source_from_args(args) if (source_given(args) or not args.checkpoint) else None
-    if args.checkpoint:
-        source = source or checkpoint_source(args.checkpoint)
-    wanted = list(splits or csv_list(getattr(args, "splits", None)) or available_splits(source))
-    have = available_splits(source)
-    missing = [s for s in wanted if s not in have]
-    if missing:
-        raise UserError(f"the data has no '{missing[0]}' split (it has {', '.join(have)}); "
-                        f"choose --splits from those")
-    if args.checkpoint:
-        return embed_checkpoint(args.checkpoint, source, wanted, args.limit, args.device, progress=None)
-    train = load_split(source, "train", args.limit)
-    embedder = Embedder.baseline(args.baseline, train, args.backbone or "resnet18", args.seed,
-                                 args.device)
-    return embed_splits(embedder, source, wanted, args.limit, progress=None)
-
-
-def checkpoint_source(checkpoint: str):
-    from ssl_blood.model.checkpoint import load_checkpoint
-    from ssl_blood.data import DataSource
-
-    return DataSource.from_dict(load_checkpoint(checkpoint)["dataset"]["source"])
-
+    return embed(args.checkpoint, None if args.checkpoint else args.baseline, source,
+                 list(splits or csv_list(getattr(args, "splits", None))) or None, args.limit,
+                 getattr(args, "backbone", None), getattr(args, "seed", 0), args.device,
+                 progress=None)
 
 
 def read_json(path: str | None, what: str) -> dict | None:

@@ -81,6 +81,11 @@ class EmbedderSpec:
                             f"ssl-blood makes; re-run ssl-blood embed", param="embeddings")
         return spec
 
+    def data_source(self) -> DataSource:
+        """The data this embedder was made from: a checkpoint's training data, a baseline's
+        data. The default data of every command given only a checkpoint or embeddings."""
+        return DataSource.from_dict(self.source)
+
     @property
     def label(self) -> str:
         """A short name for tables and plots."""
@@ -254,7 +259,7 @@ class Embeddings:
 
     @property
     def source(self) -> DataSource:
-        return DataSource.from_dict(self.embedder.source)
+        return self.embedder.data_source()
 
     def splits(self) -> list[str]:
         return list(dict.fromkeys(self.split.tolist()))
@@ -425,5 +430,33 @@ def embed_checkpoint(checkpoint: str | Path, source: DataSource | None = None,
     one dataset embeds a lab's own labelled cells (transfer), and the embeddings carry that
     data's own classes."""
     embedder = Embedder.from_checkpoint(checkpoint, device)
-    source = source or DataSource.from_dict(embedder.spec.source)
-    return embed_splits(embedder, source, splits, limit, progress=progress)
+    return embed_splits(embedder, source or embedder.spec.data_source(), splits, limit,
+                        progress=progress)
+
+
+def embed(checkpoint: str | Path | None = None, baseline: str | None = None,
+          source: DataSource | None = None, splits: Sequence[str] | None = None,
+          limit: int | None = None, backbone: str | None = None, seed: int = 0,
+          device: str = "auto", progress: bool | None = False) -> Embeddings:
+    """Embeddings of `splits` (default: every split the data has) from a `checkpoint` (default
+    data: its own, the checkpoint read once) or a `baseline` (pixels, random-init `backbone`)
+    fitted on the train split of `source`."""
+    from ssl_blood.data import available_splits
+
+    if (checkpoint is None) == (baseline is None):
+        raise UserError("give a `checkpoint` or a `baseline`", param=("checkpoint", "baseline"))
+    if checkpoint is not None:
+        embedder = Embedder.from_checkpoint(checkpoint, device)
+        source = source or embedder.spec.data_source()
+    elif source is None:
+        raise UserError("a `baseline` needs data to embed; give it", param="baseline")
+    have = available_splits(source)
+    wanted = list(splits or have)
+    missing = [s for s in wanted if s not in have]
+    if missing:
+        raise UserError(f"the data has no '{missing[0]}' split (it has {', '.join(have)}); "
+                        f"choose `splits` from those", param="splits")
+    if baseline is not None:
+        embedder = Embedder.baseline(baseline, load_split(source, "train", limit),
+                                     backbone or "resnet18", seed, device)
+    return embed_splits(embedder, source, wanted, limit, progress=progress)

@@ -29,7 +29,7 @@ def embedder_for(index: CellIndex, device: str = "auto") -> Embedder:
 
 def gallery_source(index: CellIndex) -> DataSource:
     """The data the gallery cells were embedded from."""
-    return DataSource.from_dict(index.meta["embedder"]["source"])
+    return EmbedderSpec.from_dict(index.meta["embedder"]).data_source()
 
 
 def images_from_files(paths: Sequence[str], embedder: Embedder) -> torch.Tensor:
