@@ -59,7 +59,7 @@ def test_picks_csv_roundtrip_and_bad_input(tmp_path):
     result = select_cells(emb, 5, "kcenter")
     write_picks(result, tmp_path / "picks.csv")
     header = (tmp_path / "picks.csv").read_text().splitlines()[0]
-    assert header == "rank,id,split,cluster,typicality"
+    assert header == "rank,id,split,cluster,typicality,label"
     assert list(read_ids(tmp_path / "picks.csv")) == [p["id"] for p in result["picks"]]
     (tmp_path / "ids.txt").write_text("3\n9999\n")
     with pytest.raises(UserError, match=r"`exclude` names 1 id\(s\) not in the train split \(first: 9999\)"):

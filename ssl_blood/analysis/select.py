@@ -177,13 +177,15 @@ def select_cells(emb: Embeddings, budget: int, strategy: str = "typiclust",
 
 
 def write_picks(result: dict[str, Any], path: str | Path) -> Path:
-    """picks.csv: rank, id, split, cluster, typicality and any per-cell metadata."""
+    """picks.csv: rank, id, split, cluster, typicality, any per-cell metadata (a folder's cells
+    their `path`) and an empty `label` column: a person fills it in and hands the file to
+    `train-classifier --labels` as it is."""
     picks = result["picks"]
-    columns = list(picks[0]) if picks else ["rank", "id", "split", "cluster", "typicality"]
+    columns = (list(picks[0]) if picks else ["rank", "id", "split", "cluster", "typicality"]) + ["label"]
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in p.items()} for p in picks)
+    writer.writerows({**{k: "" if v is None else v for k, v in p.items()}, "label": ""} for p in picks)
     return atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 

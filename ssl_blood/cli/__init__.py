@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- parser and main
 
 
-_GROUPS = ("pretrain", "features", "evaluate", "analyse")  # modules of ssl_blood.cli, in help order
+_GROUPS = ("pretrain", "features", "evaluate", "classify", "analyse")  # modules of ssl_blood.cli, in help order
 
 
 def _groups() -> list:

@@ -1,0 +1,379 @@
+"""`Classifier`: a pretrained backbone's frozen features and a logistic head, trained on a
+lab's own labels, calibrated, saved as one folder, and applied to new cells.
+
+Every choice is made by cross-validation on the labelled cells (they are all training labels;
+nothing is held out from them): the head's weight decay, whether temperature scaling helps,
+the probability below which a cell goes to review. The folder holds classifier.json (format,
+classes, preprocessing via the embedder's spec: the checkpoint's path and SHA-256, refused if
+it changed; temperature; thresholds; hashes), head.pt (tensors only, loaded with
+weights_only), card.json and card.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ssl_blood import __version__
+from ssl_blood.classify.calibration import calibration_report, softmax
+from ssl_blood.data.cells import CellData
+from ssl_blood.errors import UserError
+from ssl_blood.features.embeddings import Embedder, EmbedderSpec, l2_normalize
+from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_bytes, write_json, write_text
+
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "card.md"
+HEADS = ("logistic",)
+DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
+OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
+MAX_FOLDS = 5
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n (sound at 0, n and small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Prediction:
+    """Per cell: its name (path or id), predicted class, calibrated probabilities, the margin
+    between the top two, the out-of-distribution score and the review flag."""
+
+    names: np.ndarray
+    name_column: str
+    class_names: tuple[str, ...]
+    probabilities: np.ndarray
+    ood: np.ndarray
+    review: np.ndarray
+    thresholds: dict[str, float]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(1)
+
+    @property
+    def margin(self) -> np.ndarray:
+        top2 = np.sort(self.probabilities, 1)[:, -2:] if self.probabilities.shape[1] > 1 else None
+        return top2[:, 1] - top2[:, 0] if top2 is not None else np.ones(len(self.probabilities))
+
+    def differential(self) -> dict[str, Any]:
+        """The differential count: cells and percentage per predicted class (95 % Wilson
+        intervals), over all cells and over the accepted ones, and the review pile."""
+        n, accepted = len(self.names), ~self.review
+        rows = {}
+        for c, name in enumerate(self.class_names):
+            k, k_acc = int((self.predicted == c).sum()), int((self.predicted[accepted] == c).sum())
+            low, high = wilson_interval(k, n)
+            rows[name] = {"cells": k, "percent": 100 * k / max(n, 1),
+                          "ci95": [100 * low, 100 * high], "accepted": k_acc}
+        return {"cells": n, "review": int(self.review.sum()), "accepted": int(accepted.sum()),
+                "thresholds": self.thresholds, "classes": rows}
+
+    def to_csv(self, path: str | Path) -> Path:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([self.name_column, "predicted", "probability", "margin", "ood_score",
+                         "review"] + [f"p_{c}" for c in self.class_names])
+        top, margin = self.probabilities.max(1), self.margin
+        for i, name in enumerate(self.names):
+            writer.writerow([name, self.class_names[self.predicted[i]], f"{top[i]:.4f}",
+                             f"{margin[i]:.4f}", f"{self.ood[i]:.3f}", int(self.review[i])]
+                            + [f"{p:.4f}" for p in self.probabilities[i]])
+        return write_text(path, buffer.getvalue())
+
+
+class Classifier:
+    """A frozen embedder, a standardised logistic head and its calibration (see the module
+    docstring). Build with `Classifier.train`, keep with `save`, get back with `load`."""
+
+    def __init__(self, embedder: Embedder, class_names: Sequence[str], tensors: dict[str, torch.Tensor],
+                 temperature: float, thresholds: dict[str, float], card: dict[str, Any]):
+        self.embedder, self.class_names = embedder, tuple(class_names)
+        self.tensors, self.temperature = tensors, float(temperature)
+        self.thresholds, self.card = dict(thresholds), card
+
+    # -- training ----------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, embedder: Embedder, cells: CellData, head: str = "logistic", seed: int = 0,
+              review_rate: float = DEFAULT_REVIEW_RATE,
+              labels_file: dict[str, str] | None = None, progress: bool | None = False) -> "Classifier":
+        """Fit on every labelled cell of `cells` with `embedder`'s features (e.g.
+        `Embedder.from_checkpoint`); settings by stratified cross-validation."""
+        if head not in HEADS:
+            raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
+        if not 0 <= review_rate < 1:
+            raise UserError(f"`review_rate` {review_rate} must be in [0, 1)", param="review_rate")
+        cells = cells.labelled()
+        _check_class_counts(cells)
+        embedder.check_images(cells.images, "the labelled images")
+        features = embedder(cells.images, progress=progress)
+        labels = cells.labels.numpy()
+        fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
+        calibration = calibration_report(fit["oof_logits"], labels, fit["folds"])
+        oof = softmax(fit["oof_logits"], calibration["temperature"])
+        reference = l2_normalize(features).astype(np.float32)
+        own = _nearest_distance(reference, reference, exclude_self=True)
+        scale = float(np.median(own)) or 1e-6
+        thresholds = {"min_probability": float(np.quantile(oof.max(1), review_rate)) if review_rate else 0.0,
+                      "max_ood": float(np.quantile(own / scale, OOD_QUANTILE))}
+        tensors = {"weight": fit["head"].weight.detach().float(), "bias": fit["head"].bias.detach().float(),
+                   "mean": torch.as_tensor(fit["mean"]), "std": torch.as_tensor(fit["std"]),
+                   "reference": torch.as_tensor(reference), "ood_scale": torch.tensor(scale)}
+        card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate, labels_file)
+        return cls(embedder, cells.class_names, tensors, calibration["temperature"], thresholds, card)
+
+    # -- applying ----------------------------------------------------------------------
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        t = self.tensors
+        z = (torch.as_tensor(features, dtype=torch.float32) - t["mean"]) / t["std"]
+        logits = (z @ t["weight"].T + t["bias"]).numpy()
+        return softmax(logits, self.temperature).astype(np.float32)
+
+    def ood_scores(self, features: np.ndarray) -> np.ndarray:
+        """Cosine distance to the nearest labelled cell, in units of the labelled cells' own
+        median nearest-neighbour distance (1: as typical as a known cell)."""
+        reference = self.tensors["reference"].numpy()
+        return _nearest_distance(l2_normalize(features), reference) / float(self.tensors["ood_scale"])
+
+    def predict(self, cells: CellData, min_probability: float | None = None,
+                max_ood: float | None = None, progress: bool | None = False) -> Prediction:
+        """Every cell of `cells`: class, probabilities, OOD score, review flag (probability below
+        `min_probability` or OOD score above `max_ood`; defaults: the classifier's own)."""
+        thresholds = {"min_probability": self.thresholds["min_probability"] if min_probability is None else float(min_probability),
+                      "max_ood": self.thresholds["max_ood"] if max_ood is None else float(max_ood)}
+        if not 0 <= thresholds["min_probability"] <= 1:
+            raise UserError(f"`min_probability` {min_probability} must be in [0, 1]", param="min_probability")
+        if not len(cells):
+            raise UserError("no cells to classify; give data that holds images", param="image_dir")
+        self.embedder.check_images(cells.images, "the images to classify")
+        features = self.embedder(cells.images, progress=progress)
+        probabilities, ood = self.probabilities(features), self.ood_scores(features)
+        review = (probabilities.max(1) < thresholds["min_probability"]) | (ood > thresholds["max_ood"])
+        if "path" in cells.metadata:
+            names, column = np.asarray(cells.metadata["path"]).astype(str), "path"
+        else:
+            names, column = cells.ids.numpy(), "id"
+        return Prediction(names, column, self.class_names, probabilities, ood, review, thresholds)
+
+    # -- keeping -----------------------------------------------------------------------
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        out = check_writable(out, folder=True)
+        if (out / CONFIG).exists() and not overwrite:
+            raise UserError(f"`out` {out} already holds a classifier; set `overwrite` or choose "
+                            f"another folder", param=("out", "overwrite"))
+        buffer = io.BytesIO()
+        torch.save({k: v.contiguous() for k, v in self.tensors.items()}, buffer)
+        weights = buffer.getvalue()
+        config = {"format_version": FORMAT_VERSION, "ssl_blood_version": __version__,
+                  "class_names": list(self.class_names), "embedder": self.embedder.spec.to_dict(),
+                  "temperature": self.temperature, "thresholds": self.thresholds,
+                  "weights_sha256": sha256_bytes(weights)}
+        out.mkdir(parents=True, exist_ok=True)
+        write_bytes(out / WEIGHTS, weights)
+        write_json(self.card, out / CARD)
+        write_text(out / CARD_MD, card_markdown(self.card))
+        write_json(config, out / CONFIG)  # last: a folder without it holds no classifier
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "Classifier":
+        path = Path(path)
+        for name in (CONFIG, WEIGHTS, CARD):
+            if not (path / name).is_file():
+                raise UserError(f"`classifier` {path} has no {name}; give a folder written by "
+                                f"ssl-blood train-classifier", param="classifier")
+        try:
+            config = json.loads((path / CONFIG).read_text())
+            version = int(config["format_version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"`classifier` {path / CONFIG} is damaged ({type(exc).__name__}); "
+                            f"train the classifier again", param="classifier") from None
+        if version != FORMAT_VERSION:
+            newer = "a newer" if version > FORMAT_VERSION else "an older"
+            raise UserError(f"`classifier` {path} has format {version}, from {newer} ssl-blood "
+                            f"(this one reads format {FORMAT_VERSION}); train it again with this "
+                            f"version", param="classifier")
+        if sha256_file(path / WEIGHTS) != config.get("weights_sha256"):
+            raise UserError(f"`classifier` {path / WEIGHTS} was altered since it was written "
+                            f"(SHA-256 differs); train the classifier again", param="classifier")
+        tensors = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        embedder = Embedder.from_spec(EmbedderSpec.from_dict(config["embedder"]), device)
+        return cls(embedder, config["class_names"], tensors, config["temperature"],
+                   config["thresholds"], json.loads((path / CARD).read_text()))
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _check_class_counts(cells: CellData) -> None:
+    counts = np.bincount(cells.labels.numpy(), minlength=cells.num_classes)
+    if len(cells) == 0:
+        raise UserError("no labelled cells; give labels (`labels`) for some cells", param="labels")
+    few = [(cells.class_names[c], int(n)) for c, n in enumerate(counts) if n < 2]
+    if few:
+        raise UserError(f"class '{few[0][0]}' has {few[0][1]} labelled cell(s); cross-validation "
+                        f"needs at least 2 per class: label more, or leave the class out",
+                        param="labels")
+
+
+def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                              seed: int) -> dict[str, Any]:
+    """Weight decay by stratified k-fold CV accuracy (k = min(5, smallest class)); the head is
+    then fitted on all cells. Out-of-fold logits of the chosen setting feed calibration."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
+
+    k = int(min(MAX_FOLDS, np.bincount(labels).min()))
+    folds = np.zeros(len(labels), dtype=np.int64)
+    for f, (_, held) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels)):
+        folds[held] = f
+    oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in PROBE_WEIGHT_DECAYS}
+    for f in range(k):
+        train, held = folds != f, folds == f
+        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+        x = torch.as_tensor((features[train] - mean) / std)
+        previous = None
+        for wd in sorted(PROBE_WEIGHT_DECAYS, reverse=True):  # strong to weak, warm-started
+            previous = fit_logistic(x, torch.as_tensor(labels[train]), num_classes, wd, start=previous)
+            with torch.no_grad():
+                oof[wd][held] = previous(torch.as_tensor((features[held] - mean) / std)).numpy()
+    accuracy = {wd: float((oof[wd].argmax(1) == labels).mean()) for wd in PROBE_WEIGHT_DECAYS}
+    best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (accuracy[wd], wd))  # ties: stronger penalty
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    head = fit_logistic(torch.as_tensor((features - mean) / std), torch.as_tensor(labels),
+                        num_classes, best)
+    return {"head": head, "mean": mean.astype(np.float32), "std": std.astype(np.float32),
+            "weight_decay": best, "accuracy_by_weight_decay": accuracy, "folds": folds,
+            "oof_logits": oof[best], "k": k}
+
+
+def _nearest_distance(queries: np.ndarray, reference: np.ndarray, exclude_self: bool = False,
+                      chunk: int = 4096) -> np.ndarray:
+    """Cosine distance (1 - similarity) of each unit-norm query to its nearest reference row."""
+    out = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ reference.T
+        if exclude_self:
+            rows = np.arange(len(sims))
+            sims[rows, rows + start] = -np.inf
+        out[start:start + chunk] = 1 - sims.max(1)
+    return np.clip(out, 0, None)
+
+
+def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, calibration: dict,
+          oof: np.ndarray, thresholds: dict, review_rate: float, labels_file: dict | None) -> dict:
+    correct = oof.argmax(1) == labels
+    low, high = wilson_interval(int(correct.sum()), len(labels))
+    accepted = oof.max(1) >= thresholds["min_probability"]
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"ssl_blood": __version__, "torch": torch.__version__},
+        "head": "logistic", "classes": list(cells.class_names),
+        "labels_per_class": {n: int((labels == c).sum()) for c, n in enumerate(cells.class_names)},
+        "labels_file": labels_file, "labelled_from": cells.source.to_dict(),
+        "pretrained_on": embedder.spec.source, "checkpoint": embedder.spec.checkpoint,
+        "checkpoint_sha256": embedder.spec.identity,
+        "cross_validation": {"folds": fit["k"], "weight_decay": fit["weight_decay"],
+                             "accuracy": float(correct.mean()), "accuracy_ci95": [low, high],
+                             "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else None,
+                             "review_rate": float(1 - accepted.mean())},
+        "calibration": calibration, "thresholds": thresholds, "review_rate_target": review_rate,
+    }
+
+
+def card_markdown(card: dict) -> str:
+    cv, cal = card["cross_validation"], card["calibration"]
+    lines = [f"# Classifier: {len(card['classes'])} classes, {sum(card['labels_per_class'].values())} labelled cells",
+             "", f"Created {card['created']} with ssl-blood {card['versions']['ssl_blood']}; "
+             f"backbone {card['checkpoint']} ({card['checkpoint_sha256']}).", "",
+             f"Cross-validated ({cv['folds']}-fold) accuracy on the labelled cells: "
+             f"{cv['accuracy']:.1%} (95 % CI {cv['accuracy_ci95'][0]:.1%}-{cv['accuracy_ci95'][1]:.1%}); "
+             f"{cv['review_rate']:.0%} sent to review, accepted cells {cv['accepted_accuracy'] or 0:.1%} right.", "",
+             f"Calibration (cross-validated): ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
+             f"NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}; temperature {cal['temperature']:.2f} "
+             f"({'kept: it helped' if cal['kept'] else 'not used: it did not help'}).", "",
+             "| class | labelled cells |", "|---|---|"]
+    lines += [f"| {name.replace('|', '/')} | {n} |" for name, n in card["labels_per_class"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the two commands
+
+
+def train_classifier(checkpoint: str | Path, out: str | Path, source: Any = None,
+                     labels: str | Path | None = None, split: str | None = None,
+                     fraction: float | None = None, shots: int | None = None,
+                     head: str = "logistic", seed: int = 0,
+                     review_rate: float = DEFAULT_REVIEW_RATE, device: str = "auto",
+                     overwrite: bool = False, progress: bool | None = False) -> Classifier:
+    """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
+    split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
+    the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
+    a classifier trained on them and saved to `out`."""
+    from ssl_blood.classify.labels import apply_labels, read_labels
+    from ssl_blood.data import default_split, load_split
+
+    out = check_writable(out, folder=True)
+    if (out / CONFIG).exists() and not overwrite:
+        raise UserError(f"`out` {out} already holds a classifier; set `overwrite` or choose "
+                        f"another folder", param=("out", "overwrite"))
+    if labels is not None and (fraction is not None or shots is not None):
+        raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
+    table = read_labels(labels) if labels is not None else None
+    embedder = Embedder.from_checkpoint(checkpoint, device)
+    source = source or embedder.spec.data_source()
+    cells = load_split(source, split or default_split(source, "train"))
+    if table is not None:
+        cells = apply_labels(cells, table)
+    elif fraction is not None or shots is not None:
+        from ssl_blood.evaluation.supervised import labelled_subset
+
+        rows = labelled_subset(cells.labels.numpy(), cells.num_classes, seed, fraction, shots)
+        cells = cells.subset(rows)
+    labels_file = {"path": table.path, "sha256": table.sha256} if table is not None else None
+    classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress)
+    classifier.save(out, overwrite)
+    return classifier
+
+
+def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: str | None = None,
+                  min_probability: float | None = None, max_ood: float | None = None,
+                  device: str = "auto", overwrite: bool = False,
+                  progress: bool | None = False) -> tuple[Prediction, dict[str, Any]]:
+    """`ssl-blood predict`: one CSV row per cell of `split` (default: test, or the only split)
+    of `source`, and beside it (OUT.counts.json) the differential count; returns both."""
+    from ssl_blood.data import default_split, load_split
+    from ssl_blood.files import refuse_existing
+
+    out = check_writable(refuse_existing(out, overwrite), folder=False)
+    counts_path = out.with_suffix(".counts.json")
+    refuse_existing(counts_path, overwrite)
+    model = Classifier.load(classifier, device)
+    if source is None:
+        raise UserError("give the cells to classify (`image_dir`, `manifest` or `npz`)",
+                        param="image_dir")
+    cells = load_split(source, split or default_split(source))
+    prediction = model.predict(cells, min_probability, max_ood, progress)
+    counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
+              **prediction.differential()}
+    prediction.to_csv(out)
+    write_json(counts, counts_path)
+    return prediction, counts

@@ -1,0 +1,98 @@
+"""`train-classifier` and `predict`: labels in, a classifier kept, new cells classified."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ssl_blood.cli.common import add_data_args, add_json, print_json, source_from_args, source_given
+
+HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
+    "train-classifier": "train and keep a classifier from labelled cells (a labels CSV)",
+    "predict": "classify new cells: class, probability, review flag, differential count",
+}
+
+
+def _add_train_classifier(sub) -> None:
+    from ssl_blood.classify.classifier import DEFAULT_REVIEW_RATE, HEADS
+
+    p = sub.add_parser("train-classifier", help=HELP["train-classifier"],
+                       description="A logistic head on the checkpoint's frozen features, trained on "
+                                   "every labelled cell (a user's labels are all training labels): "
+                                   "weight decay, calibration (temperature scaling, kept only where "
+                                   "it helps) and the review threshold chosen by stratified "
+                                   "cross-validation on them. Writes a folder with the head, its "
+                                   "settings and a model card (card.md).")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="CSV with 'label' and 'path' (or 'id') columns, as ssl-blood select writes "
+                        "(empty labels are skipped); overrides the data's own labels")
+    p.add_argument("--split", help="which split holds the labelled cells (default train)")
+    p.add_argument("--fraction", type=float, help="without --labels: this fraction of the data's labels")
+    p.add_argument("--shots", type=int, help="without --labels: this many labels per class")
+    p.add_argument("--head", choices=HEADS, default="logistic")
+    p.add_argument("--review-rate", type=float, default=DEFAULT_REVIEW_RATE,
+                   help="share of cells sent to review: sets the probability threshold by "
+                        "cross-validation (default %(default)s)")
+    add_data_args(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_train_classifier)
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from ssl_blood.classify.classifier import train_classifier
+
+    model = train_classifier(args.checkpoint, args.out,
+                             source_from_args(args) if source_given(args) else None, args.labels,
+                             args.split, args.fraction, args.shots, args.head, args.seed,
+                             args.review_rate, args.device, args.overwrite, progress=None)
+    if args.json:
+        return print_json(model.card)
+    print((Path(args.out) / "card.md").read_text().rstrip())
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help=HELP["predict"],
+                       description="Classifies every cell of the data: one CSV row per cell (path or "
+                                   "id, predicted class, calibrated probability, margin, OOD score, "
+                                   "review flag, every class's probability) and OUT.counts.json, "
+                                   "the differential count with 95 % intervals. A cell goes to "
+                                   "review when its probability is below --min-probability or its "
+                                   "OOD score (distance to the nearest labelled cell over their "
+                                   "typical distance) above --max-ood; defaults: the classifier's.")
+    p.add_argument("--classifier", required=True, metavar="DIR")
+    p.add_argument("--split", help="which split to classify (default test, or the only one)")
+    p.add_argument("--min-probability", type=float)
+    p.add_argument("--max-ood", type=float)
+    add_data_args(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, metavar="FILE.csv")
+    p.add_argument("--overwrite", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ssl_blood.classify.classifier import predict_cells
+
+    _, counts = predict_cells(args.classifier, source_from_args(args) if source_given(args) else None,
+                              args.out, args.split, args.min_probability, args.max_ood, args.device,
+                              args.overwrite, progress=None)
+    if args.json:
+        return print_json(counts)
+    print(f"{counts['cells']} cells: {counts['accepted']} accepted, {counts['review']} for review")
+    print(f"{'class':28}{'cells':>7}{'%':>7}  {'95 % CI':>13}")
+    for name, row in counts["classes"].items():
+        print(f"{name:28}{row['cells']:>7}{row['percent']:>7.1f}  "
+              f"{row['ci95'][0]:5.1f}-{row['ci95'][1]:5.1f}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.counts.json')}")
+    return 0
+
+
+ADDERS = {"train-classifier": _add_train_classifier, "predict": _add_predict}

@@ -1,0 +1,175 @@
+"""The classifier a lab keeps: labels CSV in, train-classifier, predict on a folder of PNGs,
+calibration, and every way its inputs can be wrong."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from ssl_blood.classify.calibration import calibration_report, expected_calibration_error
+from ssl_blood.classify.labels import apply_labels, read_labels
+from ssl_blood.cli import main
+from ssl_blood.data import load_split, resolve_source
+from ssl_blood.errors import UserError
+from tests.helpers import assert_one_line_error, run_cli, tree, write_png
+
+
+@pytest.fixture(scope="module")
+def slides(tiny_run, tmp_path_factory):
+    """Two folders of PNGs (flat, unlabelled): `today` from the synthetic train split, `tomorrow`
+    from its test split, with the true class of every file."""
+    run, npz = tiny_run
+    root = tmp_path_factory.mktemp("slides")
+    arrays = np.load(npz)
+    truth = {}
+    for name, split in (("today", "train"), ("tomorrow", "test")):
+        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
+            write_png(root / name / f"cell_{i:04d}.png", image)
+            truth[(name, f"cell_{i:04d}.png")] = int(label)
+    return run, root, truth
+
+
+def _fill(picks, truth, names, folder):
+    """A person fills in picks.csv's empty label column."""
+    with open(picks, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["label"] = names[truth[(folder, row["path"])]]
+    with open(picks, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), lineterminator="\r\n")  # a spreadsheet's CRLF
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_select_fill_train_predict_round_trip(slides, tmp_path, capsys):
+    from tests.helpers import CELL_NAMES
+
+    run, root, truth = slides
+    ckpt = str(run / "checkpoint.pt")
+    folder = ["--image-dir", str(root / "today"), "--size", "16", "--cache-dir", "none"]
+    assert main(["embed", "--checkpoint", ckpt, *folder, "--out", str(tmp_path / "e.npz")]) == 0
+    assert main(["select", "--embeddings", str(tmp_path / "e.npz"), "--budget", "40",
+                 "--out", str(tmp_path / "picks.csv")]) == 0
+    rows = _fill(tmp_path / "picks.csv", truth, CELL_NAMES, "today")
+    assert {"path", "label"} <= set(rows[0]) and len(rows) == 40
+    capsys.readouterr()
+    assert main(["train-classifier", "--checkpoint", ckpt, *folder, "--labels", str(tmp_path / "picks.csv"),
+                 "--out", str(tmp_path / "clf"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert sum(card["labels_per_class"].values()) == 40 and card["cross_validation"]["folds"] >= 2
+    assert card["calibration"]["bins"] == 15 and card["labels_file"]["sha256"]
+    assert (tmp_path / "clf" / "card.md").read_text().startswith("# Classifier: 4 classes, 40 labelled")
+    # the labelled cells themselves: the classifier agrees with the labels it was given
+    assert main(["predict", "--classifier", str(tmp_path / "clf"), *folder,
+                 "--out", str(tmp_path / "today.csv"), "--min-probability", "0"]) == 0
+    with open(tmp_path / "today.csv") as f:
+        predicted = {r["path"]: r for r in csv.DictReader(f)}
+    given = {r["path"]: r["label"] for r in rows}
+    assert np.mean([predicted[p]["predicted"] == label for p, label in given.items()]) >= 0.9
+    # tomorrow's slide: one row per file, counts that add up, better than chance
+    capsys.readouterr()
+    assert main(["predict", "--classifier", str(tmp_path / "clf"), "--image-dir", str(root / "tomorrow"),
+                 "--size", "16", "--cache-dir", "none", "--out", str(tmp_path / "tomorrow.csv"), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    with open(tmp_path / "tomorrow.csv") as f:
+        out = list(csv.DictReader(f))
+    assert len(out) == counts["cells"] == 40
+    assert sum(c["cells"] for c in counts["classes"].values()) == 40
+    assert counts["review"] == sum(int(r["review"]) for r in out)
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in CELL_NAMES) - 1) < 1e-3 for r in out)
+    right = np.mean([CELL_NAMES.index(r["predicted"]) == truth[("tomorrow", r["path"])] for r in out])
+    assert right > 0.5  # 4 classes: chance is 0.25
+    assert json.loads((tmp_path / "tomorrow.counts.json").read_text())["cells"] == 40
+    # bad input: one line, exit 2, nothing written
+    before = tree(tmp_path)
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--image-dir",
+                           root / "tomorrow", "--size", "16", "--out", tmp_path / "tomorrow.csv")
+    assert_one_line_error(code, err, r"--out .*tomorrow.csv exists; set --overwrite")
+    (tmp_path / "clf" / "head.pt").write_bytes((tmp_path / "clf" / "head.pt").read_bytes() + b"x")
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--image-dir",
+                           root / "tomorrow", "--size", "16", "--out", tmp_path / "new.csv")
+    assert_one_line_error(code, err, r"--classifier .*head.pt was altered")
+    assert not (tmp_path / "new.csv").exists()
+    assert {k: v for k, v in tree(tmp_path).items() if not k.startswith("clf")} == \
+        {k: v for k, v in before.items() if not k.startswith("clf")}
+
+
+def test_a_classifier_refuses_images_of_another_channel_count(tiny_run, tmp_path, capsys):
+    from tests.helpers import make_npz
+
+    run, _ = tiny_run
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), "--shots", "5",
+                 "--out", str(tmp_path / "clf")]) == 0
+    gray = make_npz(tmp_path / "gray.npz", channels=1)
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--npz", gray,
+                           "--out", tmp_path / "p.csv")
+    assert_one_line_error(code, err, r"are \(1, 16, 16\) .* made for \(3, 16, 16\)")
+    assert not (tmp_path / "p.csv").exists()
+    config = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps({**config, "format_version": 99}))
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--npz", gray,
+                           "--out", tmp_path / "p.csv")
+    assert_one_line_error(code, err, r"has format 99, from a newer ssl-blood")
+
+
+def test_calibration_cools_an_over_confident_head_and_leaves_a_calibrated_one():
+    rng = np.random.default_rng(0)
+    n, c = 600, 4
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c))
+    logits[np.arange(n), labels] += 1.5  # a moderately good classifier...
+    hot = logits * 6  # ...made over-confident
+    folds = np.arange(n) % 5
+    report = calibration_report(hot, labels, folds)
+    assert report["kept"] and report["temperature"] > 2
+    assert report["nll_after"] < report["nll_before"] and report["ece_after"] < report["ece_before"]
+    from ssl_blood.classify.calibration import softmax
+
+    honest = rng.normal(size=(n, c)) * 2  # labels drawn from the head's own probabilities:
+    drawn = np.array([rng.choice(c, p=p) for p in softmax(honest)])  # calibrated by construction
+    fine = calibration_report(honest, drawn, folds)
+    assert fine["temperature"] == 1.0 or abs(fine["temperature"] - 1) < 0.2
+    assert fine["nll_after"] <= fine["nll_before"]  # never worse than uncalibrated
+    probs = np.eye(c)[labels]  # perfectly confident and right
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("path,label\na.png,x\na.png,y\n", r"'a.png' is labelled 'x' on line 2 and 'y' on line 3"),
+    ("path,label\nnone.png,x\nb.png,x\n", r"line 2 names path 'none.png', which is not a cell"),
+    ("file,label\na.png,x\n", r"needs a 'label' column and an 'id' or 'path' column"),
+    ("path,label\na.png,\n", r"labels no cell"),
+    ("id,label\nabc,x\n", r"line 2 has id 'abc'"),
+])
+def test_bad_labels_files(text, pattern, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        write_png(tmp_path / "imgs" / name, np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "labels.csv").write_text(text)
+    cells = load_split(resolve_source(image_dir=str(tmp_path / "imgs"), size=16, cache_dir=""), "train")
+    with pytest.raises(UserError, match=pattern):
+        apply_labels(cells, read_labels(tmp_path / "labels.csv"))
+
+
+def test_labels_from_a_spreadsheet_are_read(tmp_path):
+    """BOM, CRLF and a quoted comma in a class name: all accepted."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        write_png(tmp_path / "imgs" / name, np.zeros((16, 16, 3), np.uint8))
+    (tmp_path / "labels.csv").write_bytes('\ufeffpath,label\r\na.png,"band, immature"\r\nb.png,blast\r\n'.encode())
+    cells = load_split(resolve_source(image_dir=str(tmp_path / "imgs"), size=16, cache_dir=""), "train")
+    labelled = apply_labels(cells, read_labels(tmp_path / "labels.csv"))
+    assert labelled.class_names == ("band, immature", "blast")
+    by_path = dict(zip(labelled.metadata["path"], labelled.labels.tolist()))
+    assert by_path == {"a.png": 0, "b.png": 1}
+
+
+def test_a_class_with_one_label_is_refused(tiny_run, tmp_path, capsys):
+    run, npz = tiny_run
+    (tmp_path / "labels.csv").write_text("id,label\n0,a\n1,a\n2,b\n")
+    code, _, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt",
+                           "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf")
+    assert_one_line_error(code, err, r"class 'b' has 1 labelled cell\(s\); cross-validation needs at least 2")
+    assert not (tmp_path / "clf").exists()
