@@ -173,3 +173,27 @@ def test_a_class_with_one_label_is_refused(tiny_run, tmp_path, capsys):
                            "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf")
     assert_one_line_error(code, err, r"class 'b' has 1 labelled cell\(s\); cross-validation needs at least 2")
     assert not (tmp_path / "clf").exists()
+
+
+def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
+    import onnx
+    import onnxruntime
+
+    from ssl_blood.classify import Classifier
+
+    run, npz = tiny_run
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), "--shots", "6",
+                 "--out", str(tmp_path / "clf")]) == 0
+    assert main(["export", "--classifier", str(tmp_path / "clf"), "--out", str(tmp_path / "clf.onnx")]) == 0
+    proto = onnx.load(str(tmp_path / "clf.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    model = Classifier.load(tmp_path / "clf", "cpu")
+    assert json.loads(meta["class_names"]) == list(model.class_names)
+    cells = load_split(resolve_source(npz=str(npz)), "test")
+    expected = model.predict(cells, min_probability=0).probabilities
+    session = onnxruntime.InferenceSession(str(tmp_path / "clf.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, len(cells)):  # the batch axis is dynamic
+        got = session.run(None, {"images": cells.images[:batch].numpy()})[0]
+        assert np.abs(got - expected[:batch]).max() < 1e-4
+    code, _, err = run_cli(capsys, "export", "--classifier", tmp_path / "clf", "--out", tmp_path / "clf.onnx")
+    assert_one_line_error(code, err, r"--out .*clf.onnx exists; set --overwrite")

@@ -11,7 +11,7 @@ from ssl_blood.errors import UserError
 
 HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
     "pretrain": "pretrain a backbone with SimCLR or DINO",
-    "export": "write the backbone's plain state_dict",
+    "export": "write the backbone's plain state_dict, or a classifier as ONNX",
 }
 
 
@@ -101,16 +101,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help=HELP["export"],
                        description="Write the evaluation backbone of a checkpoint as a plain "
-                                   "state_dict that loads without ssl-blood (see docs/user-guide.md).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+                                   "state_dict that loads without ssl-blood (see docs/user-guide.md), "
+                                   "or a classifier (train-classifier's folder) as one ONNX graph: "
+                                   "uint8 images in, calibrated probabilities out.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="CKPT")
+    which.add_argument("--classifier", metavar="DIR")
+    p.add_argument("--format", choices=("state-dict", "onnx"), help="default: state-dict for a "
+                   "checkpoint, onnx for a classifier")
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ssl_blood.errors import UserError
     from ssl_blood.model.checkpoint import export_backbone
 
+    if args.classifier:
+        from ssl_blood.classify.export import export_onnx
+
+        if args.format == "state-dict":
+            raise UserError("a classifier exports as --format onnx")
+        info = export_onnx(args.classifier, args.out, args.overwrite)
+        print(f"wrote {info['out']}: ONNX (opset {info['opset']}), classes {', '.join(info['classes'])}")
+        return 0
+    if args.format == "onnx":
+        raise UserError("--format onnx exports a classifier: give --classifier DIR")
     info = export_backbone(args.checkpoint, args.out, args.overwrite)
     print(f"wrote {info['out']}: {info['backbone']} (stem {info['stem']}) state_dict, "
           f"{info['parameters']:,} parameters; input {info['input_size']} px, normalise with mean "

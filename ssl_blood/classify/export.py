@@ -1,0 +1,69 @@
+"""A classifier as one ONNX graph: uint8 images (N, C, H, W) in, calibrated class probabilities
+out (preprocessing, backbone, standardisation, head, temperature, softmax), a dynamic batch
+axis, and the class names and thresholds in the model's metadata; runs with onnxruntime alone."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssl_blood.classify.classifier import Classifier
+from ssl_blood.errors import UserError
+from ssl_blood.files import check_writable, refuse_existing, write_bytes
+from ssl_blood.model.augment import eval_preprocess
+
+ONNX_OPSET = 17
+
+
+class _Graph(nn.Module):
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        spec, t = classifier.embedder.spec, classifier.tensors
+        self.backbone = classifier.embedder.model.float().eval()
+        self.mean, self.std, self.size = list(spec.mean), list(spec.std), int(spec.input_size)
+        self.register_buffer("feature_mean", t["mean"].float())
+        self.register_buffer("feature_std", t["std"].float())
+        self.head = nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
+        self.head.weight.data, self.head.bias.data = t["weight"].float(), t["bias"].float()
+        self.temperature = float(classifier.temperature)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(eval_preprocess(images, self.mean, self.std, self.size))
+        logits = self.head((features - self.feature_mean) / self.feature_std)
+        return torch.softmax(logits / self.temperature, dim=1)
+
+
+def export_onnx(classifier: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """Write `classifier` (a train-classifier folder) as ONNX to `out`; returns what was written."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs onnx: pip install 'ssl-blood[onnx]'", param="format") from None
+    out = check_writable(refuse_existing(out, overwrite), folder=False)
+    model = Classifier.load(classifier, "cpu")
+    if model.embedder.spec.kind != "checkpoint":
+        raise UserError("only a classifier on a pretrained backbone can be exported", param="classifier")
+    graph = _Graph(model).eval()
+    spec = model.embedder.spec
+    example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter: the dynamo one needs onnxscript
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), buffer, input_names=["images"],
+                          output_names=["probabilities"], opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = {"class_names": json.dumps(list(model.class_names)),
+            "thresholds": json.dumps(model.thresholds), "temperature": str(model.temperature),
+            "input": f"uint8 (N, {spec.channels}, {spec.image_size}, {spec.image_size})",
+            "producer": "ssl-blood"}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    write_bytes(out, proto.SerializeToString())
+    return {"out": str(out), "classes": list(model.class_names), "opset": ONNX_OPSET}
