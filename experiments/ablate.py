@@ -27,7 +27,8 @@ from ssl_blood.training.config import apply_settings, parse_settings, preset_con
 from ssl_blood.data import resolve_source
 from ssl_blood.device import describe_device
 from ssl_blood.features.embeddings import embed_checkpoint
-from ssl_blood.evaluation.frozen import knn_accuracy, linear_probe
+from ssl_blood.evaluation.frozen import linear_probe
+from ssl_blood.features.neighbours import knn_accuracy
 from ssl_blood.files import write_json
 from ssl_blood.training.loop import pretrain
 

@@ -55,7 +55,8 @@ def score(run: Path, with_test: bool, limit: int | None = None) -> dict:
     emb = embed_checkpoint(run / "checkpoint.pt", splits=["train", "val", "test"] if with_test else ["train", "val"],
                            limit=limit)
     if not with_test:  # val only: the val split plays the test split's part in the helpers
-        from ssl_blood.evaluation.frozen import knn_accuracy, linear_probe
+        from ssl_blood.evaluation.frozen import linear_probe
+        from ssl_blood.features.neighbours import knn_accuracy
 
         (tx, ty, _), (vx, vy, _) = emb.select("train"), emb.select("val")
         return {"probe_val_acc": linear_probe(tx, ty, vx, vy, None, None, emb.class_names)["val_acc"],

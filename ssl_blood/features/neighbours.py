@@ -64,3 +64,27 @@ def weighted_vote(similarity: np.ndarray, position: np.ndarray, gallery_labels: 
     votes = np.zeros((len(similarity), num_classes), dtype=np.float64)
     np.add.at(votes, (np.arange(len(similarity))[:, None], np.maximum(labels, 0)), weights)
     return votes / np.maximum(votes.sum(1, keepdims=True), 1e-300)
+
+
+def knn_scores(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray,
+               num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
+               index: CellIndex | None = None, exclude_ids: np.ndarray | None = None,
+               gallery_ids: np.ndarray | None = None) -> np.ndarray:
+    """Class scores (Q, C) of DINO's weighted kNN over the k nearest gallery vectors (cosine,
+    through CellIndex; the vote of `features.neighbours`). With `exclude_ids` (queries from the
+    gallery's own split) a query never votes for itself."""
+    if k < 1:
+        raise UserError(f"kNN needs `k` >= 1 (got {k})", param="k")
+    index = index or CellIndex.build(gallery, labels=gallery_labels, ids=gallery_ids,
+                                     use_gpu=False)
+    similarity, position = neighbours(index, queries, clamped_k(index, k, exclude_ids is not None),
+                                      exclude_ids)
+    return weighted_vote(similarity, position, index.gallery_labels, num_classes,
+                         temperature).astype(np.float32)
+
+
+def knn_accuracy(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray,
+                 query_labels: np.ndarray, num_classes: int, k: int = KNN_K,
+                 temperature: float = KNN_TEMPERATURE) -> float:
+    scores = knn_scores(gallery, gallery_labels, queries, num_classes, k, temperature)
+    return float((scores.argmax(1) == query_labels).mean())

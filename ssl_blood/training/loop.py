@@ -375,7 +375,7 @@ def _knn_due(cfg: PretrainConfig, epoch: int) -> bool:
 
 
 def _knn_monitor(run: _Run) -> float:
-    from ssl_blood.evaluation.frozen import knn_accuracy
+    from ssl_blood.features.neighbours import knn_accuracy
     from ssl_blood.model.inference import run_model
 
     gallery, val = run.monitor  # type: ignore[misc]
