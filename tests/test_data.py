@@ -164,3 +164,48 @@ def test_datasource_roundtrip():
     assert old.layout == "auto" and old.split_fractions == (0.7, 0.1, 0.2)
     with pytest.raises(UserError, match="only one of"):
         resolve_source("a", npz="b")
+
+
+def test_a_fifth_source_is_one_registered_class(tmp_path, capsys):
+    """A new source kind: one class; the CLI's data flags, embedding and the recorded form
+    pick it up with no other change."""
+    from dataclasses import dataclass
+
+    from ssl_blood.cli import main
+    from ssl_blood.data import CellData
+    from ssl_blood.data import sources
+    from ssl_blood.features.embeddings import Embeddings
+
+    @sources.register
+    @dataclass(frozen=True)
+    class NoiseSource(sources.DataSource):
+        kind = "noise"
+        param = "noise_seed"
+        metavar = "SEED"
+        help = "random cells (a test source)"
+
+        @classmethod
+        def resolve(cls, value, size, **options):
+            return cls(str(value), size or 16)
+
+        def splits(self):
+            return ("train", "test")
+
+        def _load(self, split):
+            rng = np.random.default_rng([int(self.path), len(split)])
+            images = torch.from_numpy(rng.integers(0, 255, (12, 3, self.size, self.size), dtype=np.uint8))
+            return CellData(images, torch.from_numpy(np.arange(12) % 2), torch.arange(12), split,
+                            ("a", "b"), self)
+
+    try:
+        out = tmp_path / "e.npz"
+        assert main(["embed", "--baseline", "pixels", "--noise-seed", "7", "--out", str(out)]) == 0
+        emb = Embeddings.load(out)
+        assert emb.embedder.source == {"kind": "noise", "path": "7", "size": 16}
+        assert DataSource.from_dict(emb.embedder.source) == NoiseSource("7", 16)
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["embed", "--help"])
+        assert "--noise-seed SEED" in capsys.readouterr().out
+    finally:
+        sources._SOURCES.pop("noise")

@@ -22,22 +22,19 @@ def csv_list(text: str | None, kind: Callable[[str], Any] = str, flag: str = "li
 
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    from ssl_blood.data import LAYOUTS
+def _flag(param: str) -> str:
+    return "--" + param.replace("_", "-")
 
-    group = p.add_argument_group("data (one of --data-root, --npz, --image-dir, --manifest)")
-    source = group.add_mutually_exclusive_group()
-    source.add_argument("--data-root", metavar="DIR",
-                        help="medmnist root holding bloodmnist.npz (default: $SSL_BLOOD_DATA_ROOT, "
-                             "else ~/.medmnist)")
-    source.add_argument("--npz", metavar="FILE", help="any MedMNIST-format .npz")
-    source.add_argument("--image-dir", metavar="DIR",
-                        help="folder of cell images: DIR/{train,val,test}/CLASS/..., DIR/CLASS/..., "
-                             "or loose images (unlabelled); an 'unlabeled' folder beside class "
-                             "folders adds unlabelled training images")
-    source.add_argument("--manifest", metavar="FILE.csv",
-                        help="CSV with a 'path' column, optional 'label' and 'split'; other "
-                             "columns are kept as metadata")
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data flags: one per registered source (mutually exclusive), then the options."""
+    from ssl_blood.data import LAYOUTS, source_classes
+
+    sources = source_classes()
+    group = p.add_argument_group(f"data (one of {', '.join(_flag(c.param) for c in sources)})")
+    exclusive = group.add_mutually_exclusive_group()
+    for cls in sources:
+        exclusive.add_argument(_flag(cls.param), dest=cls.param, metavar=cls.metavar, help=cls.help)
     group.add_argument("--size", type=int, help="image side in pixels, 16-256 (BloodMNIST: 28, 64, "
                                                 "128, 224; folders: their own size, at most 64)")
     group.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (auto: detect)")
@@ -52,20 +49,24 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, metavar="N", help="stratified subset of N images per split")
 
 
+def _source_values(args: argparse.Namespace) -> dict:
+    from ssl_blood.data import source_classes
+
+    return {c.param: getattr(args, c.param, None) for c in source_classes()}
+
+
 def source_from_args(args: argparse.Namespace):
     from ssl_blood.data import resolve_source
 
     cache = None if args.cache_dir is None else ("" if args.cache_dir.lower() == "none" else args.cache_dir)
-    return resolve_source(args.data_root, args.npz, args.image_dir, args.size, manifest=args.manifest,
-                          layout=args.layout, split_fractions=csv_list(args.split_fractions, float,
-                                                                   "--split-fractions"),
+    return resolve_source(size=args.size, layout=args.layout,
+                          split_fractions=csv_list(args.split_fractions, float, "--split-fractions"),
                           split_seed=args.split_seed, skip_missing=args.skip_missing,
-                          cache_dir=cache)
+                          cache_dir=cache, **_source_values(args))
 
 
 def source_given(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k, None) is not None
-               for k in ("data_root", "npz", "image_dir", "manifest", "size"))
+    return args.size is not None or any(v is not None for v in _source_values(args).values())
 
 
 def add_json(p: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ class DataSource:
     param: ClassVar[str]  # the parameter (and, as --param, the flag) naming this source
     metavar: ClassVar[str]
     help: ClassVar[str]
+    rank: ClassVar[int] = 9  # place in lists of sources (--help)
 
     # -- recorded form ------------------------------------------------------------------
 
@@ -120,7 +121,8 @@ def register(cls: type[DataSource]) -> type[DataSource]:
 
 
 def source_classes() -> list[type[DataSource]]:
-    return list(_SOURCES.values())
+    """The registered sources, in `rank` order."""
+    return sorted(_SOURCES.values(), key=lambda c: (c.rank, c.kind))
 
 
 def source_class(kind: str) -> type[DataSource]:
@@ -227,7 +229,7 @@ def resolve_source(data_root: str | None = None, npz: str | None = None,
     given.update({c.param: options.pop(c.param) for c in _SOURCES.values() if c.param in options})
     named = {p: v for p, v in given.items() if v is not None}
     if len(named) > 1:
-        raise UserError(f"give only one of {', '.join(f'`{c.param}`' for c in _SOURCES.values())}",
+        raise UserError(f"give only one of {', '.join(f'`{c.param}`' for c in source_classes())}",
                         param=tuple(named))
     if size is not None and not SIZE_RANGE[0] <= size <= SIZE_RANGE[1]:
         raise UserError(f"`size` {size} is outside {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px; choose a "

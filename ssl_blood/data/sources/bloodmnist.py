@@ -51,7 +51,8 @@ class BloodMnistSource(NpzSource):
     kind = "bloodmnist"
     param = "data_root"
     metavar = "DIR"
-    help = f"folder holding bloodmnist.npz (default ${ENV_DATA_ROOT} or ~/.medmnist)"
+    help = f"medmnist root holding bloodmnist.npz (default: ${ENV_DATA_ROOT}, else ~/.medmnist)"
+    rank = 0
 
     @classmethod
     def resolve(cls, value: str | None, size: int | None, **options: Any) -> "BloodMnistSource":

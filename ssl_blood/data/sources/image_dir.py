@@ -35,7 +35,9 @@ class ImageDirSource(FileSource):
     kind = "image-dir"
     param = "image_dir"
     metavar = "DIR"
-    help = "a folder of cell images: DIR/<class>/..., DIR/{train,val,test}/<class>/... or flat"
+    help = ("folder of cell images: DIR/{train,val,test}/CLASS/..., DIR/CLASS/..., or loose images "
+            "(unlabelled); an 'unlabeled' folder beside class folders adds unlabelled training images")
+    rank = 2
 
     @classmethod
     def resolve(cls, value: str, size: int | None, **options: Any) -> "FileSource":

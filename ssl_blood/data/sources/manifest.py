@@ -27,7 +27,8 @@ class ManifestSource(FileSource):
     kind = "manifest"
     param = "manifest"
     metavar = "FILE.csv"
-    help = "a CSV with a path column (and optional label, split, metadata columns)"
+    help = "CSV with a 'path' column, optional 'label' and 'split'; other columns are kept as metadata"
+    rank = 3
 
     @classmethod
     def resolve(cls, value: str, size: int | None, **options: Any) -> "FileSource":

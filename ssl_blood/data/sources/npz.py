@@ -26,8 +26,9 @@ class NpzSource(DataSource):
 
     kind = "npz"
     param = "npz"
-    metavar = "FILE.npz"
-    help = "a MedMNIST-format .npz ({train,val,test}_{images,labels})"
+    metavar = "FILE"
+    help = "any MedMNIST-format .npz"
+    rank = 1
 
     @classmethod
     def resolve(cls, value: str, size: int | None, **options: Any) -> "NpzSource":
