@@ -31,8 +31,22 @@ def describe_device(device: torch.device | str = "auto") -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 convolutions natively here (AVX-512 BF16/AMX or AVX-512BW+)."""
+    """Whether bf16 is the faster precision on this CPU: only with AMX tiles (amx_bf16). Measured
+    (docs/benchmarks.md, issue 25): with AMX bf16 ran 3.2x fp32 (309 vs 95 img/s); with AVX-512
+    BF16 but no AMX fp32 was faster (102-112 vs 89-92 img/s), so oneDNN's "bf16 supported" is not
+    the test. Where /proc/cpuinfo cannot be read, oneDNN's answer stands."""
+    flags = _cpu_flags()
+    if flags:
+        return "amx_bf16" in flags
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

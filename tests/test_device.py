@@ -22,3 +22,42 @@ def test_precision_choices():
     assert autocast(cpu, "fp32").fast_dtype == torch.bfloat16 and not autocast(cpu, "fp32")._enabled
     with pytest.raises(UserError, match="`precision` fp16"):
         uses_bf16(cpu, "fp16")
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
+    """In a pipe a long step prints plain lines (no carriage returns) with how far, the rate and
+    the time left; on a terminal it is a tqdm bar; quiet (--json) prints nothing."""
+    from ssl_blood import ui
+
+    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.0)
+    for _ in ui.bar(range(3), desc="embedding", unit="batch"):
+        pass
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "\r" not in err and len(lines) == 3
+    assert lines[-1].startswith("ssl-blood: embedding: 3/3 batch (100%)") and "batch/s" in lines[-1]
+    progress = ui.bar(total=10, desc="pretraining", unit="step")
+    progress.update(4)
+    progress.set_postfix(epoch=1, loss="4.1")
+    progress.update(1)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "5/10 step (50%)" in last and "min left" in last and last.endswith("epoch 1, loss 4.1")
+    ui.set_quiet(True)
+    try:
+        for _ in ui.bar(range(3), desc="quiet"):
+            pass
+        assert capsys.readouterr().err == ""
+    finally:
+        ui.set_quiet(False)
+
+
+def test_auto_precision_is_bf16_only_with_amx(monkeypatch):
+    import torch
+
+    from ssl_blood import device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # no AMX: fp32
+    assert not device.uses_bf16(cpu, "auto") and device.uses_bf16(cpu, "bf16")
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx512f", "amx_tile", "amx_bf16"})
+    assert device.uses_bf16(cpu, "auto") and not device.uses_bf16(cpu, "fp32")

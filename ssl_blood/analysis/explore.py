@@ -104,13 +104,15 @@ def _outlier_scores(emb: Embeddings, split: str, k: int = 10) -> np.ndarray:
     return outlier_scores(emb, k)[emb.mask(split)]
 
 
-def explore_page(emb: Embeddings, out: str | Path, split: str = "test", probe: dict | None = None,
+def explore_page(emb: Embeddings, out: str | Path, split: str | None = None, probe: dict | None = None,
                  index_dir: str | None = None, k: int = 8, max_thumbnails: int = 20_000,
                  seed: int = 0) -> dict[str, Any]:
-    """Write the map of `split` to `out` (one HTML file); returns what it holds."""
+    """Write the map of `split` (default: test, or all the cells of a source without splits)
+    to `out` (one HTML file); returns what it holds."""
+    split = split or emb.default_split()
     page, info = explore_html(emb, split, probe, index_dir, k, max_thumbnails, seed)
     write_text(out, page)
-    return {**info, "bytes": len(page.encode())}
+    return {**info, "split": split, "bytes": len(page.encode())}
 
 
 def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None,

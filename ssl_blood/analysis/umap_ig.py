@@ -190,11 +190,12 @@ def analyse(features: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 # ----------------------------------------------------------------------------- the command
 
 
-def umap_report(emb: Embeddings, out_dir: str | Path, split: str = "test", highlight: str = IG,
+def umap_report(emb: Embeddings, out_dir: str | Path, split: str | None = None, highlight: str = IG,
                 compare: Embeddings | None = None, seed: int = 0,
                 probe: dict | None = None) -> dict[str, Any]:
     """Write umap.png/.svg, ig_subclusters.png, ig_neighbours.png and ig_analysis.json. The map
     of `emb` reuses the coordinates the embeddings file holds for the split, if any."""
+    split = split or emb.default_split()
     from ssl_blood.analysis.plots import cell_grid, neighbour_composition_png, umap_panels_png
 
     out = Path(out_dir)

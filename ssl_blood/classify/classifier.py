@@ -121,7 +121,16 @@ class Classifier:
         cells = cells.labelled()
         _check_class_counts(cells)
         embedder.check_images(cells.images, "the labelled images")
-        features = embedder(cells.images, progress=progress)
+        return cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
+                                 head, seed, review_rate, labels_file)
+
+    @classmethod
+    def from_features(cls, embedder: Embedder, features: np.ndarray, cells: CellData,
+                      head: str = "logistic", seed: int = 0,
+                      review_rate: float = DEFAULT_REVIEW_RATE,
+                      labels_file: dict[str, str] | None = None) -> "Classifier":
+        """`train` on features already computed by `embedder` for the labelled `cells`."""
+        _check_class_counts(cells)
         labels = cells.labels.numpy()
         fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
         calibration = calibration_report(fit["oof_logits"], labels, fit["folds"])
@@ -151,6 +160,13 @@ class Classifier:
         reference = self.tensors["reference"].numpy()
         return _nearest_distance(l2_normalize(features), reference) / float(self.tensors["ood_scale"])
 
+    def review_flags(self, probabilities: np.ndarray, ood: np.ndarray,
+                     thresholds: dict[str, float] | None = None) -> np.ndarray:
+        """Cells for a person to look at: probability below the threshold, or out of
+        distribution."""
+        t = thresholds or self.thresholds
+        return (probabilities.max(1) < t["min_probability"]) | (ood > t["max_ood"])
+
     def predict(self, cells: CellData, min_probability: float | None = None,
                 max_ood: float | None = None, progress: bool | None = False) -> Prediction:
         """Every cell of `cells`: class, probabilities, OOD score, review flag (probability below
@@ -164,7 +180,7 @@ class Classifier:
         self.embedder.check_images(cells.images, "the images to classify")
         features = self.embedder(cells.images, progress=progress)
         probabilities, ood = self.probabilities(features), self.ood_scores(features)
-        review = (probabilities.max(1) < thresholds["min_probability"]) | (ood > thresholds["max_ood"])
+        review = self.review_flags(probabilities, ood, thresholds)
         if "path" in cells.metadata:
             names, column = np.asarray(cells.metadata["path"]).astype(str), "path"
         else:

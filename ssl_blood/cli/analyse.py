@@ -68,7 +68,7 @@ def _add_umap(sub) -> None:
                                    "class against the rest, and ig_analysis.json with the numbers "
                                    "behind the picture.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", help="default: test, or all the cells of a source without splits")
     p.add_argument("--highlight", default=IG, help="class to analyse")
     p.add_argument("--compare", metavar="OTHER_EMB.npz", help="same panels for a baseline")
     p.add_argument("--probe", metavar="linear_probe.json", help="add the class's confusion rows")
@@ -92,7 +92,7 @@ def cmd_umap(args: argparse.Namespace) -> int:
         return print_json(result)
     main = result["analyses"][emb.name]
     share = main["same_class_neighbour_share"][result["highlight"]]
-    print(f"{result['highlight']} ({main['cells']} {args.split} cells, {emb.name}): "
+    print(f"{result['highlight']} ({main['cells']} {result['split']} cells, {emb.name}): "
           f"{share:.1%} of their {main['k']} nearest neighbours share the class; nearest classes: "
           + ", ".join(f"{r['class']} ({r['cosine_distance']:.3f})" for r in main["nearest_classes"][:3])
           + f"; {main['subclusters']['k']} sub-clusters")
@@ -108,7 +108,7 @@ def _add_explore(sub) -> None:
                                    "its nearest cells; legend hides classes; box/lasso selection "
                                    "counts classes and downloads ids as CSV.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", help="default: test, or all the cells of a source without splits")
     p.add_argument("--probe", metavar="linear_probe.json", help="predicted classes of the test split")
     p.add_argument("--index", metavar="INDEX_DIR", help="neighbours from this index (default: an "
                                                         "exact index over the split)")
@@ -130,7 +130,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     emb = Embeddings.load(args.embeddings)
     info = explore_page(emb, args.out, args.split, read_json(args.probe, "--probe"), args.index,
                         args.k, args.max_thumbnails, args.seed)
-    print(f"wrote {args.out}: {info['cells']} {args.split} cells, {info['thumbnails']} thumbnails, "
+    print(f"wrote {args.out}: {info['cells']} {info['split']} cells, {info['thumbnails']} thumbnails, "
           f"{info['bytes'] / 1e6:.1f} MB")
     return 0
 

@@ -264,6 +264,12 @@ class Embeddings:
     def splits(self) -> list[str]:
         return list(dict.fromkeys(self.split.tolist()))
 
+    def default_split(self, preferred: str = "test") -> str:
+        """`preferred` where these embeddings hold it, else their last split (a flat folder's
+        cells are all in train): commands default to all the cells of a source without splits."""
+        have = self.splits()
+        return preferred if preferred in have else have[-1]
+
     def split_images(self, split: str) -> np.ndarray | None:
         """uint8 images (N, C, H, W) of a split of the data these embeddings came from, indexed
         by id; None when that data cannot be loaded any more (moved, deleted)."""

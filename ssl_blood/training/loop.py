@@ -338,7 +338,8 @@ def _train_epoch(run: _Run, epoch: int, bar) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     return {"epoch": epoch + 1, "loss": float(run.ddp.mean(loss_sum / max(1, len(batches)))),
             "lr": run.schedule[(epoch + 1) * run.steps_per_epoch - 1],
-            "img_s": sum(len(b) for b in batches) * run.ddp.world_size / seconds, "seconds": seconds}
+            "img_s": sum(len(b) for b in batches) * run.ddp.world_size / seconds, "seconds": seconds,
+            "precision": "bf16" if uses_bf16(run.device, cfg.precision) else "fp32"}  # as resolved here
 
 
 def _stop_if_not_finite(run: _Run, mean_loss: torch.Tensor, epoch: int, step: int) -> None:

@@ -33,7 +33,7 @@ def test_page_is_self_contained(page):
     path, info = page
     html = path.read_text()
     assert info == {"cells": 40, "thumbnails": 40, "neighbours": 6, "gallery_split": "test",
-                    "umap": "computed", "bytes": len(html.encode())}
+                    "umap": "computed", "split": "test", "bytes": len(html.encode())}
     assert not re.search(r"""<(script|link|img)[^>]*(src|href)=["']https?://|url\(["']?https?://""", html)
     assert "--ssl-blood-sprite:url(data:image/jpeg;base64," in html
     assert "Highlight immature granulocytes" in html and "Download selected ids (CSV)" in html

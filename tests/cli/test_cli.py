@@ -205,7 +205,7 @@ def test_file_size_limit_at_a_checkpoint_save_is_one_line(tmp_path):
     script = (f"ulimit -f 64; exec {sys.executable} -m ssl_blood pretrain --npz {npz} --backbone "
               f"cnn6 --epochs 1 --batch-size 32 --device cpu --out {tmp_path / 'run'} --knn-every -1")
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300)
-    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("ssl-blood")]
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("ssl-blood pretrain")]
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and len(lines) == 1
     assert re.search(r"File too large.*ulimit -f", lines[0]), lines
@@ -230,7 +230,7 @@ def test_interrupted_pretraining_says_how_to_resume_and_releases_the_folder(tmp_
     child.send_signal(sig)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 1, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("ssl-blood")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("ssl-blood pretrain")]
     assert "Traceback" not in err and len(lines) == 1
     assert f"stopped by {sig.name}" in lines[0] and f"ssl-blood pretrain --out {out} --resume" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
