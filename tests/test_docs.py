@@ -1,5 +1,6 @@
 """Docs that must stay true: the CLI reference, README's set-up commands, the CI script."""
 
+import os
 import re
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def test_readme_setup_matches_ci():
 def test_docs_exist_and_link():
     readme = (REPO / "README.md").read_text()
     for name in ("user-guide", "cli", "architecture", "results", "benchmarks", "immature-granulocytes",
-                 "label-efficiency", "data-checks"):
+                 "label-efficiency", "data-checks", "classifier", "your-own-slide"):
         assert (REPO / "docs" / f"{name}.md").is_file(), name
         assert f"docs/{name}.md" in readme
 
@@ -42,3 +43,50 @@ def test_relative_links_resolve():
             if not (page.parent / target.split("#")[0]).exists():
                 broken.append(f"{page.name}: {target}")
     assert not broken, broken
+
+
+def test_your_own_slide_guide_runs(tmp_path, capsys):
+    """Every ssl-blood command of docs/your-own-slide.md, in order, on a tiny folder of PNGs:
+    pretraining shortened (1 epoch, the small CNN), the labelling step done by a script."""
+    import csv
+    import shlex
+
+    import numpy as np
+
+    from ssl_blood.cli import main
+    from tests.helpers import make_npz, write_png
+
+    text = (REPO / "docs" / "your-own-slide.md").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.splitlines() if line.startswith("ssl-blood ")]
+    assert [c[0] for c in commands] == ["pretrain", "embed", "select", "train-classifier", "predict"]
+    arrays = np.load(make_npz(tmp_path / "cells.npz", n_train=96, n_test=24))
+    truth = {}
+    for name, split in (("cells", "train"), ("new-slide", "test")):
+        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
+            write_png(tmp_path / name / f"c{i:03d}.png", image)
+            truth[f"c{i:03d}.png"] = f"class {int(label)}"
+    tiny = {"pretrain": ["--epochs", "1", "--backbone", "cnn6", "--batch-size", "32"],
+            "select": ["--budget", "40"]}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for argv in commands:
+            if argv[0] == "select":
+                argv = [a for i, a in enumerate(argv) if a != "--budget" and argv[i - 1] != "--budget"]
+            assert main(argv + tiny.get(argv[0], [])) == 0, argv
+            if argv[0] == "select":  # a person fills in the label column
+                with open("picks.csv", newline="") as f:
+                    rows = list(csv.DictReader(f))
+                for row in rows:
+                    row["label"] = truth[row["path"]]
+                with open("picks.csv", "w", newline="") as f:
+                    writer = csv.DictWriter(f, list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+        assert (tmp_path / "clf" / "card.md").is_file()
+        with open("slide.csv") as f:
+            assert len(list(csv.DictReader(f))) == 24
+        assert (tmp_path / "slide.counts.json").is_file()
+    finally:
+        os.chdir(cwd)
