@@ -115,7 +115,29 @@ def run_cli(capsys, *argv):
     finally:
         ui.set_quiet(False)
     captured = capsys.readouterr()
+    if argv and "--help" not in argv:
+        assert_flags_exist(str(argv[0]), captured.err)
     return code, captured.out, captured.err
+
+
+def flags_of(command: str) -> set[str]:
+    from ssl_blood.cli import _subparser, build_parser
+
+    return {f for a in _subparser(build_parser(only=command), command)._actions for f in a.option_strings}
+
+
+def assert_flags_exist(command: str, err: str) -> None:
+    """Every --flag an error or note of `command` names is a flag of that command, or of another
+    command the message names in full ("ssl-blood index ... --nprobe")."""
+    from ssl_blood.cli import command_names
+
+    if command not in command_names():
+        return
+    for line in err.splitlines():
+        named = [c for c in command_names() if f"ssl-blood {c} " in line.replace(f"ssl-blood {command}:", "")]
+        known = set().union(flags_of(command), *(flags_of(c) for c in named), {"--set"})
+        unknown = [f for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line) if f not in known]
+        assert not unknown, f"'ssl-blood {command}' names flags it lacks {unknown}: {line}"
 
 
 def assert_one_line_error(code, err, pattern, exit_code=2):
