@@ -2,7 +2,6 @@
 floors below it, at the top of a module or inside a function alike; no cycles."""
 
 import ast
-from pathlib import Path
 
 from tests.helpers import REPO
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -318,9 +317,9 @@ def _render(cells: dict[str, Any], gallery: dict[str, np.ndarray], emb: Embeddin
             sheet: dict, highlight: str | None, has_probe: bool, gallery_split: str, n: int,
             k: int) -> str:
     from bokeh.embed import file_html
-    from bokeh.layouts import column, row
-    from bokeh.models import (Button, ColumnDataSource, CustomJS, Div, GlobalInlineStyleSheet,
-                              HoverTool, InlineStyleSheet, Select, TapTool, Toggle)
+    from bokeh.layouts import row
+    from bokeh.models import (ColumnDataSource, CustomJS, Div, GlobalInlineStyleSheet, HoverTool,
+                              InlineStyleSheet, TapTool)
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
 
@@ -372,6 +371,17 @@ def _render(cells: dict[str, Any], gallery: dict[str, np.ndarray], emb: Embeddin
                                                    "gallery_split": gallery_split, "k": k,
                                                    "names": list(emb.class_names)},
                                              code=_TAP_JS)))
+    side = _controls(renderers, sources, split, has_probe, highlight, panel)
+    return file_html(row(plot, side), resources=INLINE, title=f"ssl-blood map: {emb.name}, {split}")
+
+
+def _controls(renderers: list, sources: list, split: str, has_probe: bool, highlight: str | None,
+              panel) -> Any:
+    """The side column: colouring, its key, the highlight toggle, the selection summary, the
+    CSV download and the neighbour panel, wired with CustomJS."""
+    from bokeh.layouts import column
+    from bokeh.models import Button, CustomJS, Div, Select, Toggle
+
     summary = Div(text="Select cells with the box or lasso tool.", width=340, name="selection")
     on_select = CustomJS(args={"sources": sources, "summary": summary}, code=_SELECT_JS)
     for source in sources:
@@ -396,5 +406,4 @@ def _render(cells: dict[str, Any], gallery: dict[str, np.ndarray], emb: Embeddin
         toggle.js_on_change("active", CustomJS(args={"renderers": renderers,
                                                      "target_name": highlight}, code=_HIGHLIGHT_JS))
         controls.append(toggle)
-    side = column(*controls, summary, download, panel)
-    return file_html(row(plot, side), resources=INLINE, title=f"ssl-blood map: {emb.name}, {split}")
+    return column(*controls, summary, download, panel)
