@@ -9,6 +9,7 @@ setting chosen for you) always go to stderr.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Iterable
@@ -23,6 +24,7 @@ def set_quiet(quiet: bool) -> None:
 
 
 PLAIN_EVERY = 30.0  # seconds between progress lines off a terminal
+ENV_PROGRESS_EVERY = "SSL_BLOOD_PROGRESS_EVERY"  # overrides PLAIN_EVERY (e.g. 5 for a busy log)
 
 
 def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
@@ -47,7 +49,9 @@ class PlainProgress:
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
                  unit: str = "it", every: float | None = None):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.every = PLAIN_EVERY if every is None else every
+        if every is None:
+            every = float(os.environ.get(ENV_PROGRESS_EVERY) or PLAIN_EVERY)
+        self.every = every
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             self.total = len(iterable)  # type: ignore[arg-type]
         self.n, self.postfix = 0, ""

@@ -12,6 +12,11 @@ from PIL import Image
 
 from tests.helpers import ARTIFACTS, CELL_NAMES, REPO, make_npz
 
+# Progress lines off a terminal come every 30 s: on a busy machine a slow command would print
+# one before its error and the one-line checks would depend on the load. Tests that check the
+# lines set their own interval.
+os.environ["SSL_BLOOD_PROGRESS_EVERY"] = "1e9"
+
 
 def _data_root() -> Path | None:
     for candidate in (os.environ.get("SSL_BLOOD_DATA_ROOT"), REPO.parent / "shared" / "data"):

@@ -29,7 +29,7 @@ def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
     the time left; on a terminal it is a tqdm bar; quiet (--json) prints nothing."""
     from ssl_blood import ui
 
-    monkeypatch.setattr(ui, "PLAIN_EVERY", 0.0)
+    monkeypatch.setenv(ui.ENV_PROGRESS_EVERY, "0")
     for _ in ui.bar(range(3), desc="embedding", unit="batch"):
         pass
     err = capsys.readouterr().err

@@ -239,28 +239,43 @@ class Classifier:
 
 
 def _check_class_counts(cells: CellData) -> None:
-    counts = np.bincount(cells.labels.numpy(), minlength=cells.num_classes)
     if len(cells) == 0:
         raise UserError("no labelled cells; give labels (`labels`) for some cells", param="labels")
-    few = [(cells.class_names[c], int(n)) for c, n in enumerate(counts) if n < 2]
-    if few:
-        raise UserError(f"class '{few[0][0]}' has {few[0][1]} labelled cell(s); cross-validation "
-                        f"needs at least 2 per class: label more, or leave the class out",
-                        param="labels")
+    present = np.flatnonzero(np.bincount(cells.labels.numpy(), minlength=cells.num_classes))
+    if len(present) < 2:
+        raise UserError(f"the labels name one class ({cells.class_names[present[0]]}); a "
+                        f"classifier needs cells of at least 2 classes", param="labels")
+
+
+def _folds(labels: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
+    """Stratified k-fold (k = min(5, smallest class)); with a class of a single cell, plain
+    k-fold, said in a note: that cell is then judged by a head that never saw its class."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from ssl_blood import ui
+
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if smallest >= 2:
+        k = min(MAX_FOLDS, smallest)
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    else:
+        k = min(MAX_FOLDS, len(labels))
+        splitter = KFold(k, shuffle=True, random_state=seed)
+        ui.note(f"{int((counts == 1).sum())} class(es) have a single labelled cell: cross-validated "
+                f"numbers count it as a miss; label at least 2 cells per class")
+    folds = np.zeros(len(labels), dtype=np.int64)
+    for f, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        folds[held] = f
+    return folds, k
 
 
 def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int,
                               seed: int) -> dict[str, Any]:
-    """Weight decay by stratified k-fold CV accuracy (k = min(5, smallest class)); the head is
-    then fitted on all cells. Out-of-fold logits of the chosen setting feed calibration."""
-    from sklearn.model_selection import StratifiedKFold
-
+    """Weight decay by k-fold CV accuracy (`_folds`); the head is then fitted on all cells. Out-of-fold logits of the chosen setting feed calibration."""
     from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 
-    k = int(min(MAX_FOLDS, np.bincount(labels).min()))
-    folds = np.zeros(len(labels), dtype=np.int64)
-    for f, (_, held) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(features, labels)):
-        folds[held] = f
+    folds, k = _folds(labels, seed)
     oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in PROBE_WEIGHT_DECAYS}
     for f in range(k):
         train, held = folds != f, folds == f

@@ -301,6 +301,11 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y:
                         param="heads")
     if episodes < 1:
         raise UserError(f"`episodes` {episodes} must be at least 1", param="episodes")
+    bad = [f for f in fractions if not (math.isfinite(f) and 0 < f <= 1)]
+    if bad:  # before any setting is computed, not when the loop reaches this one
+        raise UserError(f"`fractions` entry {bad[0]} must be in (0, 1]", param="fractions")
+    if any(s < 1 for s in shots):
+        raise UserError(f"`shots` entry {min(shots)} must be at least 1", param="shots")
     settings = [(f"{s}-shot", {"shots": int(s)}) for s in shots]
     settings += [(f"{f:g} of train", {"fraction": float(f)}) for f in fractions]
     if not settings:

@@ -166,13 +166,18 @@ def test_labels_from_a_spreadsheet_are_read(tmp_path):
     assert by_path == {"a.png": 0, "b.png": 1}
 
 
-def test_a_class_with_one_label_is_refused(tiny_run, tmp_path, capsys):
+def test_a_single_class_is_refused_and_a_single_cell_class_is_noted(tiny_run, tmp_path, capsys):
     run, npz = tiny_run
-    (tmp_path / "labels.csv").write_text("id,label\n0,a\n1,a\n2,b\n")
+    (tmp_path / "one.csv").write_text("id,label\n0,a\n1,a\n")
     code, _, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt",
-                           "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf")
-    assert_one_line_error(code, err, r"class 'b' has 1 labelled cell\(s\); cross-validation needs at least 2")
+                           "--labels", tmp_path / "one.csv", "--out", tmp_path / "clf")
+    assert_one_line_error(code, err, r"the labels name one class \(a\); a classifier needs cells of at least 2")
     assert not (tmp_path / "clf").exists()
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"{i},a\n" for i in range(6)) + "6,b\n")
+    code, out, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt",
+                             "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf", "--json")
+    assert code == 0 and "1 class(es) have a single labelled cell" in err
+    assert json.loads(out)["labels_per_class"] == {"a": 6, "b": 1}
 
 
 def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):

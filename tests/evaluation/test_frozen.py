@@ -148,7 +148,7 @@ def test_few_shot_bad_input():
     with pytest.raises(UserError, match="asked for 11 labelled images of class 0 but the train split has 10"):
         few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(11,), fractions=(), episodes=1)
     for bad in (0.0, 1.5):
-        with pytest.raises(UserError, match=r"`fraction` .* must be in \(0, 1\]"):
+        with pytest.raises(UserError, match=r"`fractions` entry .* must be in \(0, 1\]"):
             few_shot(tx, ty, sx, sy, sx, sy, 4, shots=(), fractions=(bad,), episodes=1)
     with pytest.raises(UserError, match="unknown few-shot `heads` entry 'svm'"):
         few_shot(tx, ty, sx, sy, sx, sy, 4, heads=("svm",))
@@ -216,7 +216,7 @@ def test_eval_commands_on_embeddings(tmp_path, capsys):
     (["linear-probe", "--embeddings", "{unlabelled}"], r"has no labels"),
     (["knn", "--embeddings", "{trainonly}"], r"no 'test' split"),
     (["few-shot", "--embeddings", "{good}", "--shots", "100"], r"asked for 100 labelled images"),
-    (["few-shot", "--embeddings", "{good}", "--fractions", "1.5"], r"fraction 1.5 must be in \(0, 1\]"),
+    (["few-shot", "--embeddings", "{good}", "--fractions", "1.5"], r"--fractions entry 1.5 must be in \(0, 1\]"),
     (["few-shot", "--embeddings", "{good}", "--fractions", "x"], r"comma-separated list of float"),
     (["linear-probe", "--embeddings", "{missing}"], r"no such file"),
 ])
