@@ -4,7 +4,6 @@ class, a click lists its neighbours, the legend hides a class, nothing is fetche
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -86,11 +85,9 @@ def test_map_in_headless_chromium(page, artifacts):
     path, _ = page
     driver = chrome()
     try:
-        started = time.monotonic()
         driver.get(path.as_uri())
         assert wait_for(lambda: driver.execute_script(
             "return window.Bokeh && Bokeh.index.roots && [...Bokeh.index.roots].length > 0"), 10)
-        seconds_to_interactive = time.monotonic() - started
         x, y, cls, cell_id = driver.execute_script(POINT, "cells:monocyte", 0)
 
         def pointer(click=False):
@@ -134,7 +131,7 @@ def test_map_in_headless_chromium(page, artifacts):
         driver.save_screenshot(str(artifacts / "explore.png"))
     finally:
         driver.quit()
-    assert seconds_to_interactive < 5  # the measured budget (2 s) is in docs/benchmarks.md
+    # time to interactive is measured by experiments/bench_post.py (docs/benchmarks.md), not here
 
 
 HOSTILE = '"><img src=x onerror="window.__xss=1">'
