@@ -139,3 +139,24 @@ def test_bench_streaming_tiny(tmp_path):
     assert result["stream"]["mode"] == "stream" and result["memory"]["mode"] == "memory"
     assert result["stream"]["images"] == 300 and result["stream"]["img_s"] > 0
     assert result["stream"]["images"] == result["memory"]["images"]  # both modes read the same cache
+
+
+def test_classifier_experiment_review_metrics_and_document():
+    """experiments/classifier.py's review-rate numbers on a case worked by hand, and its page."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import classifier as experiment
+    finally:
+        sys.path.pop(0)
+    probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.95, 0.05], [0.8, 0.2]])
+    correct = np.array([True, False, False, True, True])
+    at_40 = experiment.review_at_rate(probabilities, correct, 0.4)  # flags the two least sure
+    assert at_40["accepted_accuracy"] == 1.0 and at_40["error_enrichment"] == pytest.approx(1 / 1e-9)
+    at_20 = experiment.review_at_rate(probabilities, correct, 0.2)  # flags cell 2 only
+    assert at_20["accepted_accuracy"] == 0.75 and at_20["error_enrichment"] == pytest.approx(1 / 0.25)
+    entry = {"labels": 40, "test_accuracy": 0.7, "ece_before": 0.1, "ece_after": 0.05, "nll_before": 1.0,
+             "nll_after": 0.9, "own_threshold": {"review_rate": 0.2, "accepted_accuracy": 0.8},
+             "review_15": {"accepted_accuracy": 0.78}, "review_20": {"error_enrichment": 3.0},
+             "count_abs_error_pp": {"a": 2.0, "b": 4.0}}
+    page = experiment.document({"device": "CPU", "entries": {"40-seed0": entry}})
+    assert "| 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
