@@ -49,11 +49,7 @@ def review_at_rate(probabilities: np.ndarray, correct: np.ndarray, rate: float) 
 
 
 def evaluate(model: Classifier, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
-    t = model.tensors
-    import torch
-
-    z = (torch.as_tensor(test_x) - t["mean"]) / t["std"]
-    logits = (z @ t["weight"].T + t["bias"]).numpy()
+    logits = model.logits(test_x)
     plain, calibrated = softmax(logits), softmax(logits, model.temperature)
     correct = calibrated.argmax(1) == test_y
     ood = model.ood_scores(test_x)

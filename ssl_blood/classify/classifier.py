@@ -148,11 +148,14 @@ class Classifier:
 
     # -- applying ----------------------------------------------------------------------
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """The head's uncalibrated scores (N, C) of standardised features."""
         t = self.tensors
         z = (torch.as_tensor(features, dtype=torch.float32) - t["mean"]) / t["std"]
-        logits = (z @ t["weight"].T + t["bias"]).numpy()
-        return softmax(logits, self.temperature).astype(np.float32)
+        return (z @ t["weight"].T + t["bias"]).numpy()
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(features), self.temperature).astype(np.float32)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray:
         """Cosine distance to the nearest labelled cell, in units of the labelled cells' own
@@ -190,10 +193,7 @@ class Classifier:
     # -- keeping -----------------------------------------------------------------------
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        out = check_writable(out, folder=True)
-        if (out / CONFIG).exists() and not overwrite:
-            raise UserError(f"`out` {out} already holds a classifier; set `overwrite` or choose "
-                            f"another folder", param=("out", "overwrite"))
+        out = _check_out(out, overwrite)
         buffer = io.BytesIO()
         torch.save({k: v.contiguous() for k, v in self.tensors.items()}, buffer)
         weights = buffer.getvalue()
@@ -236,6 +236,15 @@ class Classifier:
 
 
 # ----------------------------------------------------------------------------- fitting
+
+
+def _check_out(out: str | Path, overwrite: bool) -> Path:
+    """A folder a classifier may be written to: writable, not holding one unless `overwrite`."""
+    out = check_writable(out, folder=True)
+    if (out / CONFIG).exists() and not overwrite:
+        raise UserError(f"`out` {out} already holds a classifier; set `overwrite` or choose "
+                        f"another folder", param=("out", "overwrite"))
+    return out
 
 
 def _check_class_counts(cells: CellData) -> None:
@@ -296,18 +305,16 @@ def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_clas
             "oof_logits": oof[best], "k": k}
 
 
-def _nearest_distance(queries: np.ndarray, reference: np.ndarray, exclude_self: bool = False,
-                      chunk: int = 4096) -> np.ndarray:
-    """Cosine distance (1 - similarity) of each unit-norm query to its nearest reference row."""
-    out = np.empty(len(queries), dtype=np.float32)
-    for start in range(0, len(queries), chunk):
-        sims = queries[start:start + chunk] @ reference.T
-        if exclude_self:
-            rows = np.arange(len(sims))
-            sims[rows, rows + start] = -np.inf
-        out[start:start + chunk] = 1 - sims.max(1)
-    return np.clip(out, 0, None)
+def _nearest_distance(queries: np.ndarray, reference: np.ndarray,
+                      exclude_self: bool = False) -> np.ndarray:
+    """Cosine distance (1 - similarity) of each query to its nearest reference row, through the
+    neighbour service (which owns "a cell is not its own neighbour")."""
+    from ssl_blood.features.index import CellIndex
+    from ssl_blood.features.neighbours import neighbours
 
+    index = CellIndex.build(reference, kind="flat", use_gpu=False)
+    similarity, _ = neighbours(index, queries, 1, np.arange(len(queries)) if exclude_self else None)
+    return np.clip(1 - similarity[:, 0], 0, None)
 
 def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, calibration: dict,
           oof: np.ndarray, thresholds: dict, review_rate: float, labels_file: dict | None) -> dict:
@@ -362,10 +369,7 @@ def train_classifier(checkpoint: str | Path, out: str | Path, source: Any = None
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
-    out = check_writable(out, folder=True)
-    if (out / CONFIG).exists() and not overwrite:
-        raise UserError(f"`out` {out} already holds a classifier; set `overwrite` or choose "
-                        f"another folder", param=("out", "overwrite"))
+    out = _check_out(out, overwrite)  # before minutes of embedding
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
     table = read_labels(labels) if labels is not None else None

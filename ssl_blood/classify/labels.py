@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ssl_blood.data.cells import CellData
 from ssl_blood.errors import UserError
@@ -105,5 +104,4 @@ def apply_labels(data: CellData, table: LabelTable,
     labels = np.full(len(data), -1, dtype=np.int64)
     for key, label in zip(table.keys, table.labels):
         labels[position[key]] = names.index(label)
-    return CellData(data.images, torch.from_numpy(labels), data.ids, data.split, names,
-                    data.source, data.metadata, data.image_file, data.row_offset)
+    return data.with_labels(labels, names)

@@ -95,11 +95,11 @@ class RunDir:
     # -- metrics.jsonl: a readable log; the checkpoint's history is the truth -----------
 
     def write_metrics(self, history: list[dict]) -> None:
-        write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in history))
+        write_text(self.metrics, _jsonl(history))
 
     def repair_metrics(self, history: list[dict]) -> None:
         """Rewrite metrics.jsonl only where it differs from `history` (lost or torn lines)."""
-        expected = "".join(json.dumps(r) + "\n" for r in history)
+        expected = _jsonl(history)
         if not self.metrics.is_file() or self.metrics.read_text(errors="replace") != expected:
             write_text(self.metrics, expected)
 
@@ -125,3 +125,7 @@ class RunDir:
             if isinstance(record, dict) and "epoch" in record:
                 records.append(record)
         return records
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)

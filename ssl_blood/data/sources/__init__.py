@@ -155,6 +155,16 @@ class FileSource(DataSource):
         """What cell paths are relative to."""
         return Path(self.path)
 
+    @classmethod
+    def resolve(cls, value: str, size: int | None, **options: Any) -> "FileSource":
+        """The source at `size`, or at its images' typical side when `size` is None."""
+        source = cls(str(Path(value).expanduser().resolve()), size or 0, **options)
+        if not size:
+            source = source.with_size(source.typical_size())
+            ui.note(f"images will be {source.size} px (their typical side, at most "
+                    f"{DEFAULT_FOLDER_SIZE}); pass `size` to choose another")
+        return source
+
     def list_files(self) -> Catalogue:
         raise NotImplementedError
 
@@ -174,7 +184,7 @@ class FileSource(DataSource):
             raise UserError(f"none of the {len(self.catalogue)} images of {self.path} could be "
                             f"read; check that they are valid png/jpg/tif/bmp files",
                             param=self.param)
-        skipped = [self.catalogue.paths[i] for i in np.flatnonzero(~decoded.readable)]
+        skipped = self._unreadable(decoded)
         if skipped:
             shown = ", ".join(Path(p).name for p in skipped[:5])
             where = f"; all of them are listed in {decoded.unreadable_list}" if decoded.unreadable_list else ""
@@ -184,8 +194,9 @@ class FileSource(DataSource):
 
     def unreadable_files(self) -> list[str]:
         decoded = self.__dict__.get("_decoded")
-        if decoded is None:
-            return []
+        return self._unreadable(decoded) if decoded is not None else []
+
+    def _unreadable(self, decoded) -> list[str]:
         return [self.catalogue.paths[i] for i in np.flatnonzero(~decoded.readable)]
 
     def _load(self, split: str) -> CellData:

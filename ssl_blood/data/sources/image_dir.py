@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ssl_blood import ui
 from ssl_blood.data.catalogue import Catalogue, stratified_split
 from ssl_blood.data.cells import SPLITS
 from ssl_blood.data.decode import IMAGE_SUFFIXES, is_image_file
-from ssl_blood.data.sources import DEFAULT_FOLDER_SIZE, FileSource, register
+from ssl_blood.data.sources import FileSource, register
 from ssl_blood.errors import UserError
 
 UNLABELED = ("unlabeled", "unlabelled")
@@ -39,10 +37,6 @@ class ImageDirSource(FileSource):
             "(unlabelled); an 'unlabeled' folder beside class folders adds unlabelled training images")
     rank = 2
 
-    @classmethod
-    def resolve(cls, value: str, size: int | None, **options: Any) -> "FileSource":
-        return resolve_file_source(cls, value, size, **options)
-
     @property
     def name(self) -> str:
         return Path(self.path).name
@@ -58,17 +52,6 @@ class ImageDirSource(FileSource):
         if layout == "splits":
             return _splits_catalogue(root)
         return _classes_catalogue(root, self.split_fractions, self.split_seed)
-
-
-def resolve_file_source(cls: type[FileSource], value: str, size: int | None,
-                        **options: Any) -> FileSource:
-    """A file source at `size`, or at its images' typical side when `size` is None."""
-    source = cls(str(Path(value).expanduser().resolve()), size or 0, **options)
-    if not size:
-        source = source.with_size(source.typical_size())
-        ui.note(f"images will be {source.size} px (their typical side, at most "
-                f"{DEFAULT_FOLDER_SIZE}); pass `size` to choose another")
-    return source
 
 
 def _images_under(folder: Path) -> list[Path]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -15,7 +14,6 @@ from ssl_blood import ui
 from ssl_blood.data.catalogue import Catalogue, stratified_split
 from ssl_blood.data.cells import SPLITS
 from ssl_blood.data.sources import FileSource, register
-from ssl_blood.data.sources.image_dir import resolve_file_source
 from ssl_blood.errors import UserError
 
 
@@ -29,10 +27,6 @@ class ManifestSource(FileSource):
     metavar = "FILE.csv"
     help = "CSV with a 'path' column, optional 'label' and 'split'; other columns are kept as metadata"
     rank = 3
-
-    @classmethod
-    def resolve(cls, value: str, size: int | None, **options: Any) -> "FileSource":
-        return resolve_file_source(cls, value, size, **options)
 
     @property
     def root(self) -> Path:
