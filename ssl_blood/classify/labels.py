@@ -36,8 +36,9 @@ class LabelTable:
         return tuple(sorted(set(self.labels)))
 
 
-def read_labels(path: str | Path) -> LabelTable:
-    """The labelled rows of a labels CSV (see the module docstring)."""
+def read_labels(path: str | Path, allow_empty: bool = False) -> LabelTable:
+    """The labelled rows of a labels CSV (see the module docstring); with `allow_empty`, a file
+    that labels no cell yet (a fresh picks.csv) gives an empty table instead of an error."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"`labels` {path}: no such file; give a CSV with a 'label' column and an "
@@ -71,7 +72,7 @@ def read_labels(path: str | Path) -> LabelTable:
                             f"line {seen[cell][1]} and '{label}' on line {line}; keep one",
                             param="labels")
         seen[cell] = (label, line)
-    if not seen:
+    if not seen and not allow_empty:
         raise UserError(f"`labels` {path} labels no cell (every 'label' is empty); fill in some "
                         f"labels", param="labels")
     keys = tuple(seen)

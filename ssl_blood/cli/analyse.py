@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_blood.cli.common import csv_list, add_json, print_json, read_json
+from ssl_blood.cli.common import (add_data_args, add_json, csv_list, print_json, read_json,
+                                  source_from_args, source_given)
 
 
 HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
-    "select": "choose which train cells to label first",
+    "select": "choose which cells to label next (and a sheet to label them in)",
+    "sheet": "an offline page to label the cells a CSV names; downloads labels.csv",
     "umap": "UMAP maps and the immature-granulocyte analysis",
     "explore": "interactive map of the cells (one offline HTML file)",
     "qc": "duplicates, outliers and label suspects",
@@ -17,47 +19,89 @@ HELP = {  # one line per command for `ssl-blood --help`, which builds no command
 }
 
 
+def class_list(text: str) -> list[str]:
+    """Class names as given, empty ones kept: the sheet refuses them by name."""
+    return [c.strip() for c in text.split(",")]
+
+
 def _add_select(sub) -> None:
     from ssl_blood.analysis.select import STRATEGIES
 
     p = sub.add_parser("select", help=HELP["select"],
-                       description="The --budget train cells to label first, chosen on the "
-                                   "embeddings without looking at labels: typiclust (most typical "
-                                   "cell of each k-means cluster), kcenter (coreset) or random. "
-                                   "--exclude continues from cells already labelled.")
+                       description="The --budget train cells to label next, chosen on the "
+                                   "embeddings: typiclust (most typical cell of each k-means "
+                                   "cluster, best at the first few dozen labels), probcover "
+                                   "(coverage, keeps its gain at larger budgets), kcenter "
+                                   "(coreset), margin (the current --classifier's least sure "
+                                   "cells, spread by clustering) or random. Cells in --exclude or "
+                                   "--labels are not picked again. --sheet writes the page to "
+                                   "label them in.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
     p.add_argument("--budget", type=int, required=True)
     p.add_argument("--strategy", choices=STRATEGIES, default="typiclust")
-    p.add_argument("--exclude", metavar="IDS.csv", help="cells already labelled (an 'id' column)")
+    p.add_argument("--exclude", metavar="CELLS.csv",
+                   help="cells already seen (a 'path' or 'id' column, e.g. an earlier picks.csv)")
+    p.add_argument("--labels", metavar="LABELS.csv",
+                   help="cells labelled so far (as the sheet downloads): not picked again, and "
+                        "shown on the sheet as the picks' labelled neighbours")
+    p.add_argument("--classifier", metavar="DIR", help="the current classifier (strategy margin)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, metavar="PICKS.csv")
     p.add_argument("--montage", metavar="PICKS.png", help="picture of the chosen cells")
+    p.add_argument("--sheet", metavar="PICKS.html", help="labelling page for the chosen cells")
+    p.add_argument("--classes", type=class_list, metavar="A,B,C",
+                   help="the sheet's classes (default: the classifier's, the labels', the data's)")
     p.add_argument("--overwrite", action="store_true")
     add_json(p)
     p.set_defaults(func=cmd_select)
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from ssl_blood.features.embeddings import Embeddings
-    from ssl_blood.files import refuse_existing
-    from ssl_blood.analysis.select import montage, read_ids, select_cells, write_picks
+    from ssl_blood.analysis.select import choose_cells
 
-    refuse_existing(args.out, args.overwrite)
-    if args.montage:
-        refuse_existing(args.montage, args.overwrite, "montage")
-    emb = Embeddings.load(args.embeddings)
-    exclude = read_ids(args.exclude) if args.exclude else []
-    result = select_cells(emb, args.budget, args.strategy, exclude, args.seed)
-    write_picks(result, args.out)
-    if args.montage:
-        montage(result, emb, args.montage)
+    result = choose_cells(args.embeddings, args.budget, args.out, args.strategy, args.exclude,
+                          args.labels, args.classifier, args.seed, args.montage, args.sheet,
+                          args.classes, args.overwrite)
     if args.json:
         return print_json(result)
-    print(f"wrote {args.out}: {args.budget} cells to label first ({args.strategy}, "
-          f"{result['excluded']} already labelled)" + (f" and {args.montage}" if args.montage else ""))
+    written = ", ".join(p for p in (args.montage, args.sheet) if p)
+    print(f"wrote {args.out}: {args.budget} cells to label next ({args.strategy}, "
+          f"{result['excluded']} already seen)" + (f" and {written}" if written else ""))
+    if args.sheet:
+        print(f"open {args.sheet} in a browser, label the cells, download labels.csv and give it "
+              f"to ssl-blood train-classifier --labels")
     return 0
 
 
+def _add_sheet(sub) -> None:
+    p = sub.add_parser("sheet", help=HELP["sheet"],
+                       description="One offline HTML page to label the cells a CSV names (a "
+                                   "'path' or 'id' column: picks.csv, labels.csv, corrections): "
+                                   "each cell large, a class per cell by key or click, 'unsure' "
+                                   "and 'not a cell', work kept across reloads, and a button that "
+                                   "downloads labels.csv for ssl-blood train-classifier --labels.")
+    p.add_argument("--labels", required=True, metavar="CELLS.csv")
+    p.add_argument("--embeddings", metavar="EMB.npz",
+                   help="the cells' embeddings: their data, and neighbours on the sheet")
+    add_data_args(p)
+    p.add_argument("--split", help="which split the cells are in (default train, or the only one)")
+    p.add_argument("--classes", type=class_list, metavar="A,B,C")
+    p.add_argument("--classifier", metavar="DIR", help="take the classes from this classifier")
+    p.add_argument("--out", required=True, metavar="SHEET.html")
+    p.add_argument("--overwrite", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_sheet)
+
+
+def cmd_sheet(args: argparse.Namespace) -> int:
+    from ssl_blood.analysis.sheet import sheet_for_file
+
+    result = sheet_for_file(args.labels, args.out, source_from_args(args) if source_given(args) else None,
+                            args.split, args.embeddings, args.classes, args.classifier, args.overwrite)
+    if args.json:
+        return print_json(result)
+    print(f"wrote {args.out}: {result['cells']} cells, {result['labelled']} already labelled")
+    return 0
 
 
 def _add_umap(sub) -> None:
@@ -209,4 +253,4 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-ADDERS = {"select": _add_select, "umap": _add_umap, "explore": _add_explore, "qc": _add_qc, "report": _add_report}
+ADDERS = {"select": _add_select, "sheet": _add_sheet, "umap": _add_umap, "explore": _add_explore, "qc": _add_qc, "report": _add_report}

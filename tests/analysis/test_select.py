@@ -25,7 +25,7 @@ def mixture(clusters=10, per=(200, 20), dim=32, seed=0):
     return emb, labels
 
 
-@pytest.mark.parametrize("strategy", ["typiclust", "kcenter", "random"])
+@pytest.mark.parametrize("strategy", ["typiclust", "probcover", "kcenter", "random"])
 def test_deterministic_no_duplicates_no_excluded(strategy):
     emb, _ = mixture()
     exclude = np.arange(0, 400, 7)
@@ -62,7 +62,7 @@ def test_picks_csv_roundtrip_and_bad_input(tmp_path):
     assert header == "rank,id,split,cluster,typicality,label"
     assert list(read_ids(tmp_path / "picks.csv")) == [p["id"] for p in result["picks"]]
     (tmp_path / "ids.txt").write_text("3\n9999\n")
-    with pytest.raises(UserError, match=r"`exclude` names 1 id\(s\) not in the train split \(first: 9999\)"):
+    with pytest.raises(UserError, match=r"`exclude` names 1 cell\(s\) not in the train split \(first: 9999\)"):
         select_cells(emb, 5, exclude=read_ids(tmp_path / "ids.txt"))
     for budget in (0, 561):
         with pytest.raises(UserError, match=f"`budget` {budget} must be between 1 and the 560"):
@@ -71,10 +71,10 @@ def test_picks_csv_roundtrip_and_bad_input(tmp_path):
     with pytest.raises(UserError, match="no 'train' split to choose from"):
         select_cells(no_train, 5)
     (tmp_path / "bad.csv").write_text("id\nabc\n")
-    with pytest.raises(UserError, match="ids must be integers"):
+    with pytest.raises(UserError, match="ids must be whole numbers"):
         read_ids(tmp_path / "bad.csv")
     (tmp_path / "latin1.csv").write_bytes("id,note\n3,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(UserError, match="cannot be read as UTF-8 text.*save it as a UTF-8 CSV"):
+    with pytest.raises(UserError, match="cannot be read as a UTF-8 CSV.*save it as a UTF-8 CSV"):
         read_ids(tmp_path / "latin1.csv")
 
 
@@ -88,3 +88,57 @@ def test_select_cli_with_montage(tiny_embeddings, tmp_path, capsys):
     assert main(["select", "--embeddings", str(tiny_embeddings), "--budget", "1000", "--out",
                  str(tmp_path / "x.csv")]) == 2
     assert "--budget 1000 must be between 1 and the 96" in capsys.readouterr().err
+
+
+def test_probcover_covers_every_cell_where_random_picks_do_not():
+    """ProbCover's promise: with enough picks every cell lies within the ball radius of a pick
+    (balls that are >= 95 % pure); random picks of the same number leave cells uncovered."""
+    from ssl_blood.features.embeddings import l2_normalize
+
+    emb, labels = mixture()
+    x = l2_normalize(emb.features)
+
+    def coverage(picks, radius):
+        return float(((1 - x @ x[picks].T).min(1) <= radius).mean())
+
+    result = select_cells(emb, 10, "probcover", seed=0)
+    picks, radius = [p["id"] for p in result["picks"]], result["radius"]
+    assert len(set(picks)) == 10 and 0 < radius < 1
+    assert coverage(picks, radius) == 1.0
+    random = [coverage([p["id"] for p in select_cells(emb, 10, "random", seed=s)["picks"]], radius)
+              for s in range(5)]
+    assert max(random) < 1.0
+    more = [p["id"] for p in select_cells(emb, 40, "probcover", seed=0)["picks"]]
+    assert len(set(more)) == 40 and set(picks) <= set(more)  # greedy: a larger budget extends
+
+
+def test_margin_needs_a_classifier_and_picks_uncertain_cells_spread_out():
+    emb, labels = mixture()
+    with pytest.raises(UserError, match="strategy 'margin' ranks cells by the current classifier"):
+        select_cells(emb, 5, "margin")
+    # a classifier sure of clusters 0-7, torn between two classes on clusters 8 and 9
+    probabilities = np.full((len(labels), 3), 0.0, dtype=np.float32)
+    probabilities[:, 0] = 0.95
+    probabilities[:, 1] = 0.05
+    torn = labels >= 8
+    rng = np.random.default_rng(0)
+    probabilities[torn, 0] = 0.5 + 0.05 * rng.random(int(torn.sum()))
+    probabilities[torn, 1] = 1 - probabilities[torn, 0]
+    # 3 picks: the 30 smallest margins (all torn cells), spread over k-means clusters
+    picks = select_cells(emb, 3, "margin", probabilities=probabilities)["picks"]
+    assert all(labels[p["id"]] >= 8 for p in picks) and all(p["margin"] < 0.15 for p in picks)
+    assert {labels[p["id"]] for p in picks} == {8, 9}  # diversified: both torn clusters
+
+
+def test_exclude_by_path_from_the_sheets_download(tmp_path):
+    from ssl_blood.analysis.select import read_cells
+
+    emb, _ = mixture()
+    paths = np.array([f"img/c{i:04d}.png" for i in range(len(emb.ids))])
+    emb = Embeddings(emb.features, emb.labels, emb.split, emb.ids, (), SPEC, metadata={"path": paths})
+    (tmp_path / "labels.csv").write_text('\ufeff"path","label","status"\r\n"img/c0003.png","a","labelled"\r\n'
+                                         '"img/c0007.png","","unsure"\r\n')
+    seen = read_cells(tmp_path / "labels.csv")
+    assert seen == ["img/c0003.png", "img/c0007.png"]
+    picks = select_cells(emb, 30, "kcenter", exclude=seen)["picks"]
+    assert not {p["path"] for p in picks} & set(seen) and all("path" in p for p in picks)
