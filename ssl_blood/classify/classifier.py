@@ -111,27 +111,40 @@ class Classifier:
     @classmethod
     def train(cls, embedder: Embedder, cells: CellData, head: str = "logistic", seed: int = 0,
               review_rate: float = DEFAULT_REVIEW_RATE,
-              labels_file: dict[str, str] | None = None, progress: bool | None = False) -> "Classifier":
+              labels_file: dict[str, str] | None = None, progress: bool | None = False,
+              base: "Classifier | None" = None) -> "Classifier":
         """Fit on every labelled cell of `cells` with `embedder`'s features (e.g.
-        `Embedder.from_checkpoint`); settings by stratified cross-validation."""
+        `Embedder.from_checkpoint`); settings by stratified cross-validation. With `base`, its
+        labelled cells are kept and these added (a review's corrections, a new lab's labels)."""
         if head not in HEADS:
             raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
         if not 0 <= review_rate < 1:
             raise UserError(f"`review_rate` {review_rate} must be in [0, 1)", param="review_rate")
         cells = cells.labelled()
-        _check_class_counts(cells)
+        if base is None:
+            _check_class_counts(cells.labels.numpy(), cells.class_names)
+        elif not len(cells):
+            raise UserError("no labelled cells to add; give labels (`labels`) for some cells",
+                            param="labels")
         embedder.check_images(cells.images, "the labelled images")
         return cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
-                                 head, seed, review_rate, labels_file)
+                                 head, seed, review_rate, labels_file, base)
 
     @classmethod
     def from_features(cls, embedder: Embedder, features: np.ndarray, cells: CellData,
                       head: str = "logistic", seed: int = 0,
                       review_rate: float = DEFAULT_REVIEW_RATE,
-                      labels_file: dict[str, str] | None = None) -> "Classifier":
+                      labels_file: dict[str, str] | None = None,
+                      base: "Classifier | None" = None) -> "Classifier":
         """`train` on features already computed by `embedder` for the labelled `cells`."""
-        _check_class_counts(cells)
         labels = cells.labels.numpy()
+        if base is not None:
+            if tuple(cells.class_names) != base.class_names:
+                raise UserError("the added labels use other classes than the classifier "
+                                f"({', '.join(base.class_names)})", param="labels")
+            known, known_labels = base.training_set()
+            features, labels = np.concatenate([known, features]), np.concatenate([known_labels, labels])
+        _check_class_counts(labels, cells.class_names)
         fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
         calibration = calibration_report(fit["oof_logits"], labels, fit["folds"])
         oof = softmax(fit["oof_logits"], calibration["temperature"])
@@ -142,9 +155,24 @@ class Classifier:
                       "max_ood": float(np.quantile(own / scale, OOD_QUANTILE))}
         tensors = {"weight": fit["head"].weight.detach().float(), "bias": fit["head"].bias.detach().float(),
                    "mean": torch.as_tensor(fit["mean"]), "std": torch.as_tensor(fit["std"]),
-                   "reference": torch.as_tensor(reference), "ood_scale": torch.tensor(scale)}
+                   "reference": torch.as_tensor(reference), "ood_scale": torch.tensor(scale),
+                   # what it learned from, so labels can be added later (`base`)
+                   "features": torch.as_tensor(np.asarray(features, dtype=np.float32)),
+                   "labels": torch.as_tensor(labels.astype(np.int64))}
         card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate, labels_file)
+        if base is not None:
+            card["added_to"] = {"classifier_labels": int(len(base.training_set()[1])),
+                                "added_labels": int(len(cells)),
+                                "created": base.card.get("created"), "labels_file": base.card.get("labels_file")}
         return cls(embedder, cells.class_names, tensors, calibration["temperature"], thresholds, card)
+
+    def training_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of the cells this classifier learned from."""
+        if "features" not in self.tensors:
+            raise UserError("this classifier keeps no record of its labelled cells (saved by an "
+                            "earlier ssl-blood); train it again from its labels file",
+                            param="from_classifier")
+        return self.tensors["features"].numpy(), self.tensors["labels"].numpy()
 
     # -- applying ----------------------------------------------------------------------
 
@@ -247,12 +275,12 @@ def _check_out(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def _check_class_counts(cells: CellData) -> None:
-    if len(cells) == 0:
+def _check_class_counts(labels: np.ndarray, class_names: Sequence[str]) -> None:
+    if len(labels) == 0:
         raise UserError("no labelled cells; give labels (`labels`) for some cells", param="labels")
-    present = np.flatnonzero(np.bincount(cells.labels.numpy(), minlength=cells.num_classes))
+    present = np.flatnonzero(np.bincount(labels, minlength=len(class_names)))
     if len(present) < 2:
-        raise UserError(f"the labels name one class ({cells.class_names[present[0]]}); a "
+        raise UserError(f"the labels name one class ({class_names[present[0]]}); a "
                         f"classifier needs cells of at least 2 classes", param="labels")
 
 
@@ -356,35 +384,41 @@ def card_markdown(card: dict) -> str:
 # ----------------------------------------------------------------------------- the two commands
 
 
-def train_classifier(checkpoint: str | Path, out: str | Path, source: Any = None,
+def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any = None,
                      labels: str | Path | None = None, split: str | None = None,
                      fraction: float | None = None, shots: int | None = None,
                      head: str = "logistic", seed: int = 0,
                      review_rate: float = DEFAULT_REVIEW_RATE, device: str = "auto",
-                     overwrite: bool = False, progress: bool | None = False) -> Classifier:
+                     overwrite: bool = False, progress: bool | None = False,
+                     from_classifier: str | Path | None = None) -> Classifier:
     """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
     split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
-    a classifier trained on them and saved to `out`."""
+    a classifier trained on them and saved to `out`. With `from_classifier` (instead of
+    `checkpoint`), these labels are added to that classifier's: same backbone, same classes."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
     out = _check_out(out, overwrite)  # before minutes of embedding
+    if (checkpoint is None) == (from_classifier is None):
+        raise UserError("give `checkpoint` (a new classifier) or `from_classifier` (add labels to "
+                        "one), one of them", param=("checkpoint", "from_classifier"))
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
     table = read_labels(labels) if labels is not None else None
-    embedder = Embedder.from_checkpoint(checkpoint, device)
+    base = Classifier.load(from_classifier, device) if from_classifier is not None else None
+    embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
     source = source or embedder.spec.data_source()
     cells = load_split(source, split or default_split(source, "train"))
     if table is not None:
-        cells = apply_labels(cells, table)
+        cells = apply_labels(cells, table, base.class_names if base is not None else None)
     elif fraction is not None or shots is not None:
         from ssl_blood.evaluation.supervised import labelled_subset
 
         rows = labelled_subset(cells.labels.numpy(), cells.num_classes, seed, fraction, shots)
         cells = cells.subset(rows)
     labels_file = {"path": table.path, "sha256": table.sha256} if table is not None else None
-    classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress)
+    classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress, base)
     classifier.save(out, overwrite)
     return classifier
 

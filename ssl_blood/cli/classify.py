@@ -23,7 +23,10 @@ def _add_train_classifier(sub) -> None:
                                    "it helps) and the review threshold chosen by stratified "
                                    "cross-validation on them. Writes a folder with the head, its "
                                    "settings and a model card (card.md).")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--checkpoint", metavar="CKPT", help="the pretrained backbone (a new classifier)")
+    p.add_argument("--from", dest="from_classifier", metavar="DIR",
+                   help="add the labels to this classifier's (same backbone and classes): a "
+                        "review's corrections.csv, a new lab's cells")
     p.add_argument("--labels", metavar="FILE.csv",
                    help="CSV with 'label' and 'path' (or 'id') columns, as ssl-blood select writes "
                         "(empty labels are skipped); overrides the data's own labels")
@@ -49,7 +52,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     model = train_classifier(args.checkpoint, args.out,
                              source_from_args(args) if source_given(args) else None, args.labels,
                              args.split, args.fraction, args.shots, args.head, args.seed,
-                             args.review_rate, args.device, args.overwrite, progress=None)
+                             args.review_rate, args.device, args.overwrite, progress=None,
+                             from_classifier=args.from_classifier)
     if args.json:
         return print_json(model.card)
     print((Path(args.out) / "card.md").read_text().rstrip())
@@ -70,6 +74,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--split", help="which split to classify (default test, or the only one)")
     p.add_argument("--min-probability", type=float)
     p.add_argument("--max-ood", type=float)
+    p.add_argument("--review", metavar="REVIEW.html",
+                   help="a page of the flagged cells to confirm or correct; it downloads "
+                        "corrections.csv for ssl-blood train-classifier --from DIR --labels")
     add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, metavar="FILE.csv")
@@ -79,11 +86,11 @@ def _add_predict(sub) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ssl_blood.classify.classifier import predict_cells
+    from ssl_blood.analysis.review import predict_and_review
 
-    _, counts = predict_cells(args.classifier, source_from_args(args) if source_given(args) else None,
-                              args.out, args.split, args.min_probability, args.max_ood, args.device,
-                              args.overwrite, progress=None)
+    _, counts = predict_and_review(args.classifier, source_from_args(args) if source_given(args) else None,
+                                   args.out, args.review, args.split, args.min_probability,
+                                   args.max_ood, args.device, args.overwrite, progress=None)
     if args.json:
         return print_json(counts)
     print(f"{counts['cells']} cells: {counts['accepted']} accepted, {counts['review']} for review")
@@ -91,7 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for name, row in counts["classes"].items():
         print(f"{name:28}{row['cells']:>7}{row['percent']:>7.1f}  "
               f"{row['ci95'][0]:5.1f}-{row['ci95'][1]:5.1f}")
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.counts.json')}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.counts.json')}"
+          + (f"; review the flagged cells in {args.review}" if args.review else ""))
     return 0
 
 
