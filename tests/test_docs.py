@@ -1,5 +1,6 @@
 """Docs that must stay true: the CLI reference, README's set-up commands, the CI script."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -59,34 +60,48 @@ def test_your_own_slide_guide_runs(tmp_path, capsys):
     text = (REPO / "docs" / "your-own-slide.md").read_text().replace("\\\n", " ")
     commands = [shlex.split(line)[1:] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                 for line in block.splitlines() if line.startswith("ssl-blood ")]
-    assert [c[0] for c in commands] == ["pretrain", "embed", "select", "train-classifier", "predict"]
+    assert [c[0] for c in commands] == ["pretrain", "embed", "select", "train-classifier", "predict",
+                                        "train-classifier", "select"]
     arrays = np.load(make_npz(tmp_path / "cells.npz", n_train=96, n_test=24))
     truth = {}
     for name, split in (("cells", "train"), ("new-slide", "test")):
         for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
             write_png(tmp_path / name / f"c{i:03d}.png", image)
-            truth[f"c{i:03d}.png"] = f"class {int(label)}"
-    tiny = {"pretrain": ["--epochs", "1", "--backbone", "cnn6", "--batch-size", "32"],
-            "select": ["--budget", "40"]}
+            truth[(name, f"c{i:03d}.png")] = ["basophil", "eosinophil", "lymphocyte", "monocyte"][int(label)]
+    tiny = {"pretrain": ["--epochs", "1", "--backbone", "cnn6", "--batch-size", "32"]}
+
+    def download(name, folder, paths, status):
+        """What the sheet / review page downloads once a person has answered."""
+        with open(name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label", "status"])
+            writer.writerows([p, truth[(folder, p)], status] for p in paths)
+
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         for argv in commands:
-            if argv[0] == "select":
-                argv = [a for i, a in enumerate(argv) if a != "--budget" and argv[i - 1] != "--budget"]
+            if argv[0] == "select":  # smaller budgets for 96 cells
+                argv = [a if argv[i - 1] != "--budget" else "24" for i, a in enumerate(argv)]
             assert main(argv + tiny.get(argv[0], [])) == 0, argv
-            if argv[0] == "select":  # a person fills in the label column
+            if argv[0] == "select" and "picks.csv" in argv:  # a person labels on the sheet
+                assert Path("picks.html").stat().st_size > 1000
                 with open("picks.csv", newline="") as f:
-                    rows = list(csv.DictReader(f))
-                for row in rows:
-                    row["label"] = truth[row["path"]]
-                with open("picks.csv", "w", newline="") as f:
-                    writer = csv.DictWriter(f, list(rows[0]))
-                    writer.writeheader()
-                    writer.writerows(rows)
+                    download("labels.csv", "cells", [r["path"] for r in csv.DictReader(f)], "labelled")
+            if argv[0] == "predict":  # and reviews three of the new slide's cells
+                assert Path("review.html").is_file()
+                with open("slide.csv", newline="") as f:
+                    download("corrections.csv", "new-slide", [r["path"] for r in csv.DictReader(f)][:3],
+                             "corrected")
         assert (tmp_path / "clf" / "card.md").is_file()
         with open("slide.csv") as f:
             assert len(list(csv.DictReader(f))) == 24
         assert (tmp_path / "slide.counts.json").is_file()
+        assert json.loads((tmp_path / "clf2" / "card.json").read_text())["added_to"]["added_labels"] == 3
+        with open("labels.csv") as f:
+            labelled = {r["path"] for r in csv.DictReader(f)}
+        with open("picks2.csv") as f:  # the next round: none of the cells labelled so far
+            picked = {r["path"] for r in csv.DictReader(f)}
+        assert len(picked) == 24 and len(labelled) == 24 and not picked & labelled
     finally:
         os.chdir(cwd)

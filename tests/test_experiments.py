@@ -160,3 +160,20 @@ def test_classifier_experiment_review_metrics_and_document():
              "count_abs_error_pp": {"a": 2.0, "b": 4.0}}
     page = experiment.document({"device": "CPU", "entries": {"40-seed0": entry}})
     assert "| 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
+
+
+def test_label_loop_tiny(tiny_run, tmp_path):
+    """Every strategy runs its rounds; labels grow by the round size; the doc section and the
+    figure are written where asked."""
+    run, _ = tiny_run
+    out, doc, fig = tmp_path / "loop.json", tmp_path / "doc.md", tmp_path / "loop.png"
+    doc.write_text("# Label efficiency\n\nkept text\n")
+    run_script("label_loop.py", "--checkpoint", str(run / "checkpoint.pt"), "--seeds", "1", "--rounds", "2",
+               "--size", "8", "--cold", "12", "--out", str(out), "--doc", str(doc), "--figure", str(fig))
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"random", "typiclust", "probcover", "margin"}
+    for row in result["summary"].values():
+        assert row["labels"] == [12, 20, 28]
+        assert all(0 <= a <= 1 for a in row["accuracy_mean"])
+    text = doc.read_text()
+    assert "kept text" in text and text.count("label-loop:start") == 1 and fig.stat().st_size > 5000
