@@ -32,7 +32,8 @@ from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_byt
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "card.md"
-HEADS = ("logistic",)
+HEADS = ("logistic", "propagate")
+PSEUDO_PER_LABEL = (0, 5, 20)  # pseudo-labelled cells per labelled cell; 0 is the plain logistic head
 DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
 MAX_FOLDS = 5
@@ -120,6 +121,15 @@ class Classifier:
             raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
         if not 0 <= review_rate < 1:
             raise UserError(f"`review_rate` {review_rate} must be in [0, 1)", param="review_rate")
+        unlabelled = None
+        if head == "propagate":
+            rest = cells.subset(np.flatnonzero(cells.labels.numpy() < 0))
+            if not len(rest):
+                raise UserError("head 'propagate' learns from unlabelled cells too and this data "
+                                "has none besides the labelled ones; give the whole folder, or "
+                                "use head logistic", param="head")
+            embedder.check_images(rest.images, "the unlabelled images")
+            unlabelled = embedder(rest.images, progress=progress)
         cells = cells.labelled()
         if base is None:
             _check_class_counts(cells.labels.numpy(), cells.class_names)
@@ -128,15 +138,17 @@ class Classifier:
                             param="labels")
         embedder.check_images(cells.images, "the labelled images")
         return cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
-                                 head, seed, review_rate, labels_file, base)
+                                 head, seed, review_rate, labels_file, base, unlabelled)
 
     @classmethod
     def from_features(cls, embedder: Embedder, features: np.ndarray, cells: CellData,
                       head: str = "logistic", seed: int = 0,
                       review_rate: float = DEFAULT_REVIEW_RATE,
                       labels_file: dict[str, str] | None = None,
-                      base: "Classifier | None" = None) -> "Classifier":
-        """`train` on features already computed by `embedder` for the labelled `cells`."""
+                      base: "Classifier | None" = None,
+                      unlabelled: np.ndarray | None = None) -> "Classifier":
+        """`train` on features already computed by `embedder` for the labelled `cells` (and,
+        for head 'propagate', for the `unlabelled` cells)."""
         labels = cells.labels.numpy()
         if base is not None:
             if tuple(cells.class_names) != base.class_names:
@@ -145,7 +157,12 @@ class Classifier:
             known, known_labels = base.training_set()
             features, labels = np.concatenate([known, features]), np.concatenate([known_labels, labels])
         _check_class_counts(labels, cells.class_names)
-        fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
+        if head == "propagate":
+            if unlabelled is None or not len(unlabelled):
+                raise UserError("head 'propagate' needs the unlabelled cells' features", param="head")
+            fit = _cross_validated_propagate(features, labels, unlabelled, len(cells.class_names), seed)
+        else:
+            fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
         calibration = calibration_report(fit["oof_logits"], labels, fit["folds"])
         oof = softmax(fit["oof_logits"], calibration["temperature"])
         reference = l2_normalize(features).astype(np.float32)
@@ -160,6 +177,9 @@ class Classifier:
                    "features": torch.as_tensor(np.asarray(features, dtype=np.float32)),
                    "labels": torch.as_tensor(labels.astype(np.int64))}
         card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate, labels_file)
+        card["head"] = head
+        if "propagation" in fit:
+            card["propagation"] = fit["propagation"]
         if base is not None:
             card["added_to"] = {"classifier_labels": int(len(base.training_set()[1])),
                                 "added_labels": int(len(cells)),
@@ -313,16 +333,7 @@ def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_clas
     from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 
     folds, k = _folds(labels, seed)
-    oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in PROBE_WEIGHT_DECAYS}
-    for f in range(k):
-        train, held = folds != f, folds == f
-        mean, std = features[train].mean(0), features[train].std(0) + 1e-6
-        x = torch.as_tensor((features[train] - mean) / std)
-        previous = None
-        for wd in sorted(PROBE_WEIGHT_DECAYS, reverse=True):  # strong to weak, warm-started
-            previous = fit_logistic(x, torch.as_tensor(labels[train]), num_classes, wd, start=previous)
-            with torch.no_grad():
-                oof[wd][held] = previous(torch.as_tensor((features[held] - mean) / std)).numpy()
+    oof = _cv_logits(lambda rows: (features[rows], labels[rows]), features, labels, folds, k, num_classes)
     accuracy = {wd: float((oof[wd].argmax(1) == labels).mean()) for wd in PROBE_WEIGHT_DECAYS}
     best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (accuracy[wd], wd))  # ties: stronger penalty
     mean, std = features.mean(0), features.std(0) + 1e-6
@@ -331,6 +342,83 @@ def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_clas
     return {"head": head, "mean": mean.astype(np.float32), "std": std.astype(np.float32),
             "weight_decay": best, "accuracy_by_weight_decay": accuracy, "folds": folds,
             "oof_logits": oof[best], "k": k}
+
+
+def _cross_validated_propagate(features: np.ndarray, labels: np.ndarray, unlabelled: np.ndarray,
+                               num_classes: int, seed: int) -> dict[str, Any]:
+    """The logistic head on the labelled cells plus pseudo-labels spread over the kNN graph of
+    labelled + unlabelled cells (propagation.py). Every setting by k-fold CV on the labelled
+    cells, a fold's held-out cells never seeding the spread nor taking a pseudo-label: first the
+    graph's k and alpha (accuracy of the spread labels on the held-out cells), then how many
+    pseudo-labels per labelled cell (0, the plain logistic head, included) with the weight decay
+    (accuracy of the head). Returns what `_cross_validated_logistic` returns, plus the choices."""
+    from ssl_blood.classify.propagation import (ALPHAS, GRAPH_KS, affinity, neighbour_table,
+                                                pseudo_labels, spread)
+
+    n_lab = len(labels)
+    everything = np.concatenate([features, unlabelled]).astype(np.float32)
+    similarity, position = neighbour_table(everything, max(GRAPH_KS))
+    graphs = {k: affinity(similarity, position, k) for k in GRAPH_KS}
+    folds, k_folds = _folds(labels, seed)
+    spread_accuracy = {}
+    for k in GRAPH_KS:
+        for alpha in ALPHAS:
+            hits = 0
+            for f in range(k_folds):
+                seeds = np.flatnonzero(folds != f)
+                scores = spread(graphs[k], seeds, labels[seeds], num_classes, alpha)
+                hits += int((scores[:n_lab][folds == f].argmax(1) == labels[folds == f]).sum())
+            spread_accuracy[(k, alpha)] = hits / n_lab
+    graph_k, alpha = max(spread_accuracy, key=lambda s: (spread_accuracy[s], -s[0], -s[1]))
+    graph = graphs[graph_k]
+    candidates = np.arange(n_lab, len(everything))
+
+    def augmented(seed_rows: np.ndarray, ratio: int) -> tuple[np.ndarray, np.ndarray]:
+        if ratio == 0:
+            return features[seed_rows], labels[seed_rows]
+        scores = spread(graph, seed_rows, labels[seed_rows], num_classes, alpha)
+        per_class = ratio * np.bincount(labels[seed_rows], minlength=num_classes)
+        rows, pseudo = pseudo_labels(scores, candidates, per_class)
+        return np.concatenate([features[seed_rows], everything[rows]]), np.concatenate([labels[seed_rows], pseudo])
+
+    results = {r: _cv_logits(lambda train_rows, r=r: augmented(train_rows, r), features, labels,
+                             folds, k_folds, num_classes) for r in PSEUDO_PER_LABEL}
+    accuracy = {(r, wd): float((oof.argmax(1) == labels).mean())
+                for r, by_wd in results.items() for wd, oof in by_wd.items()}
+    ratio, best = max(accuracy, key=lambda s: (accuracy[s], -s[0], s[1]))  # ties: fewer pseudo, stronger penalty
+    x, y = augmented(np.arange(n_lab), ratio)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    from ssl_blood.evaluation.frozen import fit_logistic
+
+    head = fit_logistic(torch.as_tensor((x - mean) / std), torch.as_tensor(y), num_classes, best)
+    return {"head": head, "mean": mean.astype(np.float32), "std": std.astype(np.float32),
+            "weight_decay": best, "folds": folds, "oof_logits": results[ratio][best], "k": k_folds,
+            "accuracy_by_weight_decay": {wd: accuracy[(ratio, wd)] for wd in results[ratio]},
+            "propagation": {"graph_k": graph_k, "alpha": alpha, "pseudo_per_label": ratio,
+                            "pseudo_labels": int(len(y) - n_lab), "unlabelled_cells": int(len(unlabelled)),
+                            "spread_cv_accuracy": {f"k{k}-alpha{a}": v for (k, a), v in spread_accuracy.items()},
+                            "head_cv_accuracy_by_pseudo_per_label":
+                                {str(r): max(accuracy[(r, wd)] for wd in results[r]) for r in results}}}
+
+
+def _cv_logits(training_set, features: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int,
+               num_classes: int) -> dict[float, np.ndarray]:
+    """Out-of-fold logits per weight decay of a logistic head fitted on `training_set(rows)`
+    (the fold's training rows, plus whatever it adds) and scored on the held-out rows."""
+    from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
+
+    oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in PROBE_WEIGHT_DECAYS}
+    for f in range(k):
+        x, y = training_set(np.flatnonzero(folds != f))
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        xt = torch.as_tensor((x - mean) / std)
+        held = torch.as_tensor((features[folds == f] - mean) / std)
+        previous = None
+        for wd in sorted(PROBE_WEIGHT_DECAYS, reverse=True):  # strong to weak, warm-started
+            previous = fit_logistic(xt, torch.as_tensor(y), num_classes, wd, start=previous)
+            with torch.no_grad():
+                oof[wd][folds == f] = previous(held).numpy()
+    return oof
 
 
 def _nearest_distance(queries: np.ndarray, reference: np.ndarray,
