@@ -177,3 +177,16 @@ def test_label_loop_tiny(tiny_run, tmp_path):
         assert all(0 <= a <= 1 for a in row["accuracy_mean"])
     text = doc.read_text()
     assert "kept text" in text and text.count("label-loop:start") == 1 and fig.stat().st_size > 5000
+
+
+def test_semi_supervised_tiny(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "semi.json", tmp_path / "doc.md"
+    run_script("semi_supervised.py", "--checkpoint", str(run / "checkpoint.pt"), "--seeds", "1",
+               "--budgets", "8,16", "--selections", "random", "--out", str(out), "--doc", str(doc))
+    entries = json.loads(out.read_text())["entries"]
+    assert set(entries) == {f"random-{b}-{h}-seed0" for b in (8, 16) for h in ("logistic", "propagate")}
+    for e in entries.values():
+        assert 0 <= e["accuracy"] <= 1 and set(e["recall"]) and e["seconds"] >= 0
+        assert (e["pseudo_per_label"] in (0, 5, 20)) and (e["head"] == "propagate" or not e["propagation"])
+    assert "semi-supervised:start" in doc.read_text()

@@ -20,7 +20,7 @@ _PRETRAIN_FLAGS = {  # argparse dest -> config field
     "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
     "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
     "input_size": "input_size", "limit": "limit", "seed": "seed", "device": "device",
-    "knn_every": "knn_every", "precision": "precision", "stream": "stream",
+    "knn_every": "knn_every", "precision": "precision", "stream": "stream", "minutes": "minutes",
 }
 
 
@@ -38,6 +38,9 @@ def _add_pretrain(sub) -> None:
                         "ResNet-18 on a GPU (default with one). Epochs scale with the data's size")
     p.add_argument("--config", metavar="FILE", help="start from a config.json instead of a preset")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--minutes", type=float,
+                   help="time budget: measures a few steps on this machine, then sizes the epochs "
+                        "(and the learning-rate schedule) to end within it, and says when")
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--backbone", choices=backbone_names())
     p.add_argument("--stem", choices=STEMS, help="downsampling before the body (auto: by image size)")

@@ -60,6 +60,7 @@ class PretrainConfig:
     channels_last: bool = True  # NHWC activations: faster on GPUs and for the plain CNN on CPUs
     stream: str = "auto"  # train split on the device ("memory") or read per batch ("stream")
     knn_every: int = 10  # epochs between kNN checks on val (0 = only at the end, -1 = never)
+    minutes: float | None = None  # a time budget: epochs are sized to it when the run starts
     knn_k: int = KNN_K
     knn_temperature: float = KNN_TEMPERATURE
 

@@ -197,6 +197,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
         run_dir.check_new_or_resume(resume, overwrite)
     if resume and run_dir is None:
         raise UserError("`resume` needs out_dir, the run folder to continue", param="resume")
+    if cfg.minutes is not None and not resume:
+        cfg = size_to_minutes(cfg, ddp, started=time.monotonic())
     run = _setup(cfg, run_dir, ddp, resume, force)
     with run_dir.lock() if writes else contextlib.nullcontext():
         if writes:
@@ -262,6 +264,76 @@ def _setup(cfg: PretrainConfig, run_dir: RunDir | None, ddp: Distributed, resume
                 lr_schedule(peak_lr(cfg.lr, batch), cfg.epochs, cfg.warmup_epochs,
                             cfg.final_lr_ratio, steps_per_epoch),
                 start_epoch, history)
+
+
+BUDGET_SAFETY = 0.95  # share of the remaining budget planned for training: the rest absorbs noise
+MEASURE_STEPS = 8  # timed steps (after 2 untimed ones) to measure the step time
+
+
+def size_to_minutes(cfg: PretrainConfig, ddp: Distributed, started: float) -> PretrainConfig:
+    """`cfg` with its epochs (and warm-up, in proportion) sized so the run ends within
+    `cfg.minutes` of `started`: a few steps and one kNN check are timed on a throwaway copy of
+    the run (same data, model and batch), then setup, epochs and checks are planned into what
+    is left. Says up front how many steps and when it ends."""
+    import datetime
+
+    if not (cfg.minutes and cfg.minutes > 0):
+        raise UserError(f"`minutes` {cfg.minutes:g} must be a positive number of minutes", param="minutes")
+    if ddp.enabled:
+        raise UserError("`minutes` sizes a single-process run; under torchrun set `epochs`",
+                        param="minutes")
+    setup_started = time.monotonic()
+    probe = _setup(replace(cfg, minutes=None), None, ddp, False, False)
+    setup_s = time.monotonic() - setup_started
+    step_s = _time_steps(probe)
+    knn_s = 0.0
+    if probe.monitor is not None and cfg.knn_every >= 0:
+        knn_started = time.monotonic()
+        _knn_monitor(probe)
+        knn_s = time.monotonic() - knn_started
+    steps_per_epoch = probe.steps_per_epoch
+    del probe
+    left = cfg.minutes * 60 - (time.monotonic() - started) - setup_s  # the real run's setup ahead
+    # an epoch: its steps, plus its share of the kNN checks (every knn_every epochs; the last
+    # epoch's check is counted apart)
+    epoch_s = steps_per_epoch * step_s + (knn_s / cfg.knn_every if cfg.knn_every > 0 else 0.0)
+    epochs = int((BUDGET_SAFETY * left - knn_s) // epoch_s) if epoch_s > 0 else 0
+    if epochs < 1:
+        need = (setup_s + epoch_s + knn_s) / 60 + (time.monotonic() - started) / 60
+        raise UserError(f"`minutes` {cfg.minutes:g} is too short for one epoch here (a step takes "
+                        f"{step_s:.2f} s, an epoch about {epoch_s / 60:.1f} min); give at least "
+                        f"{math.ceil(need / BUDGET_SAFETY)} minutes, or `limit` the images", param="minutes")
+    warmup = min(epochs - 1, round(cfg.warmup_epochs * epochs / max(cfg.epochs, 1))) if epochs > 1 else 0
+    ends = datetime.datetime.now() + datetime.timedelta(seconds=cfg.minutes * 60 - (time.monotonic() - started))
+    ui.note(f"budget {cfg.minutes:g} min: a step takes {step_s:.2f} s here, so about "
+            f"{epochs * steps_per_epoch:,} steps, {epochs} epochs of {steps_per_epoch} steps "
+            f"(warm-up {warmup}); ends around {ends:%H:%M}")
+    return replace(cfg, epochs=epochs, warmup_epochs=warmup)
+
+
+def _time_steps(run: _Run) -> float:
+    """Seconds per training step on this machine, over MEASURE_STEPS steps after 2 untimed ones
+    (allocation, first-call overheads), on the throwaway run."""
+    batches = epoch_batches(len(run.train), run.batch_size, 0, run.cfg.seed, 0, 1)
+    gen = torch.Generator(run.device).manual_seed(run.cfg.seed)
+    run.method.train()
+    timed, started = 0, 0.0
+    for i, index in enumerate(batches[:MEASURE_STEPS + 2]):
+        if i == 2:
+            _synchronize(run.device)
+            started = time.perf_counter()
+        views = run.augment.views(run.views, run.feed(index), gen)
+        run.trainer.step(views, 0, i, run.total_steps, run.schedule[i])
+        timed += i >= 2
+    _synchronize(run.device)
+    if timed == 0:
+        return (time.perf_counter() - started) or 1e-3
+    return (time.perf_counter() - started) / timed
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _open_run_folder(run: _Run, resume: bool, overwrite: bool) -> None:

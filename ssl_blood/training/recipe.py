@@ -35,7 +35,10 @@ def build_config(preset: str | None, method: str | None, config_file: str | None
                             f"the file or drop method", param="method")
     else:
         cfg = preset_config(preset or default_preset(device_type), method or "simclr")
-        if "epochs" not in overrides:
+        if "epochs" in overrides and overrides.get("minutes") is not None:
+            raise UserError("give `epochs` or `minutes`, not both: minutes sizes the epochs",
+                            param=("epochs", "minutes"))
+        if "epochs" not in overrides and overrides.get("minutes") is None:
             train_size = len(load_split(source, "train", overrides.get("limit")))
             scaled = scale_epochs_to_data(cfg, train_size)
             if scaled.epochs != cfg.epochs:

@@ -323,3 +323,47 @@ def test_a_checkpoint_with_absurd_weights_is_refused(tiny_config, tmp_path):
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"its weights grew to .*diverged run"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_minutes_sizes_epochs_from_the_measured_step_time(tiny_config, tmp_path, monkeypatch, capsys):
+    """The budget is planned from what was measured here (a step time stubbed to 0.05 s so the
+    plan is known): 64 training images, batch 16 -> 4 steps per epoch; a 1-minute budget
+    leaves 0.95 x (60 s - the setup, done twice) for 0.2-s epochs."""
+    from ssl_blood import ui
+    from ssl_blood.training import loop
+
+    monkeypatch.setattr(loop, "_time_steps", lambda run: 0.05)
+    monkeypatch.setattr(loop, "_knn_monitor", lambda run: 0.0)
+    ui.set_quiet(False)
+    cfg = replace(tiny_config, minutes=1.0, knn_every=-1)
+    sized = loop.size_to_minutes(cfg, loop.Distributed.setup("cpu"), started=time.monotonic())
+    assert 0.95 * 30 / 0.2 <= sized.epochs <= 0.95 * 60 / 0.2 and sized.minutes == 1.0
+    assert sized.warmup_epochs == round(tiny_config.warmup_epochs * sized.epochs / tiny_config.epochs)
+    note = capsys.readouterr().err
+    assert f"{sized.epochs} epochs of 4 steps" in note and "ends around" in note
+    with pytest.raises(UserError, match=r"`minutes` 0.001 is too short for one epoch here .* give at least 1 minutes"):
+        loop.size_to_minutes(replace(cfg, minutes=0.001), loop.Distributed.setup("cpu"), time.monotonic())
+    with pytest.raises(UserError, match="`minutes` -1 must be a positive number"):
+        loop.size_to_minutes(replace(cfg, minutes=-1.0), loop.Distributed.setup("cpu"), time.monotonic())
+
+
+def test_a_run_with_minutes_records_its_budget_and_resumes_without_resizing(tiny_config, tmp_path, monkeypatch):
+    from ssl_blood.training import loop
+
+    monkeypatch.setattr(loop, "_time_steps", lambda run: 2.0)  # 8-s epochs in a 30-s budget
+    cfg = replace(tiny_config, minutes=0.5)
+    result = pretrain(cfg, tmp_path / "run", progress=False)
+    saved = PretrainConfig.load(tmp_path / "run" / "config.json")
+    assert saved.minutes == 0.5 and saved.epochs == len(result.history) >= 1
+    monkeypatch.setattr(loop, "_time_steps", lambda run: pytest.fail("a resumed run is not re-sized"))
+    pretrain(saved, tmp_path / "run", resume=True, progress=False)  # finished: nothing to train
+
+
+def test_minutes_and_epochs_together_are_refused(tmp_path, capsys):
+    from tests.helpers import assert_one_line_error, make_npz, run_cli
+
+    npz = make_npz(tmp_path / "c.npz")
+    code, _, err = run_cli(capsys, "pretrain", "--npz", npz, "--minutes", "5", "--epochs", "3",
+                           "--out", tmp_path / "run")
+    assert_one_line_error(code, err, r"give --epochs or --minutes, not both")
+    assert not (tmp_path / "run").exists()
