@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ssl_blood import ui
+from ssl_blood.data.cells import cell_names
 from ssl_blood.features.embeddings import Embeddings
 from ssl_blood.errors import UserError
 from ssl_blood.features.index import CellIndex
@@ -145,7 +146,10 @@ def explore_html(emb: Embeddings, split: str = "test", probe: dict | None = None
     bar.update(1)
     bar.set_description("map: page")
     cells = _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions, sheet)
-    gallery = _gallery_columns(index, sheet)
+    gallery_mask = emb.mask(gallery_split)
+    gallery_names = dict(zip(emb.ids[gallery_mask].tolist(), _display_names(
+        {k: v[gallery_mask] for k, v in emb.metadata.items()}, emb.ids[gallery_mask])))
+    gallery = _gallery_columns(index, sheet, gallery_names)
     highlight = emb.class_names[class_index(emb.class_names, IG)] if has_class(emb.class_names, IG) else None
     page = _render(cells, gallery, emb, split, sheet, highlight, predicted is not None, gallery_split,
                    len(x), sims.shape[1])
@@ -210,6 +214,7 @@ def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions
     columns: dict[str, Any] = {
         "x": coords[:, 0].astype(np.float32), "y": coords[:, 1].astype(np.float32),
         "id": ids.astype(np.int32), "label": y.astype(np.int32), "cls": [names[v] for v in y],
+        "name": _display_names(metadata, ids),
         "pred": [names[v] if predicted is not None else "–" for v in pred],
         "right": [{1: "right", 0: "wrong", -1: "–"}[int(v)] for v in right],
         "outlier": np.round(outlier, 4).astype(np.float32),
@@ -227,17 +232,26 @@ def _cell_columns(emb, mask, coords, y, ids, predicted, outlier, sims, positions
     return columns
 
 
-def _gallery_columns(index: CellIndex, sheet: dict) -> dict[str, np.ndarray]:
-    """Per gallery cell (the neighbours' side): id, label, thumbnail offset."""
+def _display_names(metadata: dict[str, np.ndarray], ids: np.ndarray) -> list[str]:
+    """What the map shows for a cell: its file's relative path, else '#id'."""
+    if "path" in metadata:
+        return cell_names(metadata, ids).tolist()
+    return [f"#{int(i)}" for i in ids]
+
+
+def _gallery_columns(index: CellIndex, sheet: dict, names: dict[int, str]) -> dict[str, Any]:
+    """Per gallery cell (the neighbours' side): id, name (path or id), label, thumbnail offset."""
     offsets = np.array([_offset(sheet["gallery_slot"].get(int(g)), sheet) for g in index.gallery_ids],
                        dtype=np.int32).reshape(-1, 2)
-    return {"gid": index.gallery_ids.astype(np.int32), "glabel": index.gallery_labels.astype(np.int32),
+    return {"gid": index.gallery_ids.astype(np.int32),
+            "gname": [names.get(int(g), str(int(g))) for g in index.gallery_ids],
+            "glabel": index.gallery_labels.astype(np.int32),
             "gbx": offsets[:, 0], "gby": offsets[:, 1]}
 
 
 _TOOLTIP = """<div class="cell-tip" style="max-width:260px">
 <div style="display:@has_thumb;background-position:@bx{0}px @by{0}px;THUMB_STYLE"></div>
-<div><b class="tip-class">@cls</b> · id @id</div>
+<div><b class="tip-class">@cls</b> · @name</div>
 <div>predicted: @pred (@right)</div><div>outlier score: @outlier{0.000}</div>
 <div style="font-size:11px;color:#555">@meta</div></div>"""
 
@@ -263,9 +277,9 @@ for (let j = 0; j < k; j++) {
   const cls = label >= 0 ? names[label] : 'unlabelled';
   const img = (bx === 1 && by === 1) ? '' :
     `<div class="thumb" style="background-position:${bx}px ${by}px"></div>`;
-  rows += `<div class="nb">${img}<div class="nb-text">#${esc(g.gid[n])}<br>${esc(cls)}<br>${esc(d['s' + j][i].toFixed(3))}</div></div>`;
+  rows += `<div class="nb">${img}<div class="nb-text">${esc(g.gname[n])}<br>${esc(cls)}<br>${esc(d['s' + j][i].toFixed(3))}</div></div>`;
 }
-panel.text = `<div class="nb-title">cell ${esc(d.id[i])} (${esc(d.cls[i])}): ${found} nearest ${esc(gallery_split)} cells</div>` + rows;
+panel.text = `<div class="nb-title">${esc(d.name[i])} (${esc(d.cls[i])}): ${found} nearest ${esc(gallery_split)} cells</div>` + rows;
 """
 
 _SELECT_JS = _ESC_JS + """
@@ -274,7 +288,7 @@ for (const src of sources) {
   const d = src.data;
   for (const i of src.selected.indices) {
     counts[d.cls[i]] = (counts[d.cls[i]] || 0) + 1;
-    picked.push([d.id[i], d.cls[i]]);
+    picked.push([d.id[i], d.name[i], d.cls[i]]);
   }
 }
 window.sslBloodSelection = picked;
@@ -288,7 +302,10 @@ const picked = window.sslBloodSelection || [];
 // RFC 4180 quoting; a leading = + - @ is defused so a spreadsheet shows it as text
 const field = (v) => { let t = String(v); if (/^[=+\\-@]/.test(t)) t = "'" + t;
                        return '"' + t.replace(/"/g, '""') + '"'; };
-const csv = 'split,id,class\\n' + picked.map(([id, c]) => `${split},${id},${field(c)}`).join('\\n') + '\\n';
+// a path is quoted but never altered: `ssl-blood sheet --labels` reads it back
+const quoted = (v) => '"' + String(v).replace(/"/g, '""') + '"';
+const csv = (has_paths ? 'split,id,path,class\\n' : 'split,id,class\\n') +
+  picked.map(([id, name, c]) => `${split},${id},` + (has_paths ? `${quoted(name)},` : '') + field(c)).join('\\n') + '\\n';
 const a = document.createElement('a');
 a.href = URL.createObjectURL(new Blob([csv], {type: 'text/csv'}));
 a.download = 'selected_cells.csv';
@@ -371,12 +388,12 @@ def _render(cells: dict[str, Any], gallery: dict[str, np.ndarray], emb: Embeddin
                                                    "gallery_split": gallery_split, "k": k,
                                                    "names": list(emb.class_names)},
                                              code=_TAP_JS)))
-    side = _controls(renderers, sources, split, has_probe, highlight, panel)
+    side = _controls(renderers, sources, split, has_probe, highlight, panel, "path" in emb.metadata)
     return file_html(row(plot, side), resources=INLINE, title=f"ssl-blood map: {emb.name}, {split}")
 
 
 def _controls(renderers: list, sources: list, split: str, has_probe: bool, highlight: str | None,
-              panel) -> Any:
+              panel, has_paths: bool) -> Any:
     """The side column: colouring, its key, the highlight toggle, the selection summary, the
     CSV download and the neighbour panel, wired with CustomJS."""
     from bokeh.layouts import column
@@ -386,8 +403,9 @@ def _controls(renderers: list, sources: list, split: str, has_probe: bool, highl
     on_select = CustomJS(args={"sources": sources, "summary": summary}, code=_SELECT_JS)
     for source in sources:
         source.selected.js_on_change("indices", on_select)
-    download = Button(label="Download selected ids (CSV)", width=240, name="download")
-    download.js_on_event("button_click", CustomJS(args={"split": split}, code=_DOWNLOAD_JS))
+    download = Button(label="Download selected cells (CSV)", width=240, name="download")
+    download.js_on_event("button_click", CustomJS(args={"split": split, "has_paths": has_paths},
+                                                  code=_DOWNLOAD_JS))
     keys = {"class": "Colour: true class (click the legend to hide a class).",
             "predicted class": "Colour: class predicted by the linear probe." if has_probe
             else "No probe given: predicted class unknown (grey).",

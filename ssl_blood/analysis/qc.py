@@ -234,6 +234,7 @@ def run_qc(emb: Embeddings, out_dir: str | Path | None = None, threshold: float 
     result["outliers"] = outliers(emb, similarity, position, top)
     result["label_suspects"] = (label_suspects(emb, similarity, position, index, top, min_confidence=min_confidence)
                                 if (emb.labels >= 0).any() else None)
+    _add_paths(result, emb)
     bar.update(1)
     bar.set_description("qc: montages")
     if out_dir is not None:
@@ -261,14 +262,40 @@ def _unique_pairs(pairs: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
+def _add_paths(result: dict, emb: Embeddings) -> None:
+    """Every listed cell of a folder or manifest also named by its file's relative path (what
+    a person looks up), beside its split and id."""
+    if "path" not in emb.metadata:
+        return
+    path = {(str(s), int(i)): str(p) for s, i, p in zip(emb.split, emb.ids, emb.metadata["path"])}
+    for part in ("near_duplicates", "exact_duplicates"):
+        for pair in (result.get(part) or {}).get("list", []):
+            for side in ("a", "b"):
+                pair[side]["path"] = path.get((pair[side]["split"], pair[side]["id"]))
+    for split, part in result["outliers"]["per_split"].items():
+        for cell in part["top"]:
+            cell["path"] = path.get((split, cell["id"]))
+    for cells in ((result.get("label_suspects") or {}).get("per_class") or {}).values():
+        for cell in cells:
+            cell["path"] = path.get((cell["split"], cell["id"]))
+
+
+def _name(cell: dict, split: str | None = None) -> str:
+    """A montage caption's name of a cell: its file name, else split and id."""
+    if cell.get("path"):
+        name = Path(cell["path"]).name
+        return name if len(name) <= 18 else name[:8] + "…" + name[-9:]
+    return f"{cell.get('split', split)} #{cell['id']}"
+
+
 def _montages(result: dict, emb: Embeddings, images: dict[str, np.ndarray], out: Path, plots) -> list[Path]:
     files = []
     pairs = _leakage_first(_unique_pairs(result["near_duplicates"]["list"]
                                          + (result["exact_duplicates"] or {}).get("list", [])))[:24]
     if pairs:
         cells = [[images[p["a"]["split"]][p["a"]["id"]], images[p["b"]["split"]][p["b"]["id"]]] for p in pairs]
-        captions = [[f"{p['a']['split']} #{p['a']['id']}" + _conflict(p, "a"),
-                     f"{p['b']['split']} #{p['b']['id']}" + _conflict(p, "b") + "\n"
+        captions = [[_name(p["a"]) + _conflict(p, "a"),
+                     _name(p["b"]) + _conflict(p, "b") + "\n"
                      + (f"cos {p['similarity']:.4f}" if "similarity" in p else "same pixels")
                      + (f" Δpx {p['pixel_mad']:.1f}" if "pixel_mad" in p else "")] for p in pairs]
         per_row = 4  # pairs side by side, four to a row
@@ -281,7 +308,7 @@ def _montages(result: dict, emb: Embeddings, images: dict[str, np.ndarray], out:
         top = part["top"][:12]
         groups.append([images[split][t["id"]] for t in top])
         titles.append(f"{split}: most isolated cells (median score {part['median_score']:.3f})")
-        captions.append([f"#{t['id']} {t['score']:.2f}" for t in top])
+        captions.append([f"{_name(t, split)} {t['score']:.2f}" for t in top])
     files.append(plots.cell_grid(groups, out / "outliers.png", "Outliers per split", titles, captions, dpi=150))
     suspects = result["label_suspects"]
     if suspects and suspects["suspects"]:
@@ -290,6 +317,6 @@ def _montages(result: dict, emb: Embeddings, images: dict[str, np.ndarray], out:
             [[images[c["split"]][c["id"]] for c in cells] for _, cells in rows],
             out / "label_suspects.png", "Label suspects: labelled as the row's class, the "
             "neighbours say otherwise", [f"labelled {name}" for name, _ in rows],
-            [[f"{c['split']} #{c['id']}\n{c['neighbours_say'][:12]} {c['confidence']:.2f}" for c in cells]
+            [[f"{_name(c)}\n{c['neighbours_say'][:12]} {c['confidence']:.2f}" for c in cells]
              for _, cells in rows], dpi=150))
     return files

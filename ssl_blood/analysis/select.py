@@ -322,7 +322,7 @@ def write_picks(result: dict[str, Any], path: str | Path) -> Path:
 
 
 def montage(result: dict[str, Any], emb: Embeddings, path: str | Path) -> Path | None:
-    """The chosen cells in order, eight to a row, captioned with rank and id."""
+    """The chosen cells in order, eight to a row, captioned with rank and file name (or id)."""
     from ssl_blood.analysis.plots import cell_grid
 
     split = result["picks"][0]["split"] if result["picks"] else "train"
@@ -333,7 +333,8 @@ def montage(result: dict[str, Any], emb: Embeddings, path: str | Path) -> Path |
     rows = [picks[i:i + 8] for i in range(0, len(picks), 8)]
     return cell_grid([[images[p["id"]] for p in row] for row in rows], path,
                      title=f"{result['budget']} cells to label first ({result['strategy']})",
-                     captions=[[f"{p['rank']}. #{p['id']}" for p in row] for row in rows], dpi=150)
+                     captions=[[f"{p['rank']}. " + (Path(p["path"]).name[:16] if p.get("path") else f"#{p['id']}")
+                                for p in row] for row in rows], dpi=150)
 
 
 def classifier_probabilities(classifier: str | Path, emb: Embeddings, split: str) -> np.ndarray:

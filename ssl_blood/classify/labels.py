@@ -53,7 +53,7 @@ def read_labels(path: str | Path, allow_empty: bool = False) -> LabelTable:
         raise UserError(f"cannot read `labels` {path} as a UTF-8 CSV ({exc}); save it as CSV",
                         param="labels") from None
     key = "path" if "path" in columns else "id" if "id" in columns else None
-    if key is None or "label" not in columns:
+    if key is None or ("label" not in columns and not allow_empty):
         raise UserError(f"`labels` {path} needs a 'label' column and an 'id' or 'path' column "
                         f"(it has {', '.join(columns) or 'none'})", param="labels")
     seen: dict[str, tuple[str, int]] = {}

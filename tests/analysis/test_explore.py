@@ -35,7 +35,7 @@ def test_page_is_self_contained(page):
                     "umap": "computed", "split": "test", "bytes": len(html.encode())}
     assert not re.search(r"""<(script|link|img)[^>]*(src|href)=["']https?://|url\(["']?https?://""", html)
     assert "--ssl-blood-sprite:url(data:image/jpeg;base64," in html
-    assert "Highlight immature granulocytes" in html and "Download selected ids (CSV)" in html
+    assert "Highlight immature granulocytes" in html and "Download selected cells (CSV)" in html
 
 
 def test_bad_input(tiny_embeddings, tmp_path, capsys):
@@ -104,7 +104,7 @@ def test_map_in_headless_chromium(page, artifacts):
         panel = wait_for(lambda: driver.execute_script(DEEP_QUERY, ".nb"))
         assert len(panel) == 6 and all(re.match(r"#\d+", t) for t in panel)
         title = driver.execute_script(DEEP_QUERY, ".nb-title")
-        assert title == [f"cell {cell_id} (monocyte): 6 nearest test cells"]
+        assert title == [f"#{cell_id} (monocyte): 6 nearest test cells"]
         legend_hidden = driver.execute_script("""
             const r = [...Bokeh.documents[0].all_models].find(m => m.name === 'basophil' && 'visible' in m && m.glyph);
             return r.visible;""")
@@ -199,8 +199,9 @@ def test_hostile_class_names_stay_text_in_the_map_and_the_report(tiny_embeddings
         import io
 
         rows = list(csv_module.reader(io.StringIO(csv_text)))
-        assert rows[0] == ["split", "id", "class"] and len(rows) == 3
-        assert all(r[2] == hostile_name for r in rows[1:])
+        assert rows[0] == ["split", "id", "path", "class"] and len(rows) == 3
+        # the path comes back exactly (quotes and markup included); the class name as text
+        assert all(re.fullmatch(r'a "quoted" <b>\d+</b>', r[2]) and r[3] == hostile_name for r in rows[1:])
         driver.get(report_path.as_uri())
         frame = wait_for(lambda: driver.find_elements("css selector", "iframe"))[0]
         driver.switch_to.frame(frame)

@@ -119,3 +119,18 @@ def test_qc_on_embeddings_of_a_subset_checks_only_the_cells_they_hold(planted, t
     held = {(s, i) for s, i in zip(subset.split, subset.ids)}
     assert all((p[side]["split"], p[side]["id"]) in held
                for p in result["near_duplicates"]["list"] for side in ("a", "b"))
+
+
+def test_a_folders_cells_are_named_by_their_files_in_every_list(planted, tmp_path):
+    """With file paths (a folder or manifest) every listed cell carries its path beside its id."""
+    from dataclasses import replace
+
+    emb = Embeddings.load(planted)
+    paths = np.array([f"{s}/cell_{i:03d}.png" for s, i in zip(emb.split, emb.ids)])
+    emb = replace(emb, metadata={"path": paths})
+    result = run_qc(emb, None, threshold=0.999, k=10, top=10)
+    first = result["near_duplicates"]["list"][0]
+    assert {first["a"]["path"], first["b"]["path"]} == {"train/cell_005.png", "test/cell_000.png"}
+    assert result["outliers"]["per_split"]["test"]["top"][0]["path"] == "test/cell_007.png"
+    suspects = [c for cells in result["label_suspects"]["per_class"].values() for c in cells]
+    assert any(c["path"] == "train/cell_020.png" for c in suspects)
