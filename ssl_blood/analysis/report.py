@@ -20,6 +20,7 @@ from ssl_blood.training.run_dir import RunDir
 
 
 CSS = """
+.warn{background:#fff3e0;border-left:4px solid #e69f00;padding:6px 10px}
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1150px;
 color:#222;line-height:1.45;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:2px solid #0072B2;padding-bottom:.2rem;margin-top:2.2rem}
@@ -116,6 +117,17 @@ def _map_section(analysis: dict) -> str:
             'border:1px solid #ddd"></iframe>')
 
 
+def stopped_early(config: dict, history: list[dict]) -> str | None:
+    """What it means that the run trained fewer epochs than planned, or None."""
+    planned, done = int(config.get("epochs") or 0), int(history[-1]["epoch"]) if history else 0
+    if not planned or done >= planned:
+        return None
+    return (f"{done} of {planned} planned epochs were trained: the learning rate never finished its "
+            f"schedule and the features are those of an unfinished run, so every number on this page "
+            f"is lower than the finished run would give. Continue it with ssl-blood pretrain --out "
+            f"RUN --resume.")
+
+
 def render(run: Path, config: dict | None, history: list[dict], analysis: dict) -> str:
     from ssl_blood import __version__
 
@@ -127,11 +139,13 @@ def render(run: Path, config: dict | None, history: list[dict], analysis: dict) 
                + (f" · kNN val {last['knn_val_acc']:.4f}" if "knn_val_acc" in last else ""))
     curve_rows = [[h["epoch"], h["loss"], h.get("knn_val_acc"), h.get("img_s"), h.get("seconds")]
                   for h in history]
+    early = stopped_early(cfg, history)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body>
 <h1>{html.escape(title)}</h1><p class="muted">{html.escape(summary)} · ssl-blood {__version__}</p>
+{f'<p class="warn"><b>Stopped early.</b> {html.escape(early)}</p>' if early else ''}
 <h2>Training</h2>{_img(analysis['curves'], 'training curves', 720)}
 <details><summary>per-epoch metrics</summary>{_table(['epoch', 'loss', 'kNN val ACC', 'img/s', 'seconds'], curve_rows)}</details>
 <h2>Evaluation (frozen features)</h2>{_evaluation_section(analysis)}

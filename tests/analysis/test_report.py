@@ -95,3 +95,15 @@ def test_report_renders_in_headless_chromium(report, artifacts):
     finally:
         driver.quit()
     assert (artifacts / "report.png").stat().st_size > 20_000
+
+
+def test_a_run_stopped_early_says_so_and_what_it_means(tmp_path):
+    from ssl_blood.analysis.report import render, stopped_early
+
+    history = [{"epoch": 1, "loss": 5.0}, {"epoch": 2, "loss": 4.0}]
+    assert stopped_early({"epochs": 2}, history) is None
+    note = stopped_early({"epochs": 32}, history)
+    assert note.startswith("2 of 32 planned epochs were trained") and "--resume" in note
+    page = render(tmp_path, {"epochs": 32, "method": "simclr"}, history, {"curves": None})
+    assert "Stopped early." in page and "2 of 32 planned epochs" in page
+    assert "Stopped early." not in render(tmp_path, {"epochs": 2}, history, {"curves": None})
