@@ -37,6 +37,8 @@ PSEUDO_PER_LABEL = (0, 5, 20)  # pseudo-labelled cells per labelled cell; 0 is t
 DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
 MAX_FOLDS = 5
+SHIFT_POOL = 2000  # unlabelled cells of the source embedded to calibrate the shift check
+SHIFT_FALSE_ALARM = 0.01  # a clean batch's median OOD score exceeds the threshold this often
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -61,6 +63,7 @@ class Prediction:
     ood: np.ndarray
     review: np.ndarray
     thresholds: dict[str, float]
+    shift: dict[str, Any] | None = None
 
     @property
     def predicted(self) -> np.ndarray:
@@ -82,7 +85,8 @@ class Prediction:
             rows[name] = {"cells": k, "percent": 100 * k / max(n, 1),
                           "ci95": [100 * low, 100 * high], "accepted": k_acc}
         return {"cells": n, "review": int(self.review.sum()), "accepted": int(accepted.sum()),
-                "thresholds": self.thresholds, "classes": rows}
+                "thresholds": self.thresholds, "classes": rows,
+                **(self.shift or {"shift_score": None, "shift_threshold": None, "shift_warning": None})}
 
     def to_csv(self, path: str | Path) -> Path:
         buffer = io.StringIO()
@@ -121,15 +125,20 @@ class Classifier:
             raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
         if not 0 <= review_rate < 1:
             raise UserError(f"`review_rate` {review_rate} must be in [0, 1)", param="review_rate")
-        unlabelled = None
+        unlabelled = clean = None
+        rest_rows = np.flatnonzero(cells.labels.numpy() < 0)
         if head == "propagate":
-            rest = cells.subset(np.flatnonzero(cells.labels.numpy() < 0))
-            if not len(rest):
+            if not len(rest_rows):
                 raise UserError("head 'propagate' learns from unlabelled cells too and this data "
                                 "has none besides the labelled ones; give the whole folder, or "
                                 "use head logistic", param="head")
+            rest = cells.subset(rest_rows)
             embedder.check_images(rest.images, "the unlabelled images")
             unlabelled = embedder(rest.images, progress=progress)
+            clean = unlabelled[np.random.default_rng(seed).permutation(len(unlabelled))[:SHIFT_POOL]]
+        elif len(rest_rows):  # a sample of the lab's own unlabelled cells calibrates the shift check
+            sample = np.sort(np.random.default_rng(seed).permutation(rest_rows)[:SHIFT_POOL])
+            clean = embedder(cells.subset(sample).images, progress=progress)
         cells = cells.labelled()
         if base is None:
             _check_class_counts(cells.labels.numpy(), cells.class_names)
@@ -138,7 +147,7 @@ class Classifier:
                             param="labels")
         embedder.check_images(cells.images, "the labelled images")
         return cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
-                                 head, seed, review_rate, labels_file, base, unlabelled)
+                                 head, seed, review_rate, labels_file, base, unlabelled, clean)
 
     @classmethod
     def from_features(cls, embedder: Embedder, features: np.ndarray, cells: CellData,
@@ -146,9 +155,12 @@ class Classifier:
                       review_rate: float = DEFAULT_REVIEW_RATE,
                       labels_file: dict[str, str] | None = None,
                       base: "Classifier | None" = None,
-                      unlabelled: np.ndarray | None = None) -> "Classifier":
+                      unlabelled: np.ndarray | None = None,
+                      clean: np.ndarray | None = None) -> "Classifier":
         """`train` on features already computed by `embedder` for the labelled `cells` (and,
-        for head 'propagate', for the `unlabelled` cells)."""
+        for head 'propagate', for the `unlabelled` cells). `clean`: features of unlabelled cells
+        of the same source, which calibrate the batch shift check (else the labelled cells'
+        leave-one-out distances do)."""
         labels = cells.labels.numpy()
         if base is not None:
             if tuple(cells.class_names) != base.class_names:
@@ -175,9 +187,16 @@ class Classifier:
                    "reference": torch.as_tensor(reference), "ood_scale": torch.tensor(scale),
                    # what it learned from, so labels can be added later (`base`)
                    "features": torch.as_tensor(np.asarray(features, dtype=np.float32)),
-                   "labels": torch.as_tensor(labels.astype(np.int64))}
+                   "labels": torch.as_tensor(labels.astype(np.int64)),
+                   # OOD scores of cells from the training lab: what a clean batch looks like
+                   "clean_ood": torch.as_tensor((_nearest_distance(l2_normalize(clean), reference) / scale
+                                                 if clean is not None and len(clean) else own / scale)
+                                                .astype(np.float32))}
         card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate, labels_file)
         card["head"] = head
+        card["shift_check"] = {"calibrated_on": f"{len(clean)} unlabelled cells of the source" if clean is not None
+                               and len(clean) else "the labelled cells (leave-one-out distances)",
+                               "false_alarm_rate": SHIFT_FALSE_ALARM}
         if "propagation" in fit:
             card["propagation"] = fit["propagation"]
         if base is not None:
@@ -211,6 +230,20 @@ class Classifier:
         reference = self.tensors["reference"].numpy()
         return _nearest_distance(l2_normalize(features), reference) / float(self.tensors["ood_scale"])
 
+    def shift_check(self, ood: np.ndarray) -> dict[str, Any] | None:
+        """Is this batch unlike the cells the classifier knows? Its median OOD score against
+        the medians of same-sized batches drawn from the training lab's own cells (bootstrap):
+        the warning fires when it is above all but SHIFT_FALSE_ALARM of them. None for a
+        classifier saved without that calibration."""
+        if "clean_ood" not in self.tensors or not len(ood):
+            return None
+        clean = self.tensors["clean_ood"].numpy()
+        n = min(len(ood), len(clean))
+        draws = np.random.default_rng(0).choice(clean, size=(1000, n), replace=True)
+        threshold = float(np.quantile(np.median(draws, axis=1), 1 - SHIFT_FALSE_ALARM))
+        score = float(np.median(ood))
+        return {"shift_score": score, "shift_threshold": threshold, "shift_warning": bool(score > threshold)}
+
     def review_flags(self, probabilities: np.ndarray, ood: np.ndarray,
                      thresholds: dict[str, float] | None = None) -> np.ndarray:
         """Cells for a person to look at: probability below the threshold, or out of
@@ -236,7 +269,8 @@ class Classifier:
             names, column = np.asarray(cells.metadata["path"]).astype(str), "path"
         else:
             names, column = cells.ids.numpy(), "id"
-        return Prediction(names, column, self.class_names, probabilities, ood, review, thresholds)
+        return Prediction(names, column, self.class_names, probabilities, ood, review, thresholds,
+                          self.shift_check(ood))
 
     # -- keeping -----------------------------------------------------------------------
 
@@ -529,6 +563,14 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                         param="image_dir")
     cells = load_split(source, split or default_split(source))
     prediction = model.predict(cells, min_probability, max_ood, progress)
+    shift = prediction.shift
+    if shift and shift["shift_warning"]:
+        from ssl_blood import ui
+
+        ui.note(f"these {len(cells)} cells look unlike the cells the classifier knows (shift score "
+                f"{shift['shift_score']:.2f}, clean batches stay below {shift['shift_threshold']:.2f}): "
+                f"another stain or scanner? Review more of them, or add labels from this slide with "
+                f"ssl-blood train-classifier --from")
     counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
               **prediction.differential()}
     prediction.to_csv(out)

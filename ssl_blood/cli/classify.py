@@ -93,7 +93,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                    args.max_ood, args.device, args.overwrite, progress=None)
     if args.json:
         return print_json(counts)
-    print(f"{counts['cells']} cells: {counts['accepted']} accepted, {counts['review']} for review")
+    print(f"{counts['cells']} cells: {counts['accepted']} accepted, {counts['review']} for review"
+          + ("; SHIFT WARNING: unlike the training cells" if counts.get("shift_warning") else ""))
     print(f"{'class':28}{'cells':>7}{'%':>7}  {'95 % CI':>13}")
     for name, row in counts["classes"].items():
         print(f"{name:28}{row['cells']:>7}{row['percent']:>7.1f}  "
