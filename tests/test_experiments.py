@@ -190,3 +190,15 @@ def test_semi_supervised_tiny(tiny_run, tmp_path):
         assert 0 <= e["accuracy"] <= 1 and set(e["recall"]) and e["seconds"] >= 0
         assert (e["pseudo_per_label"] in (0, 5, 20)) and (e["head"] == "propagate" or not e["propagation"])
     assert "semi-supervised:start" in doc.read_text()
+
+
+def test_shift_tiny(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "shift.json", tmp_path / "robustness.md"
+    run_script("shift.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "24", "--batch", "20",
+               "--clean-batches", "3", "--shift-batches", "2", "--out", str(out), "--doc", str(doc))
+    result = json.loads(out.read_text())
+    assert 0 <= result["clean_fire_rate"] <= 1 and set(result["fire_rate"]) == {"stain", "blur", "resample", "brightness"}
+    assert all(len(v) == 5 for v in result["fire_rate"].values())
+    assert set(result["accuracy"]) == {"clean", "stain", "blur", "resample", "brightness"}
+    assert "| stain |" in doc.read_text()
