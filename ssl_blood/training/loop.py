@@ -314,21 +314,22 @@ def size_to_minutes(cfg: PretrainConfig, ddp: Distributed, started: float) -> Pr
 def _time_steps(run: _Run) -> float:
     """Seconds per training step on this machine, over MEASURE_STEPS steps after 2 untimed ones
     (allocation, first-call overheads), on the throwaway run."""
-    batches = epoch_batches(len(run.train), run.batch_size, 0, run.cfg.seed, 0, 1)
+    batches: list = []
+    epoch = 0
+    while len(batches) < MEASURE_STEPS + 2:  # a small folder has fewer batches than that per epoch
+        batches += list(epoch_batches(len(run.train), run.batch_size, epoch, run.cfg.seed, 0, 1))
+        epoch += 1
     gen = torch.Generator(run.device).manual_seed(run.cfg.seed)
     run.method.train()
-    timed, started = 0, 0.0
+    started = 0.0
     for i, index in enumerate(batches[:MEASURE_STEPS + 2]):
         if i == 2:
             _synchronize(run.device)
             started = time.perf_counter()
         views = run.augment.views(run.views, run.feed(index), gen)
-        run.trainer.step(views, 0, i, run.total_steps, run.schedule[i])
-        timed += i >= 2
+        run.trainer.step(views, 0, i, run.total_steps, run.schedule[min(i, len(run.schedule) - 1)])
     _synchronize(run.device)
-    if timed == 0:
-        return (time.perf_counter() - started) or 1e-3
-    return (time.perf_counter() - started) / timed
+    return (time.perf_counter() - started) / MEASURE_STEPS
 
 
 def _synchronize(device: torch.device) -> None:

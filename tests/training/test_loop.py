@@ -367,3 +367,14 @@ def test_minutes_and_epochs_together_are_refused(tmp_path, capsys):
                            "--out", tmp_path / "run")
     assert_one_line_error(code, err, r"give --epochs or --minutes, not both")
     assert not (tmp_path / "run").exists()
+
+
+def test_minutes_measures_real_steps_even_on_a_folder_smaller_than_its_batches(tiny_config):
+    """4 steps per epoch, 10 steps to time: the measurement runs over several epochs' batches."""
+    from ssl_blood.training import loop
+
+    probe = loop._setup(replace(tiny_config, minutes=None), None, loop.Distributed.setup("cpu"), False, False)
+    assert probe.steps_per_epoch < loop.MEASURE_STEPS + 2
+    assert 0 < loop._time_steps(probe) < 60
+    sized = loop.size_to_minutes(replace(tiny_config, minutes=10.0), loop.Distributed.setup("cpu"), time.monotonic())
+    assert sized.epochs >= 1
