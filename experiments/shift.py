@@ -35,6 +35,12 @@ from ssl_blood.files import write_json, write_text
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _severity_keys(result: dict) -> dict:
+    """JSON turns the severities into strings; back to ints."""
+    result["fire_rate"] = {k: {int(s): v for s, v in d.items()} for k, d in result["fire_rate"].items()}
+    return result
+
+
 def fire_rate(model: Classifier, embedder: Embedder, images: np.ndarray, batches: list[np.ndarray],
               shift: str | None, severity: int) -> float:
     fired = []
@@ -103,7 +109,14 @@ def document(r: dict) -> str:
              "| shift | " + " | ".join(f"severity {s}" for s in range(1, 6)) + " |", "|---|" + "---|" * 5]
     for shift in shifts:
         lines.append(f"| {shift} | " + " | ".join(f"{100 * v:.0f} %" for v in r["fire_rate"][shift].values()) + " |")
-    lines += ["", "Target: >= 95 % at severity >= 3 for the stain-colour and blur shifts.", "",
+    missed = [f"{name} (severity 3: {100 * r['fire_rate'][name][3]:.0f} %)" for name in shifts
+              if min(r["fire_rate"][name][s] for s in (3, 4, 5)) < 0.95]
+    lines += ["", "Target: >= 95 % at severity >= 3 for the stain-colour and blur shifts. "
+              + (f"Missed for {', '.join(missed)}: the median distance to the labelled cells moves less "
+                 f"than clean batches vary for these shifts (a mild blur of a 28-px cell barely moves its "
+                 f"embedding, and a stain draw can shift colour along directions the features ignore), so a "
+                 f"shift statistic beyond the median OOD score (e.g. a kernel two-sample test on the "
+                 f"embeddings) is the next step." if missed else "Met for every shift."), "",
               "## What a shift costs (whole test split, severity 3, no adaptation)", "",
               "| | accuracy |", "|---|---|", f"| clean | {100 * r['accuracy']['clean']:.1f} % |"]
     lines += [f"| {s} | {100 * r['accuracy'][s]:.1f} % |" for s in shifts]

@@ -28,7 +28,7 @@ def test_readme_setup_matches_ci():
 def test_docs_exist_and_link():
     readme = (REPO / "README.md").read_text()
     for name in ("user-guide", "cli", "architecture", "results", "benchmarks", "immature-granulocytes",
-                 "label-efficiency", "data-checks", "classifier", "your-own-slide"):
+                 "label-efficiency", "data-checks", "classifier", "your-own-slide", "robustness"):
         assert (REPO / "docs" / f"{name}.md").is_file(), name
         assert f"docs/{name}.md" in readme
 
