@@ -197,8 +197,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
         run_dir.check_new_or_resume(resume, overwrite)
     if resume and run_dir is None:
         raise UserError("`resume` needs out_dir, the run folder to continue", param="resume")
+    started = time.monotonic()
     if cfg.minutes is not None and not resume:
-        cfg = size_to_minutes(cfg, ddp, started=time.monotonic())
+        cfg = size_to_minutes(cfg, ddp, started=started)
     run = _setup(cfg, run_dir, ddp, resume, force)
     with run_dir.lock() if writes else contextlib.nullcontext():
         if writes:
@@ -206,11 +207,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path | None = None, *, resume: 
         bar = ui.bar(total=run.total_steps, initial=run.start_epoch * run.steps_per_epoch,
                      desc=f"pretraining {cfg.method}", unit="step",
                      enabled=False if (progress is False or not ddp.is_main) else progress)
-        for epoch in range(run.start_epoch, cfg.epochs):
+        deadline = started + cfg.minutes * 60 if cfg.minutes is not None and not resume else None
+        epoch = run.start_epoch
+        while epoch < run.cfg.epochs:
             record = _train_epoch(run, epoch, bar)
+            if deadline is not None and epoch == 0:
+                _replan(run, deadline, record["seconds"], bar)
             _finish_epoch(run, epoch, record)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
+            epoch += 1
         bar.close()
     return PretrainResult(run.method, run.method.eval_backbone(), run.history,
                           run_dir.path if run_dir else None)
@@ -309,6 +315,31 @@ def size_to_minutes(cfg: PretrainConfig, ddp: Distributed, started: float) -> Pr
             f"{epochs * steps_per_epoch:,} steps, {epochs} epochs of {steps_per_epoch} steps "
             f"(warm-up {warmup}); ends around {ends:%H:%M}")
     return replace(cfg, epochs=epochs, warmup_epochs=warmup)
+
+
+def _replan(run: _Run, deadline: float, epoch_s: float, bar) -> None:
+    """After the first epoch of a run with a time budget: the epochs that fit into what is
+    left at the speed the real epoch ran (a few timed steps can be off by 10-20 % on a busy or
+    throttling machine). The schedule is rebuilt for the new total (the steps already taken keep
+    the rates they had), and the new config is what a resume reads."""
+    import datetime
+
+    cfg = run.cfg
+    left = deadline - time.monotonic()
+    epochs = max(1, 1 + int(BUDGET_SAFETY * left // max(epoch_s, 1e-6)))
+    if epochs == cfg.epochs:
+        return
+    warmup = min(cfg.warmup_epochs, epochs - 1)
+    run.cfg = replace(cfg, epochs=epochs, warmup_epochs=warmup)
+    run.schedule = lr_schedule(peak_lr(cfg.lr, run.batch_size), epochs, warmup, cfg.final_lr_ratio,
+                               run.steps_per_epoch)
+    if run.run_dir is not None and run.ddp.is_main:
+        run.cfg.save(run.run_dir.config)
+    if hasattr(bar, "total"):
+        bar.total = epochs * run.steps_per_epoch
+    ends = datetime.datetime.now() + datetime.timedelta(seconds=left)
+    ui.note(f"budget {cfg.minutes:g} min: the first epoch took {epoch_s:.0f} s, so {epochs} epochs "
+            f"instead of {cfg.epochs}; ends around {ends:%H:%M}")
 
 
 def _time_steps(run: _Run) -> float:

@@ -351,6 +351,7 @@ def test_a_run_with_minutes_records_its_budget_and_resumes_without_resizing(tiny
     from ssl_blood.training import loop
 
     monkeypatch.setattr(loop, "_time_steps", lambda run: 2.0)  # 8-s epochs in a 30-s budget
+    monkeypatch.setattr(loop, "_replan", lambda *a: None)  # tested on its own below
     cfg = replace(tiny_config, minutes=0.5)
     result = pretrain(cfg, tmp_path / "run", progress=False)
     saved = PretrainConfig.load(tmp_path / "run" / "config.json")
@@ -378,3 +379,21 @@ def test_minutes_measures_real_steps_even_on_a_folder_smaller_than_its_batches(t
     assert 0 < loop._time_steps(probe) < 60
     sized = loop.size_to_minutes(replace(tiny_config, minutes=10.0), loop.Distributed.setup("cpu"), time.monotonic())
     assert sized.epochs >= 1
+
+
+def test_the_first_epochs_real_time_replans_the_rest(tmp_path):
+    """Planned 27 epochs, but the first took 10 s with 100 s left: 1 + 0.95 x 100 // 10 = 10
+    epochs; the schedule, the bar and config.json follow."""
+    from types import SimpleNamespace
+
+    from ssl_blood.training import loop
+
+    cfg = replace(PretrainConfig(), epochs=27, warmup_epochs=3, minutes=15.0)
+    run_dir = RunDir(tmp_path)
+    run = SimpleNamespace(cfg=cfg, batch_size=256, steps_per_epoch=11, run_dir=run_dir,
+                          ddp=SimpleNamespace(is_main=True), schedule=[0.0] * 297)
+    bar = SimpleNamespace(total=297)
+    loop._replan(run, time.monotonic() + 100.0, 10.0, bar)
+    assert run.cfg.epochs == 10 and run.cfg.warmup_epochs == 3
+    assert len(run.schedule) == bar.total == 110
+    assert PretrainConfig.load(run_dir.config).epochs == 10
