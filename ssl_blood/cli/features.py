@@ -104,7 +104,8 @@ def _add_retrieve(sub) -> None:
     p.add_argument("--image", nargs="+", metavar="PATH", help="query image files")
     p.add_argument("--split", help="query cells from this split (with --ids), or the split to "
                                    "evaluate (with --evaluate; default test)")
-    p.add_argument("--ids", help="comma-separated positions within --split")
+    p.add_argument("--ids", help="comma-separated cells of --split: relative file paths (folders, "
+                                 "manifests) or positions")
     p.add_argument("--k", type=int, default=10)
     add_json(p)
     p.add_argument("--montage", metavar="OUT.png", help="picture of each query and its neighbours")
@@ -162,13 +163,15 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         images = retrieval.images_from_files(args.image, embedder)
         queries, exclude = [{"image": p} for p in args.image], None
     else:
-        ids = csv_list(args.ids, int, "--ids")
-        if not ids:
-            raise UserError("--split needs --ids, e.g. --ids 0,17,42")
+        cells = csv_list(args.ids, str, "--ids")
+        if not cells:
+            raise UserError("--split needs --ids, e.g. --ids 0,17,42 (or file paths)")
+        ids = retrieval.cell_positions(source, args.split, cells)
         images, labels = retrieval.images_from_split(source, args.split, ids)
         names = index.meta["class_names"]
         queries = [{"split": args.split, "id": i, "label": int(l),
-                    "class": names[l] if 0 <= l < len(names) else None} for i, l in zip(ids, labels)]
+                    "class": names[l] if 0 <= l < len(names) else None,
+                    **({"path": c} if c != str(i) else {})} for i, l, c in zip(ids, labels, cells)]
         exclude = ids if same_split else None
     similarity, position = neighbours(index, embedder(images), args.k, exclude)
     answers = retrieval.describe(index, similarity, position, queries,
@@ -189,6 +192,7 @@ def _write_montage(path: str, index, source, images, answers: list[dict]) -> Non
 
     gallery = load_split(source, index.meta["gallery_split"]).images.numpy()
     captions = [Path(a["query"]["image"]).name if "image" in a["query"]
+                else f"{Path(a['query']['path']).name}\n{a['query']['class']}" if "path" in a["query"]
                 else f"query {a['query']['split']} #{a['query']['id']}\n{a['query']['class']}"
                 for a in answers]
     retrieval_montage(montage_rows(gallery, images.numpy(), captions, answers),

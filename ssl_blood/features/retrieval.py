@@ -42,6 +42,23 @@ def images_from_files(paths: Sequence[str], embedder: Embedder) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def cell_positions(source: DataSource, split: str, cells: Sequence[str]) -> list[int]:
+    """Positions within the split of `cells`, each a file's relative path (folders, manifests)
+    or a position."""
+    data = load_split(source, split)
+    names = {str(n): i for i, n in enumerate(data.cell_names)} if "path" in data.metadata else {}
+    out = []
+    for cell in cells:
+        if cell in names:
+            out.append(names[cell])
+        elif cell.lstrip("-").isdigit():
+            out.append(int(cell))
+        else:
+            raise UserError(f"`ids` '{cell}' is neither a file of the {split} split nor a position in "
+                            f"it; give relative paths as in picks.csv, or positions", param="ids")
+    return out
+
+
 def images_from_split(source: DataSource, split: str, ids: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
     """Cells `ids` (positions within the split) with their labels."""
     data = load_split(source, split)

@@ -131,7 +131,7 @@ def test_retrieve_evaluate_json(index_dir, tmp_path, capsys, tiny_run):
     (["--image", "{tmp}/missing.png"], r"cannot read --image .*missing.png"),
     (["--image", "{tmp}/broken.png"], r"cannot read --image .*broken.png"),
     ([], r"give query cells with --image"),
-    (["--split", "test", "--ids", "a,b"], r"comma-separated list of int"),
+    (["--split", "test", "--ids", "a,b"], r"--ids .a. is neither a file of the test split nor a position in it"),
     (["--split", "train", "--ids", "0", "--k", "96"], r"--k 96 must be smaller than the 96 gallery cells"),
     (["--split", "test", "--ids", "0", "--montage", "{tmp}/m.txt"], r"give a picture file name"),
     (["--split", "test", "--ids", "0", "--montage", "{tmp}/exists.png"], r"--montage .*exists.png exists; set --overwrite"),
@@ -175,3 +175,23 @@ def test_too_few_neighbours_are_explained_by_the_index_kind():
                           nlist=40, nprobe=1)
     assert "larger `nprobe`" in shortfall(ivf, answers, 10)
     assert shortfall(flat, [{"found": 10}], 10) is None
+
+
+def test_retrieve_names_folder_cells_by_their_files(tiny_run, tmp_path, capsys):
+    """A folder's cells are queried by relative path (as picks.csv names them), and answered
+    with the query's path."""
+    from tests.helpers import write_png
+
+    run, npz = tiny_run
+    arrays = np.load(npz)
+    for i, image in enumerate(arrays["test_images"][:12]):
+        write_png(tmp_path / "slide" / f"cell_{i:02d}.png", image)
+    folder = ["--image-dir", str(tmp_path / "slide"), "--size", "16", "--cache-dir", "none"]
+    assert main(["embed", "--checkpoint", str(run / "checkpoint.pt"), *folder, "--out", str(tmp_path / "e.npz")]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["retrieve", "--index", str(tmp_path / "idx"), "--split", "train", "--ids",
+                 "cell_03.png,cell_07.png", "--k", "3", "--json", "--montage", str(tmp_path / "m.png")]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [(a["query"]["path"], a["query"]["id"]) for a in answers] == [("cell_03.png", 3), ("cell_07.png", 7)]
+    assert 3 not in [n["id"] for n in answers[0]["neighbours"]]  # a cell is not its own neighbour
