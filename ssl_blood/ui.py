@@ -17,6 +17,10 @@ from typing import Any, Iterable
 _quiet = False
 
 
+def is_quiet() -> bool:
+    return _quiet
+
+
 def set_quiet(quiet: bool) -> None:
     """Turn progress bars off for the rest of the process (the CLI does this for --json)."""
     global _quiet

@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=_requested_command(argv))
     args = parser.parse_args(argv)
+    was_quiet = ui.is_quiet()
     ui.set_quiet(bool(getattr(args, "json", False)))
     try:
         with _signals_interrupt():
@@ -115,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"ssl-blood {args.command}: stopped by {exc.args[0] if exc.args else 'SIGINT'}"
                          f"; {_after_interrupt(args)}\n")
         return 1
+    finally:  # --json silences progress for this command only, not for a Python caller's next one
+        ui.set_quiet(was_quiet)
 
 
 @contextlib.contextmanager

@@ -250,3 +250,14 @@ def test_unwritable_out_is_refused_before_any_work(command, tiny_embeddings, tmp
                            tmp_path / "afile" / "out")
     assert_one_line_error(code, err, r"--out .*afile is a file, not a folder")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_json_silences_progress_for_that_command_only(tmp_path, capsys):
+    """main(..., --json) from Python must not leave later calls silent."""
+    from ssl_blood import ui
+    from ssl_blood.cli import main
+
+    assert not ui.is_quiet()
+    assert main(["knn", "--embeddings", str(tmp_path / "missing.npz"), "--json"]) == 2
+    assert not ui.is_quiet()
+    capsys.readouterr()
