@@ -19,13 +19,11 @@ import hashlib
 import html
 import io
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from ssl_blood.data.cells import CellData
-from ssl_blood.files import write_text
 
 THUMB_MAX_SIDE = 192  # px: larger crops are downscaled for the page (their own file otherwise)
 LOSSLESS_MAX_SIDE = 64  # px: up to this side PNG (small crops, every pixel matters), above JPEG
@@ -53,7 +51,7 @@ def _own_file(cells: CellData, row: int) -> np.ndarray | None:
 
     if "path" not in cells.metadata or not cells.source.has_file_paths:
         return None
-    path = Path(getattr(cells.source, "root", Path(cells.source.path))) / str(cells.metadata["path"][row])
+    path = cells.source.root / str(cells.metadata["path"][row])  # a FileSource: paths are relative to it
     try:
         with Image.open(path) as image:
             image = image.convert("L" if cells.channels == 1 else "RGB")
@@ -94,10 +92,6 @@ def render_page(title: str, css: str, body: str, data: Any, script: str) -> str:
             f"<title>{html.escape(title)}</title><style>{BASE_CSS}{css}</style></head>"
             f"<body>{body}<script id=\"page-data\" type=\"application/json\">{page_data(data)}</script>"
             f"<script>{BASE_JS}{script}</script></body></html>\n")
-
-
-def write_page(path: str | Path, page: str) -> Path:
-    return write_text(path, page)
 
 
 def check_classes(classes: Sequence[str], param: str = "classes") -> tuple[str, ...]:

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ssl_blood.analysis.pages import NOT_A_CELL, UNSURE, page_key, render_page, thumbnails, write_page
+from ssl_blood.analysis.pages import NOT_A_CELL, UNSURE, page_key, render_page, thumbnails
 from ssl_blood.classify.classifier import Prediction
 from ssl_blood.data.cells import CellData
+from ssl_blood.files import write_text
 
 MAX_REVIEW_CELLS = 2000  # a page beyond this is too heavy to open and too long to work through
 TOP_CLASSES = 3
@@ -61,7 +62,7 @@ def review_html(prediction: Prediction, cells: CellData, title: str,
 
 def write_review(path: str | Path, prediction: Prediction, cells: CellData, title: str,
                  max_cells: int = MAX_REVIEW_CELLS) -> Path:
-    return write_page(path, review_html(prediction, cells, title, max_cells))
+    return write_text(path, review_html(prediction, cells, title, max_cells))
 
 
 def predict_and_review(classifier: str | Path, source: Any, out: str | Path, review: str | Path | None,
@@ -71,7 +72,7 @@ def predict_and_review(classifier: str | Path, source: Any, out: str | Path, rev
     """`ssl-blood predict` with, when `review` names a file, the review page of its flagged
     cells (checked writable before anything is classified)."""
     from ssl_blood.classify.classifier import predict_cells
-    from ssl_blood.data import default_split, load_split
+    from ssl_blood.data import load_split
     from ssl_blood.files import check_writable, refuse_existing
 
     if review is not None:

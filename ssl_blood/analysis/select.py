@@ -154,14 +154,12 @@ def read_ids(path: str | Path) -> np.ndarray:
     return np.asarray([int(v) for v in read_cells(path)], dtype=np.int64)
 
 
-def select_margin(features: np.ndarray, budget: int, labelled: np.ndarray, probabilities: np.ndarray,
+def select_margin(features: np.ndarray, budget: int, labelled: np.ndarray, margin: np.ndarray,
                   seed: int = 0, candidates_per_pick: int = 10) -> np.ndarray:
     """Uncertainty with diversity: the `candidates_per_pick` x budget unlabelled cells with the
-    smallest top-two margin of the current classifier, clustered (k-means) into `budget`
-    groups, the smallest-margin cell of each. Plain smallest-margin picks near-duplicates from
+    smallest top-two `margin` of the current classifier (per row of `features`), clustered
+    (k-means) into `budget` groups, the smallest-margin cell of each. Plain smallest-margin picks near-duplicates from
     one confused region; the clustering spreads them."""
-    top2 = np.sort(probabilities, 1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
     pool = np.flatnonzero(~labelled)
     candidates = pool[np.argsort(margin[pool], kind="stable")][:max(budget, candidates_per_pick * budget)]
     if len(candidates) == budget:
@@ -272,6 +270,14 @@ def select_cells(emb: Embeddings, budget: int, strategy: str = "typiclust",
         raise UserError(f"`exclude` names {len(unknown)} cell(s) not in the {split} split (first: "
                         f"{unknown[0]}); give cells of this embeddings file", param="exclude")
     labelled = np.isin(names, wanted)
+    margins = None
+    if probabilities is not None:
+        from ssl_blood.classify.classifier import top_two_margin
+
+        if len(probabilities) != len(features):
+            raise UserError(f"the classifier's probabilities cover {len(probabilities)} cells, the "
+                            f"{split} split {len(features)}", param="classifier")
+        margins = top_two_margin(probabilities)
     pool = int((~labelled).sum())
     if not 1 <= budget <= pool:
         raise UserError(f"`budget` {budget} must be between 1 and the {pool} unlabelled {split} "
@@ -285,19 +291,12 @@ def select_cells(emb: Embeddings, budget: int, strategy: str = "typiclust",
         rows, radius = select_probcover(features, budget, labelled, len(emb.class_names) or 8, seed)
         extra["radius"] = round(radius, 6)
     elif strategy == "margin":
-        if len(probabilities) != len(features):
-            raise UserError(f"the classifier's probabilities cover {len(probabilities)} cells, the "
-                            f"{split} split {len(features)}", param="classifier")
-        rows = select_margin(features, budget, labelled, probabilities, seed)
+        rows = select_margin(features, budget, labelled, margins, seed)
     else:
         rows = select_random(budget, labelled, seed)
     typical = typicality(features)
     columns = ("rank", "id", "split", "cluster", "typicality", "margin")
     metadata = {(k if k not in columns else f"meta_{k}"): v[mask] for k, v in emb.metadata.items()}
-    margins = None
-    if probabilities is not None:
-        top2 = np.sort(probabilities, 1)[:, -2:]
-        margins = top2[:, 1] - top2[:, 0]
     picks = [{"rank": r + 1, "id": int(ids[row]), "split": split,
               "cluster": int(clusters[r]) if clusters is not None else None,
               "typicality": round(float(typical[row]), 6),
@@ -358,8 +357,7 @@ def choose_cells(embeddings: str | Path, budget: int, out: str | Path, strategy:
     """`ssl-blood select`: picks.csv (and a montage, a labelling sheet) of the `budget` cells to
     label next. Cells named in `exclude` or `labels` (every row: seen is seen) are not picked
     again; the labelled ones are the sheet's reference neighbours."""
-    from ssl_blood.analysis.pages import check_classes
-    from ssl_blood.analysis.sheet import picks_sheet
+    from ssl_blood.analysis.sheet import picks_sheet, sheet_classes
     from ssl_blood.classify.labels import read_labels
     from ssl_blood.files import refuse_existing
 
@@ -372,7 +370,7 @@ def choose_cells(embeddings: str | Path, budget: int, out: str | Path, strategy:
     seen = (read_cells(exclude) if exclude else []) + (read_cells(labels, "labels") if labels else [])
     table = read_labels(labels, allow_empty=True) if labels else None
     probabilities = classifier_probabilities(classifier, emb, split) if classifier else None
-    class_list = check_classes(_sheet_classes(classes, classifier, table, emb)) if sheet else None
+    class_list = sheet_classes(classes, classifier, table, emb.class_names) if sheet else None
     result = select_cells(emb, budget, strategy, seen, seed, split, probabilities)
     write_picks(result, out)
     if montage_path:
@@ -380,21 +378,3 @@ def choose_cells(embeddings: str | Path, budget: int, out: str | Path, strategy:
     if sheet:
         picks_sheet(result, emb, sheet, class_list, table)
     return result
-
-
-def _sheet_classes(classes: Sequence[str] | None, classifier: str | Path | None, table: Any,
-                   emb: Embeddings) -> tuple[str, ...]:
-    """The classes a person labels with: given, else the classifier's, the labels file's or
-    the data's own."""
-    import json
-
-    if classes:
-        return tuple(classes)
-    if classifier:
-        return tuple(json.loads((Path(classifier) / "classifier.json").read_text())["class_names"])
-    if table is not None and table.keys:
-        return table.class_names
-    if emb.class_names:
-        return tuple(emb.class_names)
-    raise UserError("a labelling sheet needs the class names and this data has none; give them "
-                    "(`classes` a,b,c)", param="classes")

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ssl_blood.analysis.pages import (NOT_A_CELL, UNSURE, check_classes, page_key, render_page,
-                                      thumbnails, write_page)
+                                      thumbnails)
 from ssl_blood.data.cells import CellData
 from ssl_blood.errors import UserError
+from ssl_blood.files import write_text
 
 NEIGHBOURS = 6
 
@@ -49,8 +50,7 @@ def sheet_html(cells: CellData, rows: Sequence[int], classes: Sequence[str], tit
                    "nbrs": [[slot[n], caption] for n, caption in (neighbours[i] if neighbours else [])]}
                   for i, r in enumerate(rows)],
     }
-    body = _BODY
-    return render_page(title, _CSS, body, data, _SCRIPT)
+    return render_page(title, _CSS, _BODY, data, _SCRIPT)
 
 
 def nearest_cells(features: np.ndarray, rows: Sequence[int], labelled: np.ndarray,
@@ -106,7 +106,7 @@ def sheet_for_file(labels: str | Path, out: str | Path, source: Any = None, spli
     """`ssl-blood sheet`: the sheet of every cell a CSV names (picks.csv, labels.csv, a
     review's corrections), labels already given filled in. The cells come from `source` or the
     data `embeddings` were made from; with `embeddings`, neighbours are shown too."""
-    from ssl_blood.analysis.select import _sheet_classes, read_cells
+    from ssl_blood.analysis.select import read_cells
     from ssl_blood.classify.labels import read_labels
     from ssl_blood.data import default_split, load_split
     from ssl_blood.features.embeddings import Embeddings
@@ -130,22 +130,41 @@ def sheet_for_file(labels: str | Path, out: str | Path, source: Any = None, spli
                         f"{cells.split} split of {source.path} (first: '{missing[0]}'); give the "
                         f"data the file was made from (or `split`)", param="labels")
     rows = [position[n] for n in names]
-    class_list = check_classes(_sheet_classes(classes, classifier, table, emb) if (classes or classifier or
-                               table.keys or emb is not None) else cells.class_names or ())
+    class_list = sheet_classes(classes, classifier, table, cells.class_names)
     given = dict(zip(table.keys, table.labels))
     labelled, class_of = _labelled_rows(cells, table)
     neighbours = None
     if emb is not None:
-        if emb.identity and len(emb.select(cells.split)[0]) != len(cells):
+        features = np.asarray(emb.select(cells.split)[0], dtype=np.float32)
+        if len(features) != len(cells):
             raise UserError(f"`embeddings` {embeddings} hold another number of {cells.split} cells "
                             f"than the data; give the embeddings of this data", param="embeddings")
-        features = np.asarray(emb.select(cells.split)[0], dtype=np.float32)
         neighbours = nearest_cells(features, rows, labelled, class_of)
     title = f"Label {len(rows)} cells ({Path(labels).name})"
     write_sheet(out, cells, rows, class_list, title, labels=[given.get(n, "") for n in names],
                 neighbours=neighbours)
     return {"cells": len(rows), "labelled": sum(1 for n in names if given.get(n)),
             "classes": list(class_list), "out": str(out)}
+
+
+def sheet_classes(classes: Sequence[str] | None, classifier: str | Path | None, table: Any,
+                  data_classes: Sequence[str]) -> tuple[str, ...]:
+    """The classes a person labels with, checked: given, else the classifier's, the labels
+    file's, or the data's own."""
+    import json
+
+    if classes:
+        chosen = tuple(classes)
+    elif classifier:
+        chosen = tuple(json.loads((Path(classifier) / "classifier.json").read_text())["class_names"])
+    elif table is not None and table.keys:
+        chosen = table.class_names
+    elif data_classes:
+        chosen = tuple(data_classes)
+    else:
+        raise UserError("a labelling sheet needs the class names and this data has none; give them "
+                        "(`classes` a,b,c)", param="classes")
+    return check_classes(chosen)
 
 
 def _labelled_rows(cells: CellData, table: Any) -> tuple[np.ndarray, list[str]]:
@@ -161,7 +180,7 @@ def _labelled_rows(cells: CellData, table: Any) -> tuple[np.ndarray, list[str]]:
 
 
 def write_sheet(path: str | Path, *args: Any, **kwargs: Any) -> Path:
-    return write_page(path, sheet_html(*args, **kwargs))
+    return write_text(path, sheet_html(*args, **kwargs))
 
 
 _CSS = """

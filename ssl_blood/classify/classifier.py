@@ -51,6 +51,14 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def top_two_margin(probabilities: np.ndarray) -> np.ndarray:
+    """Per row: the highest probability minus the second (1 with a single class)."""
+    if probabilities.shape[1] < 2:
+        return np.ones(len(probabilities))
+    top2 = np.sort(probabilities, 1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 @dataclass
 class Prediction:
     """Per cell: its name (path or id), predicted class, calibrated probabilities, the margin
@@ -71,8 +79,7 @@ class Prediction:
 
     @property
     def margin(self) -> np.ndarray:
-        top2 = np.sort(self.probabilities, 1)[:, -2:] if self.probabilities.shape[1] > 1 else None
-        return top2[:, 1] - top2[:, 0] if top2 is not None else np.ones(len(self.probabilities))
+        return top_two_margin(self.probabilities)
 
     def differential(self) -> dict[str, Any]:
         """The differential count: cells and percentage per predicted class (95 % Wilson
@@ -162,6 +169,7 @@ class Classifier:
         of the same source, which calibrate the batch shift check (else the labelled cells'
         leave-one-out distances do)."""
         labels = cells.labels.numpy()
+        known_labels = np.zeros(0, dtype=np.int64)
         if base is not None:
             if tuple(cells.class_names) != base.class_names:
                 raise UserError("the added labels use other classes than the classifier "
@@ -192,15 +200,15 @@ class Classifier:
                    "clean_ood": torch.as_tensor((_nearest_distance(l2_normalize(clean), reference) / scale
                                                  if clean is not None and len(clean) else own / scale)
                                                 .astype(np.float32))}
-        card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate, labels_file)
-        card["head"] = head
+        card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate,
+                     labels_file, head)
         card["shift_check"] = {"calibrated_on": f"{len(clean)} unlabelled cells of the source" if clean is not None
                                and len(clean) else "the labelled cells (leave-one-out distances)",
                                "false_alarm_rate": SHIFT_FALSE_ALARM}
         if "propagation" in fit:
             card["propagation"] = fit["propagation"]
         if base is not None:
-            card["added_to"] = {"classifier_labels": int(len(base.training_set()[1])),
+            card["added_to"] = {"classifier_labels": int(len(known_labels)),
                                 "added_labels": int(len(cells)),
                                 "created": base.card.get("created"), "labels_file": base.card.get("labels_file")}
         return cls(embedder, cells.class_names, tensors, calibration["temperature"], thresholds, card)
@@ -467,14 +475,15 @@ def _nearest_distance(queries: np.ndarray, reference: np.ndarray,
     return np.clip(1 - similarity[:, 0], 0, None)
 
 def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, calibration: dict,
-          oof: np.ndarray, thresholds: dict, review_rate: float, labels_file: dict | None) -> dict:
+          oof: np.ndarray, thresholds: dict, review_rate: float, labels_file: dict | None,
+          head: str) -> dict:
     correct = oof.argmax(1) == labels
     low, high = wilson_interval(int(correct.sum()), len(labels))
     accepted = oof.max(1) >= thresholds["min_probability"]
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"ssl_blood": __version__, "torch": torch.__version__},
-        "head": "logistic", "classes": list(cells.class_names),
+        "head": head, "classes": list(cells.class_names),
         "labels_per_class": {n: int((labels == c).sum()) for c, n in enumerate(cells.class_names)},
         "labels_file": labels_file, "labelled_from": cells.source.to_dict(),
         "pretrained_on": embedder.spec.source, "checkpoint": embedder.spec.checkpoint,
