@@ -17,7 +17,6 @@ Writes experiments/results/classifier.json and docs/classifier.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,9 @@ from ssl_blood.classify.calibration import (expected_calibration_error, negative
                                             softmax)
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
-from ssl_blood.device import describe_device
-from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
 from ssl_blood.files import write_json, write_text
+
+from frozen_features import checkpoint_features, load_results
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (40, 120, 1196)
@@ -81,13 +80,8 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"device": describe_device("cpu"), "entries": {}}
-    embedder = Embedder.from_checkpoint(args.checkpoint, "cpu")
-    source = embedder.spec.data_source()
-    emb_path = Path(args.checkpoint).with_name("classifier_embeddings.npz")
-    emb = Embeddings.load(emb_path) if emb_path.exists() else embed_splits(
-        embedder, source, ["train", "test"], progress=True)
-    emb.save(emb_path)
+    results = load_results(out)
+    embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     train_x, train_y, _ = emb.select("train")
     test_x, test_y, _ = emb.select("test")
@@ -136,7 +130,7 @@ def document(results: dict) -> str:
             f"| {np.mean(col(lambda e: e['review_20']['error_enrichment'])):.1f}x "
             f"| {np.mean(col(lambda e: np.mean(list(e['count_abs_error_pp'].values())))):.2f} |")
     ordered = sorted(groups.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9)
-    (first, few), (last, many) = ordered[0], ordered[-1]
+    first, last = ordered[0][0], ordered[-1][0]
 
     def mean(entries, f):
         return float(np.mean([f(e) for e in entries]))

@@ -17,7 +17,6 @@ docs/label-efficiency.md.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import numpy as np
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
-from ssl_blood.device import describe_device
-from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
-from ssl_blood.files import save_figure, write_json, write_text
+from ssl_blood.features.embeddings import Embedder, Embeddings
+from ssl_blood.files import save_figure, write_json
+
+from frozen_features import checkpoint_features, load_results, put_section
 
 REPO = Path(__file__).resolve().parents[1]
 STRATEGIES = ("random", "typiclust", "probcover", "margin")
@@ -146,13 +146,8 @@ def main() -> None:
     parser.add_argument("--figure", default=str(REPO / "docs" / "figures" / "label_loop.png"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"device": describe_device("cpu"), "entries": {}}
-    embedder = Embedder.from_checkpoint(args.checkpoint, "cpu")
-    source = embedder.spec.data_source()
-    emb_path = Path(args.checkpoint).with_name("classifier_embeddings.npz")
-    emb = Embeddings.load(emb_path) if emb_path.exists() else embed_splits(
-        embedder, source, ["train", "test"], progress=True)
-    emb.save(emb_path)
+    results = load_results(out)
+    embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     test_x, test_y, _ = emb.select("test")
     test_x = np.asarray(test_x, dtype=np.float32)
@@ -169,12 +164,7 @@ def main() -> None:
     results["summary"] = table
     write_json(results, out)
     figure(table, Path(args.figure))
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else ""
-    section = document(results, table)
-    text = (text[:text.index(START)] + section + text[text.index(END) + len(END) + 1:]
-            if START in text else text.rstrip() + "\n\n" + section)
-    write_text(doc, text)
+    put_section(Path(args.doc), START, END, document(results, table))
 
 
 if __name__ == "__main__":

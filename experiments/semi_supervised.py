@@ -17,7 +17,6 @@ Writes experiments/results/semi_supervised.json and its section of docs/label-ef
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import numpy as np
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
-from ssl_blood.device import describe_device
-from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
-from ssl_blood.files import write_json, write_text
+from ssl_blood.features.embeddings import Embeddings
+from ssl_blood.files import write_json
+
+from frozen_features import checkpoint_features, load_results, put_section
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (40, 80, 160, 400)
@@ -88,13 +88,8 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "label-efficiency.md"))
     args = parser.parse_args()
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"device": describe_device("cpu"), "entries": {}}
-    embedder = Embedder.from_checkpoint(args.checkpoint, "cpu")
-    source = embedder.spec.data_source()
-    emb_path = Path(args.checkpoint).with_name("classifier_embeddings.npz")
-    emb = Embeddings.load(emb_path) if emb_path.exists() else embed_splits(
-        embedder, source, ["train", "test"], progress=True)
-    emb.save(emb_path)
+    results = load_results(out)
+    embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     train_x = np.asarray(emb.select("train")[0], dtype=np.float32)
     test_x, test_y, _ = emb.select("test")
@@ -120,12 +115,7 @@ def main() -> None:
                                                "propagation": prop, **measure(model, test_x, test_y)}
                     write_json(results, out)
                     print(key, round(results["entries"][key]["accuracy"], 4), f"{seconds:.0f} s", flush=True)
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else ""
-    section = document(results)
-    text = (text[:text.index(START)] + section + text[text.index(END) + len(END) + 1:]
-            if START in text else text.rstrip() + "\n\n" + section)
-    write_text(doc, text)
+    put_section(Path(args.doc), START, END, document(results))
 
 
 if __name__ == "__main__":

@@ -18,27 +18,22 @@ Writes experiments/results/shift.json and docs/robustness.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ssl_blood.analysis.select import select_cells
-from ssl_blood.classify.classifier import Classifier
+from ssl_blood.classify.classifier import SHIFT_POOL, Classifier
 from ssl_blood.data import load_split
 from ssl_blood.data.shifts import SHIFTS, apply_shift
 from ssl_blood.device import describe_device
-from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
+from ssl_blood.features.embeddings import Embedder
 from ssl_blood.files import write_json, write_text
 
+from frozen_features import checkpoint_features
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _severity_keys(result: dict) -> dict:
-    """JSON turns the severities into strings; back to ints."""
-    result["fire_rate"] = {k: {int(s): v for s, v in d.items()} for k, d in result["fire_rate"].items()}
-    return result
 
 
 def fire_rate(model: Classifier, embedder: Embedder, images: np.ndarray, batches: list[np.ndarray],
@@ -61,18 +56,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "shift.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
     args = parser.parse_args()
-    embedder = Embedder.from_checkpoint(args.checkpoint, "cpu")
-    source = embedder.spec.data_source()
-    emb_path = Path(args.checkpoint).with_name("classifier_embeddings.npz")
-    emb = Embeddings.load(emb_path) if emb_path.exists() else embed_splits(
-        embedder, source, ["train", "test"], progress=True)
-    emb.save(emb_path)
+    embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     test = load_split(source, "test")
     train_x = np.asarray(emb.select("train")[0], dtype=np.float32)
     rows = np.sort([p["id"] for p in select_cells(emb, args.labels, "typiclust", seed=0)["picks"]])
     rest = np.setdiff1d(np.arange(len(train_x)), rows)
-    pool = np.random.default_rng(0).permutation(rest)[:2000]
+    pool = np.random.default_rng(0).permutation(rest)[:SHIFT_POOL]  # as train-classifier samples
     model = Classifier.from_features(embedder, train_x[rows], train.subset(rows), clean=train_x[pool])
     images, labels = test.images.numpy(), test.labels.numpy()
     rng = np.random.default_rng(1)

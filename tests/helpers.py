@@ -40,6 +40,24 @@ def make_npz(path: Path, n_train: int = 64, n_val: int = 24, n_test: int = 24, s
     return path
 
 
+def npz_slide(npz: Path, split: str, folder: Path, labels_csv: Path | None = None,
+              labelled: int = 0) -> dict[str, str]:
+    """A split of a synthetic npz (make_npz) as a flat folder of PNGs c000.png, c001.png, ...;
+    with `labels_csv`, a labels file (path, label) naming the first `labelled` cells by their
+    true class. Returns every file's true class."""
+    arrays = np.load(npz)
+    truth = {}
+    for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
+        write_png(folder / f"c{i:03d}.png", image)
+        truth[f"c{i:03d}.png"] = CELL_NAMES[int(label)]
+    if labels_csv is not None:
+        with open(labels_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label"])
+            writer.writerows(list(truth.items())[:labelled])
+    return truth
+
+
 def bloodmnist_subset(data_root: Path, per_split: dict[str, int], seed: int = 0) -> dict:
     """{split: (images (N, 28, 28, 3) uint8, labels (N,), ids (N,))}: a stratified subset."""
     from ssl_blood.data import stratified_indices

@@ -7,11 +7,10 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 
 from tests.helpers import (CELL_NAMES, CHROMEDRIVER, CHROMIUM, assert_one_line_error, chrome,
-                           console_errors, requested_urls, run_cli, tree, write_png)
+                           console_errors, npz_slide, requested_urls, run_cli, tree)
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +21,9 @@ def clinic(tiny_run, tmp_path_factory):
 
     run, npz = tiny_run
     root = tmp_path_factory.mktemp("clinic")
-    arrays = np.load(npz)
-    truth = {}
-    for folder, split in (("today", "train"), ("tomorrow", "test")):
-        for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
-            write_png(root / folder / f"c{i:03d}.png", image)
-            truth[(folder, f"c{i:03d}.png")] = CELL_NAMES[int(label)]
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        writer.writerows([[f"c{i:03d}.png", truth[("today", f"c{i:03d}.png")]] for i in range(40)])
+    truth = {("today", p): c for p, c in npz_slide(npz, "train", root / "today", root / "labels.csv",
+                                                   labelled=40).items()}
+    truth.update({("tomorrow", p): c for p, c in npz_slide(npz, "test", root / "tomorrow").items()})
     assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), "--image-dir",
                  str(root / "today"), "--size", "16", "--cache-dir", "none", "--labels",
                  str(root / "labels.csv"), "--out", str(root / "clf")]) == 0

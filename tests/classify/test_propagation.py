@@ -53,19 +53,10 @@ def test_pseudo_labels_are_the_most_confident_per_class_and_never_labelled_cells
 def test_train_classifier_propagate_head_on_a_folder(tiny_run, tmp_path, capsys):
     """The whole flat folder is the unlabelled pool; 8 labelled cells; the card says what CV
     chose, including whether pseudo-labels helped at all."""
-    import csv
-
-    from tests.helpers import CELL_NAMES, run_cli, write_png
+    from tests.helpers import npz_slide, run_cli
 
     run, npz = tiny_run
-    arrays = np.load(npz)
-    with open(tmp_path / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        for i, (image, label) in enumerate(zip(arrays["train_images"], arrays["train_labels"][:, 0])):
-            write_png(tmp_path / "pool" / f"c{i:03d}.png", image)
-            if i < 8:
-                writer.writerow([f"c{i:03d}.png", CELL_NAMES[int(label)]])
+    npz_slide(npz, "train", tmp_path / "pool", tmp_path / "labels.csv", labelled=8)
     code, out, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt", "--image-dir",
                              tmp_path / "pool", "--size", "16", "--cache-dir", "none", "--labels",
                              tmp_path / "labels.csv", "--head", "propagate", "--out", tmp_path / "clf", "--json")

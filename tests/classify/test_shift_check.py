@@ -1,7 +1,6 @@
 """The batch shift check of predict: calibrated on the training lab's own unlabelled cells, quiet
 on a clean slide, loud on a slide with another stain, blur or exposure."""
 
-import csv
 import json
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data.shifts import apply_shift
-from tests.helpers import CELL_NAMES, run_cli, write_png
+from tests.helpers import npz_slide, run_cli, write_png
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +16,7 @@ def lab(tiny_run, tmp_path_factory):
     run, npz = tiny_run
     root = tmp_path_factory.mktemp("lab")
     arrays = np.load(npz)
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label"])
-        for i, (image, label) in enumerate(zip(arrays["train_images"], arrays["train_labels"][:, 0])):
-            write_png(root / "today" / f"c{i:03d}.png", image)
-            if i < 40:
-                writer.writerow([f"c{i:03d}.png", CELL_NAMES[int(label)]])
+    npz_slide(npz, "train", root / "today", root / "labels.csv", labelled=40)
     test = np.ascontiguousarray(arrays["test_images"].transpose(0, 3, 1, 2))
     for name, images in (("clean", test), ("stain", apply_shift(test, "stain", 5, seed=0)),
                          ("brightness", apply_shift(test, "brightness", 5))):

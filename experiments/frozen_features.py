@@ -1,0 +1,40 @@
+"""What the frozen-feature experiments share (classifier.py, label_loop.py, semi_supervised.py,
+shift.py): one checkpoint's train and test features, embedded once and kept beside it; their
+resumable results file; their section of a doc page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ssl_blood.data.sources import DataSource
+from ssl_blood.device import describe_device
+from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
+from ssl_blood.files import write_text
+
+
+def checkpoint_features(checkpoint: str | Path) -> tuple[Embedder, DataSource, Embeddings]:
+    """The checkpoint's embedder (CPU), its data and the train + test embeddings, read from
+    CHECKPOINT_DIR/classifier_embeddings.npz or embedded and written there once."""
+    embedder = Embedder.from_checkpoint(checkpoint, "cpu")
+    source = embedder.spec.data_source()
+    path = Path(checkpoint).with_name("classifier_embeddings.npz")
+    if path.exists():
+        return embedder, source, Embeddings.load(path)
+    emb = embed_splits(embedder, source, ["train", "test"], progress=True)
+    emb.save(path)
+    return embedder, source, emb
+
+
+def load_results(out: Path) -> dict:
+    """The results written so far (a run resumes), or a new file naming this device."""
+    return json.loads(out.read_text()) if out.exists() else {"device": describe_device("cpu"), "entries": {}}
+
+
+def put_section(doc: Path, start: str, end: str, section: str) -> None:
+    """`section` (which begins with `start` and ends with `end`) in place of the old one in
+    `doc`, or appended; the rest of the page is kept."""
+    text = doc.read_text() if doc.exists() else ""
+    text = (text[:text.index(start)] + section + text[text.index(end) + len(end) + 1:]
+            if start in text else text.rstrip() + "\n\n" + section)
+    write_text(doc, text)
