@@ -152,7 +152,8 @@ def document(results: dict) -> str:
              "How to use it: `ssl-blood select ... --sheet picks.html` writes the cells to label and a page to "
              "label them in, which downloads labels.csv; `ssl-blood train-classifier --checkpoint "
              "RUN/checkpoint.pt --image-dir CELLS --labels labels.csv --out clf` (`--head propagate` also "
-             "learns from the folder's unlabelled cells, see label-efficiency.md); `ssl-blood predict "
+             "learns from the folder's unlabelled cells, `--head fixmatch --minutes M` trains the backbone "
+             "with them too, see label-efficiency.md); `ssl-blood predict "
              "--classifier clf --image-dir NEW_SLIDE --out slide.csv --review review.html` writes one row per "
              "cell (class, calibrated probability, margin, OOD score, review flag), slide.counts.json (the "
              "differential count with 95 % Wilson intervals) and the review page of the flagged cells, whose "
@@ -161,8 +162,11 @@ def document(results: dict) -> str:
              "the top probability below which 15 % of the labelled cells fall in cross-validation "
              "(`--review-rate`); the OOD threshold is the 99th percentile of the labelled cells' own "
              "distance to their nearest labelled neighbour; `predict --min-probability/--max-ood` override "
-             "both. The classifier folder refers to its checkpoint by path and SHA-256 (refused if it "
-             "changed) and keeps the features and labels it learned from (for `--from`); `ssl-blood export "
+             "both; `predict --adapt adabn` re-estimates the backbone's BatchNorm statistics on a slide from "
+             "another stain or scanner first, and `ssl-blood robustness` measures what such shifts cost (see "
+             "robustness.md). The classifier folder refers to its checkpoint by path and SHA-256 (refused if it "
+             "changed) unless it holds its own backbone.pt (head fixmatch, or `--self-contained`), and keeps "
+             "the features and labels it learned from (for `--from`); `ssl-blood export "
              "--classifier clf --out clf.onnx` gives one self-contained ONNX graph.", ""]
     return "\n".join(lines)
 

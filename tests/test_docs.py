@@ -61,11 +61,13 @@ def test_your_own_slide_guide_runs(tmp_path, capsys):
     commands = [shlex.split(line)[1:] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
                 for line in block.splitlines() if line.startswith("ssl-blood ")]
     assert [c[0] for c in commands] == ["pretrain", "embed", "select", "train-classifier", "predict",
-                                        "train-classifier", "select"]
-    arrays = np.load(make_npz(tmp_path / "cells.npz", n_train=96, n_test=24))
+                                        "train-classifier", "select", "predict", "robustness"]
+    arrays = np.load(make_npz(tmp_path / "cells.npz", n_train=96, n_test=40))
     truth = {}
-    for name, split in (("cells", "train"), ("new-slide", "test")):
+    for name, split in (("cells", "train"), ("new-slide", "test"), ("other-scanner", "test")):
         for i, (image, label) in enumerate(zip(arrays[f"{split}_images"], arrays[f"{split}_labels"][:, 0])):
+            if name == "other-scanner":  # a dimmer lamp
+                image = (image * 0.8).astype(np.uint8)
             write_png(tmp_path / name / f"c{i:03d}.png", image)
             truth[(name, f"c{i:03d}.png")] = ["basophil", "eosinophil", "lymphocyte", "monocyte"][int(label)]
     tiny = {"pretrain": ["--epochs", "1", "--backbone", "cnn6", "--batch-size", "32"]}
@@ -88,14 +90,14 @@ def test_your_own_slide_guide_runs(tmp_path, capsys):
                 assert Path("picks.html").stat().st_size > 1000
                 with open("picks.csv", newline="") as f:
                     download("labels.csv", "cells", [r["path"] for r in csv.DictReader(f)], "labelled")
-            if argv[0] == "predict":  # and reviews three of the new slide's cells
+            if argv[0] == "predict" and "--review" in argv:  # and reviews three of the new slide's cells
                 assert Path("review.html").is_file()
                 with open("slide.csv", newline="") as f:
                     download("corrections.csv", "new-slide", [r["path"] for r in csv.DictReader(f)][:3],
                              "corrected")
         assert (tmp_path / "clf" / "card.md").is_file()
         with open("slide.csv") as f:
-            assert len(list(csv.DictReader(f))) == 24
+            assert len(list(csv.DictReader(f))) == 40
         assert (tmp_path / "slide.counts.json").is_file()
         assert json.loads((tmp_path / "clf2" / "card.json").read_text())["added_to"]["added_labels"] == 3
         with open("labels.csv") as f:
@@ -103,5 +105,10 @@ def test_your_own_slide_guide_runs(tmp_path, capsys):
         with open("picks2.csv") as f:  # the next round: none of the cells labelled so far
             picked = {r["path"] for r in csv.DictReader(f)}
         assert len(picked) == 24 and len(labelled) == 24 and not picked & labelled
+        assert json.loads(Path("other.counts.json").read_text())["adapt"] == "adabn"
+        from ssl_blood.analysis.robustness import available_corruptions
+
+        with open("robustness/robustness.csv") as f:  # clean + every shift x 5 severities
+            assert len(list(csv.DictReader(f))) == 1 + 5 * len(available_corruptions())
     finally:
         os.chdir(cwd)

@@ -81,6 +81,29 @@ def confusion_matrix_png(confusion: Sequence[Sequence[int]], class_names: Sequen
     return _save(fig, path)[0]
 
 
+def robustness_heat_map_png(result: dict, path: str | Path) -> Path:
+    """Accuracy per corruption (rows) and severity (columns, clean first), a panel per adaptation."""
+    plt = _pyplot()
+    names, severities, adapt = result["corruptions"], result["severities"], result["adapt"]
+    fig, axes = plt.subplots(1, len(adapt), figsize=(1.6 + 0.8 * (len(severities) + 1) * len(adapt),
+                                                      1.0 + 0.4 * len(names)), squeeze=False)
+    for ax, a in zip(axes[0], adapt):
+        clean = next(r["accuracy"] for r in result["rows"] if r["corruption"] == "clean" and r["adapt"] == a)
+        grid = np.array([[clean] + [next(r["accuracy"] for r in result["rows"] if r["corruption"] == n
+                                         and r["severity"] == s and r["adapt"] == a) for s in severities]
+                         for n in names])
+        ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                        color="black" if grid[i, j] > 0.6 else "white")
+        ax.set_xticks(range(len(severities) + 1), ["clean"] + [str(s) for s in severities], fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("severity")
+        ax.set_title(f"accuracy, adapt: {a}", fontsize=9)
+    return _save(fig, path)[0]
+
+
 def training_curves_png(history: Sequence[dict], path: str | Path) -> Path:
     """Loss per epoch and, where measured, kNN val accuracy."""
     plt = _pyplot()

@@ -12,6 +12,7 @@ weights_only), card.json and card.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -32,7 +33,11 @@ from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_byt
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "card.md"
-HEADS = ("logistic", "propagate")
+HEADS = ("logistic", "propagate", "fixmatch")
+BACKBONE = "backbone.pt"  # a classifier's own backbone (fixmatch, or `self_contained`)
+ADAPTATIONS = ("none", "adabn")  # what predict may do to a new slide first
+ADABN_KEYS = ("adabn_mean", "adabn_std", "source_mean", "source_std")  # see _adabn_reference
+CONSISTENCY_STATE = "consistency-state.pt"  # head fixmatch's run while it trains (to resume)
 PSEUDO_PER_LABEL = (0, 5, 20)  # pseudo-labelled cells per labelled cell; 0 is the plain logistic head
 DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
@@ -113,10 +118,12 @@ class Classifier:
     docstring). Build with `Classifier.train`, keep with `save`, get back with `load`."""
 
     def __init__(self, embedder: Embedder, class_names: Sequence[str], tensors: dict[str, torch.Tensor],
-                 temperature: float, thresholds: dict[str, float], card: dict[str, Any]):
+                 temperature: float, thresholds: dict[str, float], card: dict[str, Any],
+                 backbone_file: bytes | None = None):
         self.embedder, self.class_names = embedder, tuple(class_names)
         self.tensors, self.temperature = tensors, float(temperature)
         self.thresholds, self.card = dict(thresholds), card
+        self.backbone_file = backbone_file  # the checkpoint bytes saved as BACKBONE, if its own
 
     # -- training ----------------------------------------------------------------------
 
@@ -124,28 +131,40 @@ class Classifier:
     def train(cls, embedder: Embedder, cells: CellData, head: str = "logistic", seed: int = 0,
               review_rate: float = DEFAULT_REVIEW_RATE,
               labels_file: dict[str, str] | None = None, progress: bool | None = False,
-              base: "Classifier | None" = None) -> "Classifier":
+              base: "Classifier | None" = None, consistency: Any = None,
+              state_path: str | Path | None = None) -> "Classifier":
         """Fit on every labelled cell of `cells` with `embedder`'s features (e.g.
         `Embedder.from_checkpoint`); settings by stratified cross-validation. With `base`, its
-        labelled cells are kept and these added (a review's corrections, a new lab's labels)."""
+        labelled cells are kept and these added (a review's corrections, a new lab's labels).
+        Head 'fixmatch' first consistency-trains the backbone (`consistency`: a
+        `ConsistencyConfig`; `state_path`: where the run is kept to resume), see
+        `classify.consistency`."""
         if head not in HEADS:
             raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
         if not 0 <= review_rate < 1:
             raise UserError(f"`review_rate` {review_rate} must be in [0, 1)", param="review_rate")
         unlabelled = clean = None
         rest_rows = np.flatnonzero(cells.labels.numpy() < 0)
+        if head in ("propagate", "fixmatch") and not len(rest_rows):
+            raise UserError(f"head '{head}' learns from unlabelled cells too and this data has "
+                            f"none besides the labelled ones; give the whole folder, or use head "
+                            f"logistic", param="head")
+        if head == "fixmatch":
+            if base is not None:
+                raise UserError("labels are added to a classifier with its own head; train a "
+                                "fixmatch classifier anew from `checkpoint`", param="head")
+            return cls._train_fixmatch(embedder, cells, seed, review_rate, labels_file, progress,
+                                       consistency, state_path)
+        # a sample of the lab's own unlabelled cells calibrates the shift check and AdaBN
+        pool = np.sort(np.random.default_rng(seed).permutation(len(rest_rows))[:SHIFT_POOL])
+        pool_images = cells.subset(rest_rows[pool]).images if len(rest_rows) else None
         if head == "propagate":
-            if not len(rest_rows):
-                raise UserError("head 'propagate' learns from unlabelled cells too and this data "
-                                "has none besides the labelled ones; give the whole folder, or "
-                                "use head logistic", param="head")
             rest = cells.subset(rest_rows)
             embedder.check_images(rest.images, "the unlabelled images")
             unlabelled = embedder(rest.images, progress=progress)
-            clean = unlabelled[np.random.default_rng(seed).permutation(len(unlabelled))[:SHIFT_POOL]]
-        elif len(rest_rows):  # a sample of the lab's own unlabelled cells calibrates the shift check
-            sample = np.sort(np.random.default_rng(seed).permutation(rest_rows)[:SHIFT_POOL])
-            clean = embedder(cells.subset(sample).images, progress=progress)
+            clean = unlabelled[pool]
+        elif pool_images is not None:
+            clean = embedder(pool_images, progress=progress)
         cells = cells.labelled()
         if base is None:
             _check_class_counts(cells.labels.numpy(), cells.class_names)
@@ -153,8 +172,14 @@ class Classifier:
             raise UserError("no labelled cells to add; give labels (`labels`) for some cells",
                             param="labels")
         embedder.check_images(cells.images, "the labelled images")
-        return cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
-                                 head, seed, review_rate, labels_file, base, unlabelled, clean)
+        classifier = cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
+                                       head, seed, review_rate, labels_file, base, unlabelled, clean)
+        classifier.backbone_file = base.backbone_file if base is not None else None
+        if base is not None:
+            classifier.tensors.update({k: v for k, v in base.tensors.items() if k in ADABN_KEYS})
+        elif pool_images is not None and embedder.trained is not None:
+            classifier.tensors.update(_adabn_reference(embedder, pool_images, clean, progress))
+        return classifier
 
     @classmethod
     def from_features(cls, embedder: Embedder, features: np.ndarray, cells: CellData,
@@ -213,6 +238,70 @@ class Classifier:
                                 "created": base.card.get("created"), "labels_file": base.card.get("labels_file")}
         return cls(embedder, cells.class_names, tensors, calibration["temperature"], thresholds, card)
 
+    @classmethod
+    def _train_fixmatch(cls, embedder: Embedder, cells: CellData, seed: int, review_rate: float,
+                        labels_file: dict[str, str] | None, progress: bool | None,
+                        consistency: Any, state_path: str | Path | None) -> "Classifier":
+        """Consistency-train the pretrained backbone with the labelled and unlabelled cells
+        (head initialised as the cross-validated logistic head of the frozen features), then
+        the logistic head, calibration and thresholds on the trained backbone's features as
+        for head 'logistic'. The trained backbone becomes the classifier's own (BACKBONE)."""
+        from torch import nn
+
+        from ssl_blood.classify.consistency import ConsistencyConfig, HeadedBackbone, train_consistency
+        from ssl_blood.model.checkpoint import backbone_from_checkpoint, backbone_only, trained_backbone
+
+        labelled = cells.labelled()
+        labels = labelled.labels.numpy()
+        _check_class_counts(labels, cells.class_names)
+        embedder.check_images(labelled.images, "the labelled images")
+        ckpt = _pretrained_checkpoint(embedder)
+        fit = _cross_validated_logistic(embedder(labelled.images, progress=progress), labels,
+                                        len(cells.class_names), seed)
+        backbone = backbone_from_checkpoint(ckpt)
+        model = HeadedBackbone(backbone, nn.Linear(fit["head"].in_features, len(cells.class_names)))
+        with torch.no_grad():  # the standardised head on raw features: w.(x - m)/s + b
+            w = fit["head"].weight.detach() / torch.as_tensor(fit["std"])
+            model.head.weight.copy_(w)
+            model.head.bias.copy_(fit["head"].bias.detach() - w @ torch.as_tensor(fit["mean"]))
+        cfg = consistency or ConsistencyConfig(seed=seed)
+        ds = ckpt["dataset"]
+        rest = cells.subset(np.flatnonzero(cells.labels.numpy() < 0))
+        ema, report = train_consistency(model, labelled.images, labels, rest.images, ds["mean"],
+                                        ds["std"], int(ds["input_size"]), cfg, embedder.device,
+                                        state_path, progress)
+        pretrained = {"checkpoint": embedder.spec.checkpoint, "checkpoint_sha256": embedder.identity}
+        own = backbone_only(ckpt, ema.backbone.state_dict(), kind="fixmatch",
+                            note={"head": "fixmatch", "pretrained": pretrained,
+                                  "steps": report["steps"], "config": report["config"]})
+        buffer = io.BytesIO()
+        torch.save(own, buffer)
+        data = buffer.getvalue()
+        adapted = Embedder.from_trained(trained_backbone(own, sha256_bytes(data)), BACKBONE,
+                                        str(embedder.device))
+        classifier = cls.train(adapted, cells, "logistic", seed, review_rate, labels_file, progress)
+        classifier.backbone_file = data
+        classifier.card.update(head="fixmatch", consistency={
+            **report, "pretrained": pretrained,
+            "frozen_head_cv_accuracy": float((fit["oof_logits"].argmax(1) == labels).mean()),
+            "note": "the backbone learned from these labels: the cross-validated accuracy and "
+                    "calibration of the head on its features are optimistic"})
+        return classifier
+
+    def own_backbone(self) -> None:
+        """Keep the backbone inside the classifier's folder (BACKBONE, weights only), so the
+        folder runs without the pretraining run beside it."""
+        if self.backbone_file is not None:
+            return
+        from ssl_blood.model.checkpoint import backbone_only, trained_backbone
+
+        own = backbone_only(_pretrained_checkpoint(self.embedder))
+        buffer = io.BytesIO()
+        torch.save(own, buffer)
+        self.backbone_file = buffer.getvalue()
+        self.embedder = Embedder.from_trained(trained_backbone(own, sha256_bytes(self.backbone_file)),
+                                              BACKBONE, str(self.embedder.device))
+
     def training_set(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of the cells this classifier learned from."""
         if "features" not in self.tensors:
@@ -260,9 +349,14 @@ class Classifier:
         return (probabilities.max(1) < t["min_probability"]) | (ood > t["max_ood"])
 
     def predict(self, cells: CellData, min_probability: float | None = None,
-                max_ood: float | None = None, progress: bool | None = False) -> Prediction:
+                max_ood: float | None = None, progress: bool | None = False,
+                adapt: str = "none") -> Prediction:
         """Every cell of `cells`: class, probabilities, OOD score, review flag (probability below
-        `min_probability` or OOD score above `max_ood`; defaults: the classifier's own)."""
+        `min_probability` or OOD score above `max_ood`; defaults: the classifier's own). `adapt`
+        'adabn': the backbone's BatchNorm statistics re-estimated on these cells first (the
+        batch shift check still measures the cells as the classifier sees them unadapted)."""
+        if adapt not in ADAPTATIONS:
+            raise UserError(f"`adapt` {adapt}: choose one of {', '.join(ADAPTATIONS)}", param="adapt")
         thresholds = {"min_probability": self.thresholds["min_probability"] if min_probability is None else float(min_probability),
                       "max_ood": self.thresholds["max_ood"] if max_ood is None else float(max_ood)}
         if not 0 <= thresholds["min_probability"] <= 1:
@@ -271,6 +365,16 @@ class Classifier:
             raise UserError("no cells to classify; give data that holds images", param="image_dir")
         self.embedder.check_images(cells.images, "the images to classify")
         features = self.embedder(cells.images, progress=progress)
+        shift = self.shift_check(self.ood_scores(features))
+        if adapt == "adabn":
+            if not all(k in self.tensors for k in ADABN_KEYS):
+                raise UserError("this classifier keeps no AdaBN reference (trained without "
+                                "unlabelled cells, or by an earlier ssl-blood); train it again on "
+                                "the whole folder, or classify without `adapt`", param="adapt")
+            t = self.tensors
+            adapted = self.embedder.adapted(cells.images, progress)(cells.images, progress=progress)
+            features = ((torch.as_tensor(adapted) - t["adabn_mean"]) / t["adabn_std"]
+                        * t["source_std"] + t["source_mean"]).numpy()
         probabilities, ood = self.probabilities(features), self.ood_scores(features)
         review = self.review_flags(probabilities, ood, thresholds)
         if "path" in cells.metadata:
@@ -278,7 +382,7 @@ class Classifier:
         else:
             names, column = cells.ids.numpy(), "id"
         return Prediction(names, column, self.class_names, probabilities, ood, review, thresholds,
-                          self.shift_check(ood))
+                          shift)
 
     # -- keeping -----------------------------------------------------------------------
 
@@ -287,11 +391,16 @@ class Classifier:
         buffer = io.BytesIO()
         torch.save({k: v.contiguous() for k, v in self.tensors.items()}, buffer)
         weights = buffer.getvalue()
+        spec = self.embedder.spec
+        if self.backbone_file is not None:  # named relative to the folder, which may move
+            spec = dataclasses.replace(spec, checkpoint=BACKBONE)
         config = {"format_version": FORMAT_VERSION, "ssl_blood_version": __version__,
-                  "class_names": list(self.class_names), "embedder": self.embedder.spec.to_dict(),
+                  "class_names": list(self.class_names), "embedder": spec.to_dict(),
                   "temperature": self.temperature, "thresholds": self.thresholds,
                   "weights_sha256": sha256_bytes(weights)}
         out.mkdir(parents=True, exist_ok=True)
+        if self.backbone_file is not None:
+            write_bytes(out / BACKBONE, self.backbone_file)
         write_bytes(out / WEIGHTS, weights)
         write_json(self.card, out / CARD)
         write_text(out / CARD_MD, card_markdown(self.card))
@@ -320,12 +429,56 @@ class Classifier:
             raise UserError(f"`classifier` {path / WEIGHTS} was altered since it was written "
                             f"(SHA-256 differs); train the classifier again", param="classifier")
         tensors = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
-        embedder = Embedder.from_spec(EmbedderSpec.from_dict(config["embedder"]), device)
+        spec, backbone_file = EmbedderSpec.from_dict(config["embedder"]), None
+        if spec.checkpoint == BACKBONE:  # its own backbone, in the folder
+            own = path / BACKBONE
+            backbone_file = own.read_bytes() if own.is_file() else b""
+            if f"sha256:{sha256_bytes(backbone_file)}" != spec.identity:
+                raise UserError(f"`classifier` {own} is missing or was altered since it was "
+                                f"written (SHA-256 differs); train the classifier again",
+                                param="classifier")
+            spec = dataclasses.replace(spec, checkpoint=str(own.resolve()))
+        embedder = Embedder.from_spec(spec, device)
         return cls(embedder, config["class_names"], tensors, config["temperature"],
-                   config["thresholds"], json.loads((path / CARD).read_text()))
+                   config["thresholds"], json.loads((path / CARD).read_text()), backbone_file)
 
 
 # ----------------------------------------------------------------------------- fitting
+
+
+def _adabn_reference(embedder: Embedder, pool_images: torch.Tensor, clean: np.ndarray,
+                     progress: bool | None) -> dict[str, torch.Tensor]:
+    """What predict --adapt adabn needs: the head was fitted on features under the pretrained
+    BatchNorm statistics, and BatchNorm re-estimated on any set of cells, even the training
+    lab's own clean ones, moves every feature (measured: by 0.6 of the features' spread on the
+    quick checkpoint). So the source's unlabelled cells are embedded re-estimated on themselves
+    too, and a new slide's re-estimated features are mapped per dimension from that space into
+    the head's (source statistics only: the slide's class mix does not enter the mapping).
+    Empty for a backbone without BatchNorm or too few cells."""
+    from ssl_blood.features.embeddings import ADABN_MIN_CELLS
+
+    if len(pool_images) < ADABN_MIN_CELLS:
+        return {}
+    try:
+        adapted = embedder.adapted(pool_images, progress)(pool_images, progress=progress)
+    except UserError:  # no BatchNorm to re-estimate
+        return {}
+    return {"adabn_mean": torch.as_tensor(adapted.mean(0)), "adabn_std": torch.as_tensor(adapted.std(0) + 1e-6),
+            "source_mean": torch.as_tensor(clean.mean(0)), "source_std": torch.as_tensor(clean.std(0) + 1e-6)}
+
+
+def _pretrained_checkpoint(embedder: Embedder) -> dict[str, Any]:
+    """The checkpoint `embedder` was made from, checked to be unchanged."""
+    from ssl_blood.model.checkpoint import load_checkpoint
+
+    path = Path(embedder.spec.checkpoint or "")
+    if embedder.spec.kind != "checkpoint" or not path.is_file():
+        raise UserError("training a backbone or keeping a copy of it needs the pretrained "
+                        "checkpoint file (`checkpoint`)", param="checkpoint")
+    if f"sha256:{sha256_file(path)}" != embedder.identity:
+        raise UserError(f"`checkpoint` {path} changed since it was loaded; give it again",
+                        param="checkpoint")
+    return load_checkpoint(path)
 
 
 def _check_out(out: str | Path, overwrite: bool) -> Path:
@@ -506,8 +659,14 @@ def card_markdown(card: dict) -> str:
              f"{cv['review_rate']:.0%} sent to review, accepted cells {cv['accepted_accuracy'] or 0:.1%} right.", "",
              f"Calibration (cross-validated): ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
              f"NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}; temperature {cal['temperature']:.2f} "
-             f"({'kept: it helped' if cal['kept'] else 'not used: it did not help'}).", "",
-             "| class | labelled cells |", "|---|---|"]
+             f"({'kept: it helped' if cal['kept'] else 'not used: it did not help'}).", ""]
+    if "consistency" in card:
+        run = card["consistency"]
+        lines += [f"Head fixmatch: the backbone was consistency-trained for {run['steps']} steps with "
+                  f"the unlabelled cells ({run['seconds'] / 60:.1f} min); the frozen features' head "
+                  f"cross-validated at {run['frozen_head_cv_accuracy']:.1%}. The backbone learned "
+                  f"from these labels, so the figures above are optimistic.", ""]
+    lines += ["| class | labelled cells |", "|---|---|"]
     lines += [f"| {name.replace('|', '/')} | {n} |" for name, n in card["labels_per_class"].items()]
     return "\n".join(lines) + "\n"
 
@@ -521,12 +680,15 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                      head: str = "logistic", seed: int = 0,
                      review_rate: float = DEFAULT_REVIEW_RATE, device: str = "auto",
                      overwrite: bool = False, progress: bool | None = False,
-                     from_classifier: str | Path | None = None) -> Classifier:
+                     from_classifier: str | Path | None = None, minutes: float | None = None,
+                     steps: int | None = None, self_contained: bool = False) -> Classifier:
     """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
     split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
     a classifier trained on them and saved to `out`. With `from_classifier` (instead of
-    `checkpoint`), these labels are added to that classifier's: same backbone, same classes."""
+    `checkpoint`), these labels are added to that classifier's: same backbone, same classes.
+    Head 'fixmatch' trains the backbone for `steps` or `minutes` (resumable: its state is kept in
+    `out` until the classifier is written); `self_contained` copies the backbone into `out`."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -536,6 +698,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                         "one), one of them", param=("checkpoint", "from_classifier"))
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
+    if (minutes is not None or steps is not None) and head != "fixmatch":
+        raise UserError("`minutes` and `steps` size the training of head fixmatch; the other "
+                        "heads take seconds", param=("minutes", "head"))
     table = read_labels(labels) if labels is not None else None
     base = Classifier.load(from_classifier, device) if from_classifier is not None else None
     embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
@@ -547,17 +712,32 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
         from ssl_blood.evaluation.supervised import labelled_subset
 
         rows = labelled_subset(cells.labels.numpy(), cells.num_classes, seed, fraction, shots)
-        cells = cells.subset(rows)
+        kept = np.full(len(cells), -1, dtype=np.int64)  # the other cells stay, unlabelled
+        kept[rows] = cells.labels.numpy()[rows]
+        cells = cells.with_labels(kept, cells.class_names)
     labels_file = {"path": table.path, "sha256": table.sha256} if table is not None else None
-    classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress, base)
+    consistency = state_path = None
+    if head == "fixmatch":
+        from ssl_blood.classify.consistency import ConsistencyConfig
+
+        consistency = ConsistencyConfig(seed=seed, minutes=minutes,
+                                        **({"steps": steps} if steps is not None else {}))
+        consistency.check()  # before minutes of embedding
+        state_path = out / CONSISTENCY_STATE
+    classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress,
+                                  base, consistency, state_path)
+    if self_contained:
+        classifier.own_backbone()
     classifier.save(out, overwrite)
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)  # the run is done: the classifier holds its result
     return classifier
 
 
 def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: str | None = None,
                   min_probability: float | None = None, max_ood: float | None = None,
                   device: str = "auto", overwrite: bool = False,
-                  progress: bool | None = False) -> tuple[Prediction, dict[str, Any]]:
+                  progress: bool | None = False, adapt: str = "none") -> tuple[Prediction, dict[str, Any]]:
     """`ssl-blood predict`: one CSV row per cell of `split` (default: test, or the only split)
     of `source`, and beside it (OUT.counts.json) the differential count; returns both."""
     from ssl_blood.data import default_split, load_split
@@ -571,7 +751,7 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
         raise UserError("give the cells to classify (`image_dir`, `manifest` or `npz`)",
                         param="image_dir")
     cells = load_split(source, split or default_split(source))
-    prediction = model.predict(cells, min_probability, max_ood, progress)
+    prediction = model.predict(cells, min_probability, max_ood, progress, adapt)
     shift = prediction.shift
     if shift and shift["shift_warning"]:
         from ssl_blood import ui
@@ -581,7 +761,7 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                 f"another stain or scanner? Review more of them, or add labels from this slide with "
                 f"ssl-blood train-classifier --from")
     counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
-              **prediction.differential()}
+              "adapt": adapt, **prediction.differential()}
     prediction.to_csv(out)
     write_json(counts, counts_path)
     return prediction, counts

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_blood.cli.common import add_data_args, add_json, print_json, source_from_args, source_given
+from ssl_blood.cli.common import (add_data_args, add_json, csv_list, print_json, source_from_args,
+                                  source_given)
 
 HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
     "train-classifier": "train and keep a classifier from labelled cells (a labels CSV)",
     "predict": "classify new cells: class, probability, review flag, differential count",
+    "robustness": "a classifier under stain, scanner and imaging shifts, with and without AdaBN",
 }
 
 
@@ -33,7 +35,16 @@ def _add_train_classifier(sub) -> None:
     p.add_argument("--split", help="which split holds the labelled cells (default train)")
     p.add_argument("--fraction", type=float, help="without --labels: this fraction of the data's labels")
     p.add_argument("--shots", type=int, help="without --labels: this many labels per class")
-    p.add_argument("--head", choices=HEADS, default="logistic")
+    p.add_argument("--head", choices=HEADS, default="logistic",
+                   help="logistic: on the frozen features (seconds); propagate: plus labels spread "
+                        "to the unlabelled cells on their kNN graph; fixmatch: first trains the "
+                        "backbone on labelled and unlabelled cells (FixMatch/FlexMatch "
+                        "consistency, minutes; resumes if interrupted)")
+    p.add_argument("--minutes", type=float, help="--head fixmatch: time budget of its training")
+    p.add_argument("--steps", type=int, help="--head fixmatch: training steps (default 500)")
+    p.add_argument("--self-contained", action="store_true",
+                   help="copy the backbone into the classifier folder, so it runs without the "
+                        "pretraining run (head fixmatch always keeps its own)")
     p.add_argument("--review-rate", type=float, default=DEFAULT_REVIEW_RATE,
                    help="share of cells sent to review: sets the probability threshold by "
                         "cross-validation (default %(default)s)")
@@ -53,7 +64,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
                              source_from_args(args) if source_given(args) else None, args.labels,
                              args.split, args.fraction, args.shots, args.head, args.seed,
                              args.review_rate, args.device, args.overwrite, progress=None,
-                             from_classifier=args.from_classifier)
+                             from_classifier=args.from_classifier, minutes=args.minutes,
+                             steps=args.steps, self_contained=args.self_contained)
     if args.json:
         return print_json(model.card)
     print((Path(args.out) / "card.md").read_text().rstrip())
@@ -74,6 +86,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--split", help="which split to classify (default test, or the only one)")
     p.add_argument("--min-probability", type=float)
     p.add_argument("--max-ood", type=float)
+    p.add_argument("--adapt", choices=("none", "adabn"), default="none",
+                   help="adabn: re-estimate the backbone's BatchNorm statistics on these cells "
+                        "first (a slide from another stain or scanner; needs >= 32 cells)")
     p.add_argument("--review", metavar="REVIEW.html",
                    help="a page of the flagged cells to confirm or correct; it downloads "
                         "corrections.csv for ssl-blood train-classifier --from DIR --labels")
@@ -90,7 +105,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _, counts = predict_and_review(args.classifier, source_from_args(args) if source_given(args) else None,
                                    args.out, args.review, args.split, args.min_probability,
-                                   args.max_ood, args.device, args.overwrite, progress=None)
+                                   args.max_ood, args.device, args.overwrite, progress=None,
+                                   adapt=args.adapt)
     if args.json:
         return print_json(counts)
     print(f"{counts['cells']} cells: {counts['accepted']} accepted, {counts['review']} for review"
@@ -104,4 +120,68 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-ADDERS = {"train-classifier": _add_train_classifier, "predict": _add_predict}
+def severity_list(text: str) -> list[int]:
+    """"1-5", "3" or "1,3,5" -> [1, ..., 5]."""
+    from ssl_blood.errors import UserError
+
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-"))
+            return list(range(low, high + 1))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"`severities` {text!r}: give a range such as 1-5 or a list such as "
+                        f"1,3,5", param="severities") from None
+
+
+def _add_robustness(sub) -> None:
+    from ssl_blood.analysis.robustness import available_corruptions
+
+    p = sub.add_parser("robustness", help=HELP["robustness"],
+                       description="Accuracy, balanced accuracy, per-class recall, ECE, the share "
+                                   "sent to review and the batch shift warning of a classifier on "
+                                   "labelled cells under each corruption and severity (stain "
+                                   "colour, blur, resampling, brightness; MedMNIST-C's when "
+                                   "medmnistc is installed), with and without --adapt adabn. "
+                                   "Writes OUT/robustness.csv, .json and .png (heat map).")
+    p.add_argument("--classifier", required=True, metavar="DIR")
+    p.add_argument("--corruptions", metavar="A,B",
+                   help=f"default: all available ({', '.join(available_corruptions())})")
+    p.add_argument("--severities", default="1-5", help="1-5 (default), 3, or 1,3,5")
+    p.add_argument("--adapt", default="none", metavar="none,adabn",
+                   help="adaptations to compare (default none; none,adabn for both)")
+    p.add_argument("--labels", metavar="FILE.csv", help="the cells' classes, if the data has none")
+    p.add_argument("--split", help="which split to measure (default test, or the only one)")
+    add_data_args(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="draws of the random shifts (stain)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_robustness)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from ssl_blood.analysis.robustness import REPORTED_SEVERITY, robustness_report
+
+    result = robustness_report(args.classifier, source_from_args(args) if source_given(args) else None,
+                               args.out, args.split, csv_list(args.corruptions, flag="--corruptions"),
+                               severity_list(args.severities), csv_list(args.adapt, flag="--adapt"),
+                               args.labels, args.device, args.overwrite, args.seed, progress=None)
+    if args.json:
+        return print_json({k: v for k, v in result.items() if k != "rows"})
+    print(f"{result['cells']} labelled cells, {len(result['corruptions'])} corruptions x "
+          f"severities {','.join(map(str, result['severities']))}")
+    for adapt, s in result["summary"].items():
+        line = f"adapt {adapt}: clean {s['clean_accuracy']:.1%}"
+        if f"mean_accuracy_severity{REPORTED_SEVERITY}" in s:
+            line += (f", mean at severity {REPORTED_SEVERITY} {s[f'mean_accuracy_severity{REPORTED_SEVERITY}']:.1%}"
+                     f" (worst {s['worst']['corruption']} {s['worst']['accuracy']:.1%}), shift warning on "
+                     f"{s['warning_rate']:.0%} of them")
+        print(line)
+    print(f"wrote {Path(args.out) / 'robustness.csv'}, robustness.json and robustness.png")
+    return 0
+
+
+ADDERS = {"train-classifier": _add_train_classifier, "predict": _add_predict,
+          "robustness": _add_robustness}

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -29,10 +29,14 @@ from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.model.inference import frozen_for_inference
 from ssl_blood.files import atomic_write, sha256_bytes, sha256_file
 
+if TYPE_CHECKING:
+    from ssl_blood.model.checkpoint import TrainedBackbone
+
 BASELINES = ("pixels", "random-init")
 EMBEDDER_KINDS = ("checkpoint",) + BASELINES
 FEATURE_DTYPES = ("float32", "float16")
 EXPORT_FORMATS = ("npz", "csv", "parquet")
+ADABN_MIN_CELLS = 32  # fewer cells give BatchNorm statistics noisier than the shift they correct
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -103,8 +107,10 @@ def _stats_digest(*arrays: Sequence[float]) -> str:
 class Embedder:
     """Images in, features out; `spec` rebuilds the same embedder elsewhere."""
 
-    def __init__(self, spec: EmbedderSpec, model: nn.Module | None, device: torch.device):
+    def __init__(self, spec: EmbedderSpec, model: nn.Module | None, device: torch.device,
+                 trained: nn.Module | None = None):
         self.spec, self.model, self.device = spec, model, device
+        self.trained = trained  # the backbone before BatchNorm folding (AdaBN re-estimates it)
 
     @property
     def identity(self) -> str:
@@ -142,22 +148,64 @@ class Embedder:
                          self.device, precision=spec.precision, channels_last=spec.channels_last,
                          progress=progress, desc=f"embedding ({spec.label})")
 
+    def adapted(self, images: torch.Tensor, progress: bool | None = False) -> "Embedder":
+        """This embedder with its BatchNorm statistics re-estimated on `images` (AdaBN, Li et
+        al. 2016): a slide from another stain or scanner normalised by its own statistics.
+        Only a checkpoint's backbone has them; the weights stay as trained."""
+        import copy
+
+        from ssl_blood.model.inference import inference_batch
+
+        if self.trained is None:
+            raise UserError("AdaBN re-estimates a trained backbone's BatchNorm statistics; this "
+                            "embedder has none", param="adapt")
+        if len(images) < ADABN_MIN_CELLS:
+            raise UserError(f"AdaBN needs at least {ADABN_MIN_CELLS} cells to estimate a slide's "
+                            f"statistics, got {len(images)}; classify the slide without `adapt`",
+                            param="adapt")
+        self.check_images(images)
+        model = copy.deepcopy(self.trained).to(self.device)
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            raise UserError(f"the backbone {self.spec.backbone} has no BatchNorm to re-estimate; "
+                            f"classify without `adapt`", param="adapt")
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over every cell of the slide
+        model.train()
+        spec, step = self.spec, inference_batch(int(self.spec.input_size))
+        from ssl_blood import ui
+        from ssl_blood.model.augment import eval_preprocess
+
+        with torch.no_grad():
+            for start in ui.bar(range(0, len(images), step), desc="AdaBN statistics",
+                                unit="batch", enabled=progress):
+                model(eval_preprocess(images[start:start + step].to(self.device), spec.mean,
+                                      spec.std, int(spec.input_size)))
+        return Embedder(spec, frozen_for_inference(model.eval()), self.device, model.eval())
+
     # -- constructors ---------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Embedder":
         from ssl_blood.model.checkpoint import load_backbone
 
-        trained = load_backbone(path)
+        return cls.from_trained(load_backbone(path), str(Path(path).resolve()), device)
+
+    @classmethod
+    def from_trained(cls, trained: TrainedBackbone, checkpoint: str,
+                     device: str = "auto") -> "Embedder":
+        """The embedder of a backbone already loaded (`checkpoint`: where its file is or will
+        be, e.g. a classifier's own backbone.pt)."""
         ds = trained.dataset
         spec = EmbedderSpec(
             kind="checkpoint", identity=f"sha256:{trained.sha256}", image_size=ds["image_size"],
             channels=ds["channels"], num_classes=ds["num_classes"], source=ds["source"],
             input_size=ds["input_size"], mean=ds["mean"], std=ds["std"], backbone=trained.name,
-            stem=trained.stem, checkpoint=str(Path(path).resolve()), precision=trained.precision,
+            stem=trained.stem, checkpoint=checkpoint, precision=trained.precision,
             channels_last=trained.channels_last)
         dev = resolve_device(device)
-        return cls(spec, frozen_for_inference(trained.model).to(dev), dev)
+        return cls(spec, frozen_for_inference(trained.model).to(dev), dev, trained.model)
 
     @classmethod
     def baseline(cls, kind: str, train: CellData, backbone: str = "resnet18", seed: int = 0,

@@ -204,9 +204,27 @@ def backbone_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
 
 def load_backbone(path: str | Path) -> TrainedBackbone:
     """The evaluation backbone of a checkpoint file, in eval mode on the CPU."""
-    ckpt = load_checkpoint(path)
+    return trained_backbone(load_checkpoint(path), sha256_file(path))
+
+
+def trained_backbone(ckpt: dict[str, Any], sha256: str) -> TrainedBackbone:
+    """The evaluation backbone of a loaded checkpoint whose file has this SHA-256."""
     return TrainedBackbone(backbone_from_checkpoint(ckpt), ckpt["backbone_name"],
-                           ckpt["backbone_stem"], ckpt["dataset"], ckpt["config"], sha256_file(path))
+                           ckpt["backbone_stem"], ckpt["dataset"], ckpt["config"], sha256)
+
+
+def backbone_only(ckpt: dict[str, Any], backbone: dict[str, torch.Tensor] | None = None,
+                  kind: str | None = None, note: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint holding only what embedding needs (no method head, optimiser or random
+    state): what a classifier folder keeps of its backbone. `backbone`: other weights (e.g.
+    after consistency training), `note`: recorded in its config."""
+    state = {k: v.detach().cpu().clone() for k, v in (backbone or ckpt["backbone"]).items()}
+    config = {**ckpt["config"], **({"classifier_training": note} if note else {})}
+    return {"format_version": FORMAT_VERSION, "ssl_blood_version": __version__,
+            "kind": kind or ckpt.get("kind", "simclr"), "config": config, "dataset": ckpt["dataset"],
+            "backbone_name": ckpt["backbone_name"], "backbone_stem": ckpt["backbone_stem"],
+            "backbone": state, "method": {}, "optimizer": {}, "epoch": int(ckpt["epoch"]),
+            "history": [], "rng": {}}
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
