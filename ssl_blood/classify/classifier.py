@@ -33,11 +33,12 @@ from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_byt
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "card.md"
-HEADS = ("logistic", "propagate", "fixmatch")
-BACKBONE = "backbone.pt"  # a classifier's own backbone (fixmatch, or `self_contained`)
+HEADS = ("logistic", "propagate", "fine-tune", "fixmatch")
+TRAINED_BACKBONE_HEADS = ("fine-tune", "fixmatch")  # heads that train the backbone (minutes, not seconds)
+BACKBONE = "backbone.pt"  # a classifier's own backbone (trained heads, or `self_contained`)
 ADAPTATIONS = ("none", "adabn")  # what predict may do to a new slide first
 ADABN_KEYS = ("adabn_mean", "adabn_std", "source_mean", "source_std")  # see _adabn_reference
-CONSISTENCY_STATE = "consistency-state.pt"  # head fixmatch's run while it trains (to resume)
+CONSISTENCY_STATE = "consistency-state.pt"  # a trained head's run while it trains (to resume)
 PSEUDO_PER_LABEL = (0, 5, 20)  # pseudo-labelled cells per labelled cell; 0 is the plain logistic head
 DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
@@ -136,9 +137,9 @@ class Classifier:
         """Fit on every labelled cell of `cells` with `embedder`'s features (e.g.
         `Embedder.from_checkpoint`); settings by stratified cross-validation. With `base`, its
         labelled cells are kept and these added (a review's corrections, a new lab's labels).
-        Head 'fixmatch' first consistency-trains the backbone (`consistency`: a
-        `ConsistencyConfig`; `state_path`: where the run is kept to resume), see
-        `classify.consistency`."""
+        Heads 'fixmatch' and 'fine-tune' first train the backbone, with or without the
+        unlabelled cells (`consistency`: a `ConsistencyConfig`; `state_path`: where the run is
+        kept to resume), see `classify.consistency`."""
         if head not in HEADS:
             raise UserError(f"`head` {head}: choose one of {', '.join(HEADS)}", param="head")
         if not 0 <= review_rate < 1:
@@ -149,12 +150,12 @@ class Classifier:
             raise UserError(f"head '{head}' learns from unlabelled cells too and this data has "
                             f"none besides the labelled ones; give the whole folder, or use head "
                             f"logistic", param="head")
-        if head == "fixmatch":
+        if head in TRAINED_BACKBONE_HEADS:
             if base is not None:
-                raise UserError("labels are added to a classifier with its own head; train a "
-                                "fixmatch classifier anew from `checkpoint`", param="head")
-            return cls._train_fixmatch(embedder, cells, seed, review_rate, labels_file, progress,
-                                       consistency, state_path)
+                raise UserError(f"labels are added to a classifier with its own head; train a "
+                                f"{head} classifier anew from `checkpoint`", param="head")
+            return cls._train_backbone(head, embedder, cells, seed, review_rate, labels_file,
+                                       progress, consistency, state_path)
         # a sample of the lab's own unlabelled cells calibrates the shift check and AdaBN
         pool = np.sort(np.random.default_rng(seed).permutation(len(rest_rows))[:SHIFT_POOL])
         pool_images = cells.subset(rest_rows[pool]).images if len(rest_rows) else None
@@ -239,13 +240,15 @@ class Classifier:
         return cls(embedder, cells.class_names, tensors, calibration["temperature"], thresholds, card)
 
     @classmethod
-    def _train_fixmatch(cls, embedder: Embedder, cells: CellData, seed: int, review_rate: float,
-                        labels_file: dict[str, str] | None, progress: bool | None,
-                        consistency: Any, state_path: str | Path | None) -> "Classifier":
-        """Consistency-train the pretrained backbone with the labelled and unlabelled cells
-        (head initialised as the cross-validated logistic head of the frozen features), then
-        the logistic head, calibration and thresholds on the trained backbone's features as
-        for head 'logistic'. The trained backbone becomes the classifier's own (BACKBONE)."""
+    def _train_backbone(cls, head: str, embedder: Embedder, cells: CellData, seed: int,
+                        review_rate: float, labels_file: dict[str, str] | None,
+                        progress: bool | None, consistency: Any,
+                        state_path: str | Path | None) -> "Classifier":
+        """Train the pretrained backbone (head initialised as the cross-validated logistic head
+        of the frozen features): 'fixmatch' with the labelled and unlabelled cells, 'fine-tune'
+        with the labelled ones alone (the same recipe without the unlabelled loss). Then the
+        logistic head, calibration and thresholds on the trained backbone's features as for head
+        'logistic'. The trained backbone becomes the classifier's own (BACKBONE)."""
         from torch import nn
 
         from ssl_blood.classify.consistency import ConsistencyConfig, HeadedBackbone, train_consistency
@@ -265,14 +268,16 @@ class Classifier:
             model.head.weight.copy_(w)
             model.head.bias.copy_(fit["head"].bias.detach() - w @ torch.as_tensor(fit["mean"]))
         cfg = consistency or ConsistencyConfig(seed=seed)
+        if head == "fine-tune":
+            cfg = dataclasses.replace(cfg, unlabelled_weight=0.0)
         ds = ckpt["dataset"]
         rest = cells.subset(np.flatnonzero(cells.labels.numpy() < 0))
         ema, report = train_consistency(model, labelled.images, labels, rest.images, ds["mean"],
                                         ds["std"], int(ds["input_size"]), cfg, embedder.device,
                                         state_path, progress)
         pretrained = {"checkpoint": embedder.spec.checkpoint, "checkpoint_sha256": embedder.identity}
-        own = backbone_only(ckpt, ema.backbone.state_dict(), kind="fixmatch",
-                            note={"head": "fixmatch", "pretrained": pretrained,
+        own = backbone_only(ckpt, ema.backbone.state_dict(), kind=head,
+                            note={"head": head, "pretrained": pretrained,
                                   "steps": report["steps"], "config": report["config"]})
         buffer = io.BytesIO()
         torch.save(own, buffer)
@@ -281,7 +286,7 @@ class Classifier:
                                         str(embedder.device))
         classifier = cls.train(adapted, cells, "logistic", seed, review_rate, labels_file, progress)
         classifier.backbone_file = data
-        classifier.card.update(head="fixmatch", consistency={
+        classifier.card.update(head=head, consistency={
             **report, "pretrained": pretrained,
             "frozen_head_cv_accuracy": float((fit["oof_logits"].argmax(1) == labels).mean()),
             "note": "the backbone learned from these labels: the cross-validated accuracy and "
@@ -662,8 +667,10 @@ def card_markdown(card: dict) -> str:
              f"({'kept: it helped' if cal['kept'] else 'not used: it did not help'}).", ""]
     if "consistency" in card:
         run = card["consistency"]
-        lines += [f"Head fixmatch: the backbone was consistency-trained for {run['steps']} steps with "
-                  f"the unlabelled cells ({run['seconds'] / 60:.1f} min); the frozen features' head "
+        how = "consistency-trained with the unlabelled cells" if card["head"] == "fixmatch" else \
+            "trained on the labelled cells"
+        lines += [f"Head {card['head']}: the backbone was {how} for {run['steps']} steps "
+                  f"({run['seconds'] / 60:.1f} min); the frozen features' head "
                   f"cross-validated at {run['frozen_head_cv_accuracy']:.1%}. The backbone learned "
                   f"from these labels, so the figures above are optimistic.", ""]
     lines += ["| class | labelled cells |", "|---|---|"]
@@ -687,8 +694,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
     a classifier trained on them and saved to `out`. With `from_classifier` (instead of
     `checkpoint`), these labels are added to that classifier's: same backbone, same classes.
-    Head 'fixmatch' trains the backbone for `steps` or `minutes` (resumable: its state is kept in
-    `out` until the classifier is written); `self_contained` copies the backbone into `out`."""
+    Heads 'fixmatch' and 'fine-tune' train the backbone for `steps` or `minutes` (resumable: its
+    state is kept in `out` until the classifier is written); `self_contained` copies the backbone
+    into `out`."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -698,9 +706,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                         "one), one of them", param=("checkpoint", "from_classifier"))
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
-    if (minutes is not None or steps is not None) and head != "fixmatch":
-        raise UserError("`minutes` and `steps` size the training of head fixmatch; the other "
-                        "heads take seconds", param=("minutes", "head"))
+    if (minutes is not None or steps is not None) and head not in TRAINED_BACKBONE_HEADS:
+        raise UserError("`minutes` and `steps` size the training of heads fixmatch and fine-tune; "
+                        "the other heads take seconds", param=("minutes", "head"))
     table = read_labels(labels) if labels is not None else None
     base = Classifier.load(from_classifier, device) if from_classifier is not None else None
     embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
@@ -717,7 +725,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
         cells = cells.with_labels(kept, cells.class_names)
     labels_file = {"path": table.path, "sha256": table.sha256} if table is not None else None
     consistency = state_path = None
-    if head == "fixmatch":
+    if head in TRAINED_BACKBONE_HEADS:
         from ssl_blood.classify.consistency import ConsistencyConfig
 
         consistency = ConsistencyConfig(seed=seed, minutes=minutes,

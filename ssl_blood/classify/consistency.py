@@ -198,7 +198,7 @@ def train_consistency(model: HeadedBackbone, labelled: torch.Tensor, labels: np.
     when it holds a run of the same settings, labels and start (bit for bit on the CPU)."""
     cfg.check()
     labels = np.asarray(labels, dtype=np.int64)
-    if not len(unlabelled):
+    if not len(unlabelled) and cfg.unlabelled_weight > 0:
         raise UserError("consistency training learns from unlabelled cells and there are none; "
                         "give the whole folder, not only the labelled cells", param="head")
     num_classes = model.head.out_features
@@ -272,30 +272,28 @@ def _resume(state: _State, state_path: str | Path | None, fingerprint: str) -> i
 def _step(state: _State, cfg: ConsistencyConfig, labelled: torch.Tensor, y_all: torch.Tensor,
           unlabelled: torch.Tensor, weak: BatchAugment, strong: BatchAugment, size: int,
           num_classes: int, device: torch.device) -> dict[str, float]:
-    """One FixMatch step with FlexMatch thresholds, then the EMA update."""
+    """One FixMatch step with FlexMatch thresholds (labelled cells only when
+    `unlabelled_weight` is 0: plain fine-tuning), then the EMA update."""
     from lightly.models.utils import update_momentum
 
     gen, model = state.view_gen, freeze_batchnorm(state.model)
     li = torch.randint(len(labelled), (cfg.labelled_batch,), generator=state.order_gen)
-    ui_ = torch.randint(len(unlabelled), (cfg.labelled_batch * cfg.unlabelled_ratio,),
-                        generator=state.order_gen)
+    rows = torch.randint(len(unlabelled), (cfg.labelled_batch * cfg.unlabelled_ratio,),
+                         generator=state.order_gen) if cfg.unlabelled_weight > 0 else None
     x_l, y = labelled[li].to(device), y_all[li].to(device)
-    x_u = unlabelled[ui_].to(device)
     _set_lr(state.optimizer, cfg, state.step, state.total)
     with autocast(device, cfg.precision):
-        with torch.no_grad():
-            probs = model(weak.view(x_u, gen, size, WEAK.crop_scale)).float().softmax(1)
-        confidence, pseudo = probs.max(1)
-        over_tau = (confidence > cfg.threshold).cpu()
-        state.selected[ui_[over_tau]] = pseudo.cpu()[over_tau]
-        thresholds = class_thresholds(state.selected, num_classes, cfg.threshold, cfg.adaptive,
-                                      cfg.threshold_floor)
-        mask = (confidence >= thresholds.to(device)[pseudo]).float()
-        views = torch.cat([weak.view(x_l, gen, size, WEAK.crop_scale),
-                           cutout(strong.view(x_u, gen, size, STRONG.crop_scale), cfg.cutout, gen)])
+        if rows is not None:
+            x_u = unlabelled[rows].to(device)
+            pseudo, mask = _pseudo_labels(state, cfg, x_u, rows, weak, size, num_classes)
+        views = weak.view(x_l, gen, size, WEAK.crop_scale)
+        if rows is not None:
+            views = torch.cat([views, cutout(strong.view(x_u, gen, size, STRONG.crop_scale), cfg.cutout, gen)])
         logits = model(views).float()
     loss_l = F.cross_entropy(logits[:len(li)], y)
-    loss_u = (F.cross_entropy(logits[len(li):], pseudo, reduction="none") * mask).mean()
+    loss_u = torch.zeros((), device=device)
+    if rows is not None:
+        loss_u = (F.cross_entropy(logits[len(li):], pseudo, reduction="none") * mask).mean()
     loss = loss_l + cfg.unlabelled_weight * loss_u
     if not torch.isfinite(loss):
         from ssl_blood.errors import RunFailed
@@ -307,4 +305,18 @@ def _step(state: _State, cfg: ConsistencyConfig, labelled: torch.Tensor, y_all: 
     state.optimizer.step()
     update_momentum(state.model, state.ema, cfg.ema_decay)
     return {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item(),
-            "mask": float(mask.mean())}
+            "mask": float(mask.mean()) if rows is not None else 0.0}
+
+
+def _pseudo_labels(state: _State, cfg: ConsistencyConfig, x_u: torch.Tensor, rows: torch.Tensor,
+                   weak: BatchAugment, size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weak views' pseudo-labels of unlabelled cells `x_u` (positions `rows`) and the mask
+    of those above their class's threshold; updates the classes' learning effects."""
+    with torch.no_grad():
+        probs = state.model(weak.view(x_u, state.view_gen, size, WEAK.crop_scale)).float().softmax(1)
+    confidence, pseudo = probs.max(1)
+    over_tau = (confidence > cfg.threshold).cpu()
+    state.selected[rows[over_tau]] = pseudo.cpu()[over_tau]
+    thresholds = class_thresholds(state.selected, num_classes, cfg.threshold, cfg.adaptive,
+                                  cfg.threshold_floor)
+    return pseudo, (confidence >= thresholds.to(confidence.device)[pseudo]).float()

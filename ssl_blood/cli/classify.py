@@ -38,10 +38,10 @@ def _add_train_classifier(sub) -> None:
     p.add_argument("--head", choices=HEADS, default="logistic",
                    help="logistic: on the frozen features (seconds); propagate: plus labels spread "
                         "to the unlabelled cells on their kNN graph; fixmatch: first trains the "
-                        "backbone on labelled and unlabelled cells (FixMatch/FlexMatch "
-                        "consistency, minutes; resumes if interrupted)")
-    p.add_argument("--minutes", type=float, help="--head fixmatch: time budget of its training")
-    p.add_argument("--steps", type=int, help="--head fixmatch: training steps (default 500)")
+                        "backbone on labelled and unlabelled cells (FixMatch consistency, minutes; "
+                        "resumes if interrupted); fine-tune: the same on the labelled cells alone")
+    p.add_argument("--minutes", type=float, help="--head fixmatch/fine-tune: time budget of the training")
+    p.add_argument("--steps", type=int, help="--head fixmatch/fine-tune: training steps (default 500)")
     p.add_argument("--self-contained", action="store_true",
                    help="copy the backbone into the classifier folder, so it runs without the "
                         "pretraining run (head fixmatch always keeps its own)")

@@ -176,7 +176,7 @@ def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys
     assert card["consistency"]["pretrained"]["checkpoint"].endswith("checkpoint.pt")
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [
         "backbone.pt", "card.json", "card.md", "classifier.json", "head.pt"]  # no state left
-    assert "consistency-trained for 6 steps" in (tmp_path / "clf" / "card.md").read_text()
+    assert "consistency-trained with the unlabelled cells for 6 steps" in (tmp_path / "clf" / "card.md").read_text()
     shutil.move(tmp_path / "clf", tmp_path / "moved")  # the folder runs wherever it is
     code, out, err = run_cli(capsys, "predict", "--classifier", tmp_path / "moved", *folder,
                              "--out", tmp_path / "p.csv", "--json")
@@ -209,7 +209,7 @@ def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (("--minutes", "5"), "--minutes and --steps size the training of head fixmatch"),
+    (("--minutes", "5"), "--minutes and --steps size the training of heads fixmatch and fine-tune"),
     (("--head", "fixmatch", "--steps", "0"), "--steps 0 must be a positive number"),
     (("--head", "fixmatch", "--minutes", "-1"), "--minutes -1.0 must be a positive number"),
 ])
@@ -232,3 +232,18 @@ def test_fixmatch_needs_unlabelled_cells(tiny_run, tmp_path, capsys):
                            "--out", tmp_path / "clf")
     assert_one_line_error(code, err, "head 'fixmatch' learns from unlabelled cells too")
     assert not (tmp_path / "clf").exists()
+
+
+def test_fine_tune_head_needs_no_unlabelled_cells(tiny_run, tmp_path, capsys):
+    """The same training without the unlabelled loss: a folder whose every cell is labelled."""
+    run, npz = tiny_run
+    npz_slide(npz, "test", tmp_path / "pool", tmp_path / "labels.csv", labelled=40)
+    code, out, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt",
+                             "--image-dir", tmp_path / "pool", "--size", "16", "--cache-dir", "none",
+                             "--labels", tmp_path / "labels.csv", "--head", "fine-tune", "--steps", "5",
+                             "--out", tmp_path / "clf", "--json")
+    assert code == 0, err
+    card = json.loads(out)
+    assert card["head"] == "fine-tune" and card["consistency"]["config"]["unlabelled_weight"] == 0
+    assert card["consistency"]["pseudo_label_rate"] == 0 and (tmp_path / "clf" / "backbone.pt").is_file()
+    assert "trained on the labelled cells for 5 steps" in (tmp_path / "clf" / "card.md").read_text()
