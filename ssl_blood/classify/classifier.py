@@ -688,7 +688,8 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                      review_rate: float = DEFAULT_REVIEW_RATE, device: str = "auto",
                      overwrite: bool = False, progress: bool | None = False,
                      from_classifier: str | Path | None = None, minutes: float | None = None,
-                     steps: int | None = None, self_contained: bool = False) -> Classifier:
+                     steps: int | None = None, self_contained: bool = False,
+                     stain: float = 0.0) -> Classifier:
     """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
     split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
@@ -706,9 +707,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                         "one), one of them", param=("checkpoint", "from_classifier"))
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
-    if (minutes is not None or steps is not None) and head not in TRAINED_BACKBONE_HEADS:
-        raise UserError("`minutes` and `steps` size the training of heads fixmatch and fine-tune; "
-                        "the other heads take seconds", param=("minutes", "head"))
+    if (minutes is not None or steps is not None or stain) and head not in TRAINED_BACKBONE_HEADS:
+        raise UserError("`minutes`, `steps` and `stain` set the training of heads fixmatch and "
+                        "fine-tune; the other heads take seconds", param=("minutes", "head"))
     table = read_labels(labels) if labels is not None else None
     base = Classifier.load(from_classifier, device) if from_classifier is not None else None
     embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
@@ -728,7 +729,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if head in TRAINED_BACKBONE_HEADS:
         from ssl_blood.classify.consistency import ConsistencyConfig
 
-        consistency = ConsistencyConfig(seed=seed, minutes=minutes,
+        consistency = ConsistencyConfig(seed=seed, minutes=minutes, stain=stain,
                                         **({"steps": steps} if steps is not None else {}))
         consistency.check()  # before minutes of embedding
         state_path = out / CONSISTENCY_STATE

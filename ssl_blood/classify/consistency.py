@@ -24,6 +24,7 @@ Written here rather than taken from USB/TorchSSL: those train their own loops an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -71,6 +72,7 @@ class ConsistencyConfig:
     unlabelled_weight: float = 1.0  # lambda_u
     ema_decay: float = 0.99  # ~100-step horizon: runs here are hundreds of steps, not 2**20
     cutout: float = 0.5  # side of the cut-out square as a share of the view's side
+    stain: float = 0.0  # HED stain jitter of both views (augment.stain_jitter): another lab's stain
     save_every: int = 25  # steps between resumable states
     seed: int = 0
     precision: str = "auto"
@@ -85,7 +87,7 @@ class ConsistencyConfig:
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
             raise UserError(f"`minutes` {self.minutes} must be a positive number of minutes",
                             param="minutes")
-        for name in ("threshold", "threshold_floor", "ema_decay", "cutout"):
+        for name in ("threshold", "threshold_floor", "ema_decay", "cutout", "stain"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"`{name}` {getattr(self, name)} must be in [0, 1)", param=name)
 
@@ -209,7 +211,8 @@ def train_consistency(model: HeadedBackbone, labelled: torch.Tensor, labels: np.
                    torch.Generator().manual_seed(cfg.seed),
                    torch.Generator(device).manual_seed(cfg.seed + 1), [])
     resumed = _resume(state, state_path, fingerprint)
-    weak, strong = BatchAugment(WEAK, mean, std), BatchAugment(STRONG, mean, std)
+    weak = BatchAugment(dataclasses.replace(WEAK, stain=cfg.stain), mean, std)
+    strong = BatchAugment(dataclasses.replace(STRONG, stain=cfg.stain), mean, std)
     y_all = torch.as_tensor(labels)
     started, deadline = time.monotonic(), None
     if cfg.minutes is not None and not resumed:

@@ -43,6 +43,7 @@ class AugmentConfig:
     blur_prob: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 1.0)  # in pixels of the output view
     solarize_prob: float = 0.0
+    stain: float = 0.0  # HED stain jitter (see stain_jitter): 0.2 ~ another lab's H&E balance
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugmentConfig":
@@ -180,6 +181,25 @@ def color_jitter(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> t
     return x
 
 
+def stain_jitter(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Another haematoxylin/eosin balance per image (HED augmentation, Tellez et al. 2018): the
+    optical densities of both stains scaled by U(1 - s, 1 + s) and offset by U(-s/4, s/4), in
+    the colour deconvolution `data.shifts` uses for its stain shift. Hand-written: torchvision
+    has no stain augmentation and HEDJitter packages work per PIL image."""
+    if strength <= 0 or x.shape[1] != 3:
+        return x
+    from ssl_blood.data.shifts import HED_FROM_RGB, RGB_FROM_HED
+
+    n, device = x.shape[0], x.device
+    to_hed = torch.as_tensor(HED_FROM_RGB, dtype=x.dtype, device=device)
+    to_rgb = torch.as_tensor(RGB_FROM_HED, dtype=x.dtype, device=device)
+    hed = torch.einsum("nchw,cj->njhw", -torch.log(x.clamp(min=1 / 255)), to_hed)
+    scale = _uniform(2 * n, 1 - strength, 1 + strength, gen, device).view(n, 2, 1, 1).to(x.dtype)
+    offset = _uniform(2 * n, -strength / 4, strength / 4, gen, device).view(n, 2, 1, 1).to(x.dtype)
+    hed = torch.cat([hed[:, :2] * scale + offset, hed[:, 2:]], 1)
+    return torch.exp(-torch.einsum("njhw,jc->nchw", hed, to_rgb)).clamp_(0, 1)
+
+
 def random_grayscale(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     if p <= 0 or x.shape[1] != 3:
         return x
@@ -248,6 +268,7 @@ class BatchAugment:
                                    cfg.rot90, gen, x.device)
         x = warp(x, theta, size)
         x = color_jitter(x, cfg, gen)
+        x = stain_jitter(x, cfg.stain, gen)
         x = random_grayscale(x, cfg.grayscale, gen)
         x = gaussian_blur(x, cfg.blur_prob, cfg.blur_sigma, gen)
         x = solarize(x, cfg.solarize_prob, gen)

@@ -209,9 +209,11 @@ def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (("--minutes", "5"), "--minutes and --steps size the training of heads fixmatch and fine-tune"),
+    (("--minutes", "5"), "--minutes, --steps and --stain set the training of heads fixmatch and fine-tune"),
     (("--head", "fixmatch", "--steps", "0"), "--steps 0 must be a positive number"),
     (("--head", "fixmatch", "--minutes", "-1"), "--minutes -1.0 must be a positive number"),
+    (("--stain", "0.2"), "--minutes, --steps and --stain set the training of heads fixmatch"),
+    (("--head", "fine-tune", "--stain", "1.5"), r"--stain 1.5 must be in \[0, 1\)"),
 ])
 def test_fixmatch_bad_input_is_one_line_and_writes_nothing(pool, capsys, extra, pattern):
     run, tmp_path, _ = pool

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,40 @@ def test_grayscale_input_images():
     views = BatchAugment(AugmentConfig(hue=0.2, grayscale=0.5), [0.5], [0.2]).views(
         [ViewGroup(2, 16, (0.14, 1.0))], x, gen())
     assert views[0].shape == (6, 1, 16, 16)
+
+
+def test_stain_jitter_rescales_each_images_haematoxylin_and_eosin_only():
+    """Per image, the H and E optical densities are an affine map of the input's with scale in
+    [1 - s, 1 + s] and offset in [-s/4, s/4]; the third (DAB) density is untouched."""
+    from ssl_blood.data.shifts import HED_FROM_RGB
+    from ssl_blood.model.augment import stain_jitter
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.3 + 0.35
+    out = stain_jitter(x, 0.2, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and 0 < out.min() and out.max() < 1  # nothing clipped here
+
+    def hed(images):
+        return torch.einsum("nchw,cj->njhw", -torch.log(images.double()),
+                            torch.as_tensor(HED_FROM_RGB)).flatten(2)
+
+    before, after = hed(x), hed(out)
+    scales = []
+    for i in range(16):
+        for stain in (0, 1):
+            a, b = np.polyfit(before[i, stain].numpy(), after[i, stain].numpy(), 1)
+            assert 0.8 - 1e-4 <= a <= 1.2 + 1e-4 and abs(b) <= 0.05 + 1e-4
+            scales.append(a)
+        assert torch.allclose(before[i, 2], after[i, 2], atol=1e-4)
+    assert np.std(scales) > 0.02  # drawn per image and stain, not once
+    assert torch.equal(stain_jitter(x, 0.0, torch.Generator()), x)
+
+
+def test_stain_zero_leaves_the_views_and_their_random_stream_unchanged():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    plain = BatchAugment(AugmentConfig(), [0.5] * 3, [0.25] * 3)
+    zero = BatchAugment(AugmentConfig(stain=0.0), [0.5] * 3, [0.25] * 3)
+    a = plain.view(images, torch.Generator().manual_seed(3), 16, (0.5, 1.0))
+    b = zero.view(images, torch.Generator().manual_seed(3), 16, (0.5, 1.0))
+    assert torch.equal(a, b)
+    stained = BatchAugment(AugmentConfig(stain=0.2), [0.5] * 3, [0.25] * 3)
+    assert not torch.equal(a, stained.view(images, torch.Generator().manual_seed(3), 16, (0.5, 1.0)))
