@@ -126,9 +126,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "consistency.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "label-efficiency.md"))
+    parser.add_argument("--doc-only", action="store_true", help="rewrite the doc section from the results")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
+    if args.doc_only:
+        return put_section(Path(args.doc), START, END, document(results))
     results["steps"] = args.steps
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, val = load_split(source, "train"), load_split(source, "val")

@@ -632,11 +632,49 @@ def _nearest_distance(queries: np.ndarray, reference: np.ndarray,
     similarity, _ = neighbours(index, queries, 1, np.arange(len(queries)) if exclude_self else None)
     return np.clip(1 - similarity[:, 0], 0, None)
 
+def cv_metrics(labels: np.ndarray, oof: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy (95 % Wilson interval), balanced accuracy and per-class recall of out-of-fold
+    scores `oof` (N, C)."""
+    from sklearn.metrics import balanced_accuracy_score, recall_score
+
+    predicted = oof.argmax(1)
+    correct = predicted == labels
+    low, high = wilson_interval(int(correct.sum()), len(labels))
+    recall = recall_score(labels, predicted, average=None, labels=range(len(class_names)), zero_division=0)
+    return {"accuracy": float(correct.mean()), "accuracy_ci95": [low, high],
+            "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+            "recall": {n: float(r) for n, r in zip(class_names, recall)}}
+
+
+def cross_validated_probe(checkpoint: str | Path, labels: str | Path, source: Any = None,
+                          split: str | None = None, seed: int = 0, device: str = "auto",
+                          progress: bool | None = False) -> dict[str, Any]:
+    """`ssl-blood linear-probe --labels`: how well a logistic head on the checkpoint's frozen
+    features separates a person's labelled cells, by stratified k-fold cross-validation on
+    them (they are all training labels: no split of them is held out for good)."""
+    from ssl_blood.classify.labels import apply_labels, read_labels
+    from ssl_blood.data import default_split, load_split
+
+    table = read_labels(labels)
+    embedder = Embedder.from_checkpoint(checkpoint, device)
+    source = source or embedder.spec.data_source()
+    cells = apply_labels(load_split(source, split or default_split(source, "train")), table).labelled()
+    y = cells.labels.numpy()
+    _check_class_counts(y, cells.class_names)
+    embedder.check_images(cells.images, "the labelled images")
+    fit = _cross_validated_logistic(embedder(cells.images, progress=progress), y,
+                                    len(cells.class_names), seed)
+    return {"protocol": f"{fit['k']}-fold stratified cross-validation on the labelled cells",
+            "checkpoint": str(checkpoint), "labels_file": {"path": table.path, "sha256": table.sha256},
+            "data": source.to_dict(), "split": cells.split, "weight_decay": fit["weight_decay"],
+            "labels_per_class": {n: int((y == c).sum()) for c, n in enumerate(cells.class_names)},
+            **cv_metrics(y, fit["oof_logits"], cells.class_names)}
+
+
 def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, calibration: dict,
           oof: np.ndarray, thresholds: dict, review_rate: float, labels_file: dict | None,
           head: str) -> dict:
     correct = oof.argmax(1) == labels
-    low, high = wilson_interval(int(correct.sum()), len(labels))
     accepted = oof.max(1) >= thresholds["min_probability"]
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -647,7 +685,7 @@ def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, ca
         "pretrained_on": embedder.spec.source, "checkpoint": embedder.spec.checkpoint,
         "checkpoint_sha256": embedder.spec.identity,
         "cross_validation": {"folds": fit["k"], "weight_decay": fit["weight_decay"],
-                             "accuracy": float(correct.mean()), "accuracy_ci95": [low, high],
+                             **cv_metrics(labels, oof, cells.class_names),
                              "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else None,
                              "review_rate": float(1 - accepted.mean())},
         "calibration": calibration, "thresholds": thresholds, "review_rate_target": review_rate,
@@ -673,8 +711,11 @@ def card_markdown(card: dict) -> str:
                   f"({run['seconds'] / 60:.1f} min); the frozen features' head "
                   f"cross-validated at {run['frozen_head_cv_accuracy']:.1%}. The backbone learned "
                   f"from these labels, so the figures above are optimistic.", ""]
-    lines += ["| class | labelled cells |", "|---|---|"]
-    lines += [f"| {name.replace('|', '/')} | {n} |" for name, n in card["labels_per_class"].items()]
+    recall = cv.get("recall", {})
+    lines += ["| class | labelled cells | cross-validated recall |", "|---|---|---|"]
+    lines += [f"| {name.replace('|', '/')} | {n} | "
+              f"{format(recall[name], '.0%') if name in recall else 'n/a'} |"
+              for name, n in card["labels_per_class"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -64,8 +64,41 @@ def _add_linear_probe(sub) -> None:
                                    "test. Writes linear_probe.json and confusion_matrix.png to "
                                    "--out (default: RUN/eval, or beside the embeddings).")
     _add_eval_inputs(p)
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="your own labels (path or id, label; as select writes): scored by "
+                        "stratified cross-validation on them instead of the data's splits "
+                        "(needs --checkpoint)")
+    p.add_argument("--split", help="with --labels: the split holding the cells (default train)")
     p.add_argument("--out", metavar="DIR")
     p.set_defaults(func=cmd_linear_probe)
+
+
+def _cmd_probe_own_labels(args: argparse.Namespace) -> int:
+    from ssl_blood.classify.classifier import cross_validated_probe
+    from ssl_blood.errors import UserError
+    from ssl_blood.files import check_writable, write_json
+
+    if not args.checkpoint:
+        raise UserError("`labels` are scored on features embedded from `checkpoint`; give "
+                        "`checkpoint` instead of `embeddings`", param=("labels", "checkpoint"))
+    out = check_writable(_eval_out_dir(args), folder=True)
+    result = cross_validated_probe(args.checkpoint, args.labels,
+                                   source_from_args(args) if source_given(args) else None,
+                                   args.split, device=args.device, progress=None)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "linear_probe_labels.json")
+    if args.json:
+        return print_json(result)
+    low, high = result["accuracy_ci95"]
+    print(f"linear probe on your {sum(result['labels_per_class'].values())} labelled cells "
+          f"({result['protocol']}; weight decay {result['weight_decay']:g})\n"
+          f"  ACC {result['accuracy']:.4f} (95 % CI {low:.4f}-{high:.4f})   balanced ACC "
+          f"{result['balanced_accuracy']:.4f}")
+    print(f"{'class':24}{'labels':>8}{'recall':>10}")
+    for name, n in result["labels_per_class"].items():
+        print(f"{name[:24]:24}{n:>8}{result['recall'][name]:>10.4f}")
+    print(f"\nwrote {out / 'linear_probe_labels.json'}")
+    return 0
 
 
 def cmd_linear_probe(args: argparse.Namespace) -> int:
@@ -73,6 +106,8 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     from ssl_blood.analysis.plots import confusion_matrix_png
     from ssl_blood.files import check_writable, write_json
 
+    if args.labels:
+        return _cmd_probe_own_labels(args)
     out = check_writable(_eval_out_dir(args), folder=True)  # before minutes of work
     emb = _eval_embeddings(args)
     result = probe_embeddings(emb, progress=None)

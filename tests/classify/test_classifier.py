@@ -202,3 +202,24 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
         assert np.abs(got - expected[:batch]).max() < 1e-4
     code, _, err = run_cli(capsys, "export", "--classifier", tmp_path / "clf", "--out", tmp_path / "clf.onnx")
     assert_one_line_error(code, err, r"--out .*clf.onnx exists; set --overwrite")
+
+
+def test_linear_probe_on_your_own_labels_is_cross_validated(tiny_run, tmp_path, capsys):
+    """A folder of PNGs and a labels file: the probe is scored by cross-validation on the
+    labelled cells (never a 3-cell val split), with per-class recall."""
+    from tests.helpers import npz_slide
+
+    run, npz = tiny_run
+    npz_slide(npz, "train", tmp_path / "cells", tmp_path / "labels.csv", labelled=32)
+    code, out, err = run_cli(capsys, "linear-probe", "--checkpoint", run / "checkpoint.pt", "--image-dir",
+                             tmp_path / "cells", "--size", "16", "--cache-dir", "none", "--labels",
+                             tmp_path / "labels.csv", "--out", tmp_path / "eval", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["protocol"].endswith("-fold stratified cross-validation on the labelled cells")
+    assert sum(result["labels_per_class"].values()) == 32 and set(result["recall"]) == set(result["labels_per_class"])
+    assert result["accuracy"] > 0.5 and result["accuracy_ci95"][0] <= result["accuracy"] <= result["accuracy_ci95"][1]
+    assert json.loads((tmp_path / "eval" / "linear_probe_labels.json").read_text()) == result
+    code, _, err = run_cli(capsys, "linear-probe", "--embeddings", tmp_path / "e.npz", "--labels",
+                           tmp_path / "labels.csv")
+    assert_one_line_error(code, err, r"--labels are scored on features embedded from --checkpoint")
