@@ -115,3 +115,24 @@ def test_robustness_needs_labelled_cells_and_keeps_an_existing_report(classifier
                            "blur", "--severities", "3", "--out", tmp_path / "r")
     assert_one_line_error(code, err, r"already holds robustness.csv.*set --overwrite")
     assert tree(tmp_path / "r") == kept
+
+
+def test_medmnistc_corruptions_join_when_installed_and_are_skipped_cleanly_otherwise(classifier, tmp_path, capsys):
+    from ssl_blood.analysis.robustness import available_corruptions, medmnistc_corruptions
+
+    extra = medmnistc_corruptions()
+    names = list(available_corruptions())
+    assert names[:4] == ["stain", "blur", "resample", "brightness"]
+    if not extra:  # medmnistc (or ImageMagick) absent: only ssl-blood's own shifts, no error
+        assert names == ["stain", "blur", "resample", "brightness"]
+        pytest.skip("medmnistc with Wand/ImageMagick is not installed (pip install -e '.[corruptions]')")
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
+    for name, corrupt in extra.items():
+        out = corrupt(images, 2, seed=1)
+        assert out.shape == images.shape and out.dtype == np.uint8, name
+        assert np.array_equal(out, corrupt(images, 2, seed=1)), name  # seeded
+    clf, npz = classifier
+    first = next(iter(extra))
+    code, _, err = run_cli(capsys, "robustness", "--classifier", clf, "--npz", npz, "--corruptions",
+                           first, "--severities", "1", "--out", tmp_path / "r")
+    assert code == 0, err
