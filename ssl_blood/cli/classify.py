@@ -140,7 +140,7 @@ def severity_list(text: str) -> list[int]:
 
 
 def _add_robustness(sub) -> None:
-    from ssl_blood.analysis.robustness import available_corruptions
+    from ssl_blood.data.shifts import SHIFTS
 
     p = sub.add_parser("robustness", help=HELP["robustness"],
                        description="Accuracy, balanced accuracy, per-class recall, ECE, the share "
@@ -151,7 +151,8 @@ def _add_robustness(sub) -> None:
                                    "Writes OUT/robustness.csv, .json and .png (heat map).")
     p.add_argument("--classifier", required=True, metavar="DIR")
     p.add_argument("--corruptions", metavar="A,B",
-                   help=f"default: all available ({', '.join(available_corruptions())})")
+                   help=f"default: all of {', '.join(SHIFTS)} and, when medmnistc is installed, "
+                        f"MedMNIST-C's (medmnistc-pixelate, medmnistc-jpeg_compression, ...)")
     p.add_argument("--severities", default="1-5", help="1-5 (default), 3, or 1,3,5")
     p.add_argument("--adapt", default="none", metavar="none,adabn",
                    help="adaptations to compare (default none; none,adabn for both)")
