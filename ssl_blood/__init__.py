@@ -3,7 +3,7 @@
 The tree is the data flow, each package importing only from those before it (docs/architecture.md):
 core (errors, ui, files, device) -> data (sources -> catalogue -> decode -> CellData) -> model
 (augment, backbones, inference, checkpoint) -> features (embeddings, index, retrieval) ->
-methods -> training -> evaluation -> analysis -> cli. The public API is re-exported here lazily,
+methods -> training -> evaluation -> classify -> analysis -> cli. The public API is re-exported here lazily,
 so `import ssl_blood` stays cheap:
 
 >>> from ssl_blood import preset_config, pretrain
@@ -29,6 +29,8 @@ _EXPORTS = {
     "Method": "methods", "register_method": "methods", "method_names": "methods",
     "PretrainConfig": "training.config", "preset_config": "training.config",
     "pretrain": "training.loop", "PretrainResult": "training.loop", "RunDir": "training.run_dir",
+    "Classifier": "classify.classifier", "train_classifier": "classify.classifier",
+    "ConsistencyConfig": "classify.consistency", "run_robustness": "analysis.robustness",
     "UserError": "errors", "RunFailed": "errors",
 }
 _RENAMED = {"register_method": "register"}

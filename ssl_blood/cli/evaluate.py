@@ -260,6 +260,13 @@ def _add_fine_tune(sub) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lrs", default="3e-4,1e-3", help="head learning rates to try (AdamW)")
     p.add_argument("--backbone-lr-ratios", default="0.1,1", help="backbone lr / head lr to try")
+    p.add_argument("--stain", type=float, default=0.0,
+                   help="HED stain jitter of the training views (0.2: about another lab's H&E balance)")
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help="your own labels: no val split is cut from them; the classifier's "
+                        "fine-tune head is trained instead (as train-classifier --head fine-tune, "
+                        "the logistic head and calibration by cross-validation) and kept in --out")
+    p.add_argument("--steps", type=int, help="with --labels: training steps (default 500)")
     add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -269,10 +276,35 @@ def _add_fine_tune(sub) -> None:
     p.set_defaults(func=cmd_fine_tune)
 
 
+def _cmd_fine_tune_own_labels(args: argparse.Namespace) -> int:
+    from ssl_blood.classify.classifier import train_classifier
+    from ssl_blood.errors import UserError
+
+    if not args.out:
+        raise UserError("with `labels` the fine-tuned classifier is kept: give `out` (a folder)",
+                        param=("labels", "out"))
+    model = train_classifier(args.checkpoint, args.out,
+                             source_from_args(args) if source_given(args) else None, args.labels,
+                             fraction=args.fraction, shots=args.shots, head="fine-tune",
+                             seed=args.seed, device=args.device,
+                             overwrite=args.overwrite, progress=None, stain=args.stain,
+                             steps=args.steps)
+    if args.json:
+        return print_json(model.card)
+    print((Path(args.out) / "card.md").read_text().rstrip())
+    print(f"\nwrote {args.out}; classify new cells with ssl-blood predict --classifier {args.out}")
+    return 0
+
+
 def cmd_fine_tune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from ssl_blood.evaluation.supervised import FineTuneConfig, fine_tune
 
+    if args.labels:
+        return _cmd_fine_tune_own_labels(args)
     cfg = FineTuneConfig(epochs=args.epochs, batch_size=args.batch_size,
+                         augment_config=replace(FineTuneConfig().augment_config, stain=args.stain),
                          lrs=tuple(csv_list(args.lrs, float, "--lrs")),
                          backbone_lr_ratios=tuple(csv_list(args.backbone_lr_ratios, float,
                                                        "--backbone-lr-ratios")),

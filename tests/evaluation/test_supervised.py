@@ -127,3 +127,28 @@ def test_cli(tiny_run, halves, tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "--fraction nan must be in (0, 1]" in err
         assert not (tmp_path / "nan").exists()
+
+
+def test_fine_tune_on_your_own_labels_keeps_a_classifier(tiny_run, tmp_path, capsys):
+    """--labels: no val split is cut from a person's labels; the classifier's fine-tune head
+    is trained and kept, and it classifies new cells."""
+    import json
+
+    from tests.helpers import assert_one_line_error, npz_slide, run_cli
+
+    run, npz = tiny_run
+    npz_slide(npz, "train", tmp_path / "cells", tmp_path / "labels.csv", labelled=24)
+    folder = ("--image-dir", tmp_path / "cells", "--size", "16", "--cache-dir", "none")
+    code, _, err = run_cli(capsys, "fine-tune", "--checkpoint", run / "checkpoint.pt", *folder,
+                           "--labels", tmp_path / "labels.csv")
+    assert_one_line_error(code, err, r"with --labels the fine-tuned classifier is kept: give --out")
+    code, out, err = run_cli(capsys, "fine-tune", "--checkpoint", run / "checkpoint.pt", *folder,
+                             "--labels", tmp_path / "labels.csv", "--stain", "0.1", "--steps", "8",
+                             "--out", tmp_path / "clf", "--json")
+    assert code == 0, err
+    card = json.loads(out)
+    assert card["head"] == "fine-tune" and sum(card["labels_per_class"].values()) == 24
+    assert card["consistency"]["config"]["stain"] == 0.1
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
+                           "--out", tmp_path / "p.csv")
+    assert code == 0, err
