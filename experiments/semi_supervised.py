@@ -73,7 +73,7 @@ def document(results: dict) -> str:
                      f"{bal.mean():.1f} | {ig:.1f} | {baso:.1f} | {used} | {np.mean([r['seconds'] for r in runs]):.0f} |")
     lines += ["", "Targets of the semi-supervised issue (best head at 28 px: >= 85 % with 40 labels, "
               ">= 89 % with 80, >= 92 % with 160, >= 94 % with 400) are not met by a frozen-feature head; "
-              "they need the consistency training (FixMatch/FlexMatch) that is not built yet. "
+              "the consistency-trained head (fixmatch, next section) is measured against them below. "
               "Numbers: `experiments/results/semi_supervised.json`.", END]
     return "\n".join(lines) + "\n"
 
