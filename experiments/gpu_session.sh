@@ -11,10 +11,12 @@
 #   retrieval  experiments/bench_retrieval.py: real embeddings + 1M x 512 IVF
 #   probe      one SimCLR full-preset run (seed 0) through reproduce.py: linear probe, kNN, few-shot
 #   ablate     experiments/ablate.py over experiments/configs/gpu_round1_simclr.txt (val only)
+#   fixmatch   quick-preset SimCLR, then experiments/consistency.py (logistic / fixmatch / from
+#              scratch at 40 random labels, seed 0) with 3000 steps: the GPU's budget, not the CPU's
 set -uo pipefail
 OUT=${OUT:-/tmp/ssl-blood-out}
 SIZE=${SIZE:-full}
-STAGES=${STAGES:-"bench retrieval probe"}
+STAGES=${STAGES:-"bench retrieval probe fixmatch"}
 DATA=${SSL_BLOOD_DATA_ROOT:?set SSL_BLOOD_DATA_ROOT}
 mkdir -p "$OUT"
 python3 -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))" | tee "$OUT/env.json"
@@ -24,11 +26,13 @@ if [ "$SIZE" = tiny ]; then
   RETRIEVAL="--synthetic-n 20000 --real-configs ivf:nlist=32:1,4,16 --configs ivf:nlist=64:1,4,16 --repeats 1"
   PROBE="--smoke"
   ABLATE="--preset quick --candidate tiny=epochs=1;limit=200;backbone=cnn6;knn_every=-1"
+  FIXMATCH="--steps 5 --seeds 1"
 else
   BENCH="--seconds 10 --rounds 3"
   RETRIEVAL="--repeats 3 --configs ivf:nlist=4096:8,16,32,64"
   PROBE="--episodes 10 --supervised-epochs 0"
   ABLATE="--preset full --candidates-file experiments/configs/gpu_round1_simclr.txt"
+  FIXMATCH="--steps 3000 --seeds 1"
 fi
 
 run() {  # name, command...: time it, keep its log, never abort the script
@@ -48,6 +52,9 @@ for stage in $STAGES; do
              --runs /tmp/ssl-blood-runs --out "$OUT/bloodmnist_seed0.json" --docs "$OUT/results_seed0.md" ;;
     ablate) run ablate python3 experiments/ablate.py --data-root "$DATA" $ABLATE --runs /tmp/ssl-blood-ablate \
              --out "$OUT/ablations.json" ;;
+    fixmatch) run fixmatch bash -c "python3 -m ssl_blood pretrain --preset quick --out /tmp/ssl-blood-fm \
+                && python3 experiments/consistency.py --checkpoint /tmp/ssl-blood-fm/checkpoint.pt $FIXMATCH \
+                   --out $OUT/consistency.json --doc $OUT/consistency.md" ;;
     *) echo "unknown stage $stage" >&2 ;;
   esac
 done
