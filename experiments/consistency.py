@@ -6,9 +6,10 @@ train cells (seeded as in semi_supervised.py), every other train cell unlabelled
 budget, through the Python API exactly as the command runs:
 
 - `logistic`: the frozen features' head (seconds);
-- `fixmatch` / `fixmatch-fast` / `flexmatch`: consistency training from the checkpoint for
-  `--steps` (plain FixMatch thresholds at the default learning rate or 3x it, or FlexMatch's
-  class-adaptive thresholds with their floor), then the logistic head on the trained backbone.
+- `fixmatch` / `fixmatch-fast` / `flexmatch` / `fixmatch-calibrated`: consistency training
+  from the checkpoint for `--steps` (plain FixMatch thresholds at the default learning rate or
+  3x it, FlexMatch's class-adaptive thresholds with their floor, or FixMatch from the head
+  divided by its cross-validated temperature), then the logistic head on the trained backbone.
   Which is reported for every seed is chosen on val with seed 0 (the benchmark's val split; a
   lab's own run has none and uses the default). Steps, not minutes: a budget in minutes would
   make the result depend on what else the machine was doing;
@@ -50,7 +51,8 @@ from semi_supervised import chosen_rows, measure
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- consistency:start -->", "<!-- consistency:end -->"
 VARIANTS = {"fixmatch": {"adaptive": False}, "fixmatch-fast": {"adaptive": False, "lr": 3e-3},
-            "flexmatch": {"adaptive": True}}
+            "flexmatch": {"adaptive": True},
+            "fixmatch-calibrated": {"adaptive": False, "calibrated_start": True}}
 
 
 def scratch_checkpoint(checkpoint: Path, train: CellData, out: Path) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ssl_blood import __version__
-from ssl_blood.classify.calibration import calibration_report, softmax
+from ssl_blood.classify.calibration import calibration_report, fit_temperature, softmax
 from ssl_blood.data.cells import CellData
 from ssl_blood.errors import UserError
 from ssl_blood.features.embeddings import Embedder, EmbedderSpec, l2_normalize
@@ -263,11 +263,15 @@ class Classifier:
                                         len(cells.class_names), seed)
         backbone = backbone_from_checkpoint(ckpt)
         model = HeadedBackbone(backbone, nn.Linear(fit["head"].in_features, len(cells.class_names)))
-        with torch.no_grad():  # the standardised head on raw features: w.(x - m)/s + b
-            w = fit["head"].weight.detach() / torch.as_tensor(fit["std"])
-            model.head.weight.copy_(w)
-            model.head.bias.copy_(fit["head"].bias.detach() - w @ torch.as_tensor(fit["mean"]))
         cfg = consistency or ConsistencyConfig(seed=seed)
+        # calibrated_start: the head divided by the temperature that fits its cross-validated
+        # logits, so that a pseudo-label's probability means what the threshold assumes (a
+        # logistic head on 40 cells is over-confident: most cells pass 0.95 from the first step)
+        temperature = fit_temperature(fit["oof_logits"], labels) if cfg.calibrated_start else 1.0
+        with torch.no_grad():  # the standardised head on raw features: w.(x - m)/s + b
+            w = fit["head"].weight.detach() / torch.as_tensor(fit["std"]) / temperature
+            model.head.weight.copy_(w)
+            model.head.bias.copy_(fit["head"].bias.detach() / temperature - w @ torch.as_tensor(fit["mean"]))
         if head == "fine-tune":
             cfg = dataclasses.replace(cfg, unlabelled_weight=0.0)
         ds = ckpt["dataset"]
