@@ -27,21 +27,23 @@ from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
 from ssl_blood.device import describe_device
 from ssl_blood.files import write_json
+from ssl_blood.model.checkpoint import load_checkpoint
 
 from frozen_features import checkpoint_features, put_section
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- robustness:start -->", "<!-- robustness:end -->"
 
 
-def document(r: dict) -> str:
+def document(r: dict, tag: str) -> str:
     names, adapt = r["corruptions"], r["adapt"]
     rows = {(x["corruption"], x["severity"], x["adapt"]): x for x in r["rows"]}
     s = REPORTED_SEVERITY
-    lines = [START, "## What a shift costs, and what AdaBN gives back (`experiments/robustness.py`)", "",
+    stained = f", pretrained with stain augmentation (augment.stain = {r['stain']:g})" if r["stain"] else ""
+    lines = [f"<!-- {tag}:start -->",
+             f"## What a shift costs, and what AdaBN gives back{stained} (`experiments/robustness.py`)", "",
              f"Measured on {r['device']} in {r['minutes']:.1f} min with `ssl-blood robustness`'s library "
-             f"code: the classifier above (quick preset, {r['labels']} typiclust-chosen labels, logistic "
-             f"head), the whole test split ({r['cells']} cells) under each shift, severities 1-5. "
+             f"code: checkpoint `{r['checkpoint']}`{stained}; a classifier from {r['labels']} "
+             f"typiclust-chosen labels (logistic head) as above; the whole test split ({r['cells']} cells) under each shift, severities 1-5. "
              f"`adabn` = `predict --adapt adabn`: the backbone's BatchNorm statistics re-estimated on the "
              f"shifted cells, the features mapped back into the head's space through the same "
              f"re-estimation on the training lab's unlabelled cells.", "",
@@ -66,8 +68,8 @@ def document(r: dict) -> str:
               f"{100 * drop:.1f} points, {'met' if drop <= 0.05 else 'missed'}); no shift at severity {s} "
               f"below 80 % ({worst:.1%}: {'met' if worst >= 0.8 else 'missed'}: the clean accuracy of a "
               f"120-label frozen head is itself below 80 %, so this target waits for a stronger head)."
-              , "", "Per-class recall, ECE and review share of every row: `experiments/results/robustness.json`.",
-              "", END]
+              , "", f"Per-class recall, ECE and review share of every row: `experiments/results/{r['results_file']}`.",
+              "", f"<!-- {tag}:end -->"]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=120)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "robustness.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
+    parser.add_argument("--tag", default="robustness", help="the doc section's name (one per checkpoint)")
     args = parser.parse_args()
     started = time.monotonic()
     embedder, source, emb = checkpoint_features(args.checkpoint)
@@ -86,10 +89,12 @@ def main() -> None:
     labels[rows] = train.labels.numpy()[rows]
     model = Classifier.train(embedder, train.with_labels(labels, train.class_names), "logistic", seed=0)
     result = run_robustness(model, test, adapt=("none", "adabn"), progress=True)
-    result.update(device=describe_device("cpu"), labels=args.labels,
-                  minutes=(time.monotonic() - started) / 60)
+    stain = float(load_checkpoint(args.checkpoint)["config"].get("augment", {}).get("stain", 0.0))
+    result.update(device=describe_device("cpu"), labels=args.labels, checkpoint=args.checkpoint,
+                  stain=stain, results_file=Path(args.out).name, minutes=(time.monotonic() - started) / 60)
     write_json(result, args.out)
-    put_section(Path(args.doc), START, END, document(result))
+    put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->",
+                document(result, args.tag))
     for a, m in result["summary"].items():
         print(a, {k: v for k, v in m.items() if k != "worst"}, m.get("worst"))
 
