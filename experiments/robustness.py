@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "robustness.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
     parser.add_argument("--tag", default="robustness", help="the doc section's name (one per checkpoint)")
+    parser.add_argument("--corruptions", help="comma-separated (default: every available one)")
     args = parser.parse_args()
     started = time.monotonic()
     embedder, source, emb = checkpoint_features(args.checkpoint)
@@ -88,7 +89,8 @@ def main() -> None:
     labels = np.full(len(train), -1, dtype=np.int64)
     labels[rows] = train.labels.numpy()[rows]
     model = Classifier.train(embedder, train.with_labels(labels, train.class_names), "logistic", seed=0)
-    result = run_robustness(model, test, adapt=("none", "adabn"), progress=True)
+    corruptions = args.corruptions.split(",") if args.corruptions else None
+    result = run_robustness(model, test, corruptions, adapt=("none", "adabn"), progress=True)
     stain = float(load_checkpoint(args.checkpoint)["config"].get("augment", {}).get("stain", 0.0))
     result.update(device=describe_device("cpu"), labels=args.labels, checkpoint=args.checkpoint,
                   stain=stain, results_file=Path(args.out).name, minutes=(time.monotonic() - started) / 60)
