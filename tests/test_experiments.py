@@ -202,3 +202,32 @@ def test_shift_tiny(tiny_run, tmp_path):
     assert all(len(v) == 5 for v in result["fire_rate"].values())
     assert set(result["accuracy"]) == {"clean", "stain", "blur", "resample", "brightness"}
     assert "| stain |" in doc.read_text()
+
+
+def test_consistency_tiny(tiny_run, tmp_path):
+    """Every recipe on seed 0, the one chosen on val for every seed, the from-scratch reference,
+    and the doc's computed verdict."""
+    run, _ = tiny_run
+    out, doc = tmp_path / "consistency.json", tmp_path / "doc.md"
+    run_script("consistency.py", "--checkpoint", str(run / "checkpoint.pt"), "--steps", "3", "--seeds", "2",
+               "--budgets", "8", "--out", str(out), "--doc", str(doc))
+    result = json.loads(out.read_text())
+    chosen = result["chosen"]
+    assert set(result["val"]) == {"fixmatch", "fixmatch-fast", "flexmatch", "fixmatch-calibrated"}
+    assert result["val"][chosen] == max(result["val"].values())
+    reported = {k for k, e in result["entries"].items() if e["reported"]}
+    assert reported == {f"{h}-8-seed{s}" for h in ("logistic", chosen, f"scratch-{chosen}") for s in (0, 1)}
+    for e in result["entries"].values():
+        assert 0 <= e["accuracy"] <= 1 and e["steps"] in (0, 3) and set(e["recall"])
+    text = doc.read_text()
+    assert "consistency:start" in text and f"At 8 labels: {chosen}" in text
+
+
+def test_robustness_tiny(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "robustness.json", tmp_path / "robustness.md"
+    run_script("robustness.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "24",
+               "--corruptions", "stain,blur", "--out", str(out), "--doc", str(doc))
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == (1 + 2 * 5) * 2 and set(result["summary"]) == {"none", "adabn"}
+    assert "robustness:start" in doc.read_text() and "| blur |" in doc.read_text()
