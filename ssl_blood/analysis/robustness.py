@@ -135,20 +135,44 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
         raise UserError("robustness measures accuracy and needs labelled cells; give data with "
                         "labels (class folders, a label column) or `labels`", param="labels")
     classifier.embedder.check_images(cells.images, "the images")
-    corruption = available_corruptions()
     rows = [{"corruption": "clean", "severity": 0, "adapt": a, **score(classifier, cells, a)} for a in adapt]
-    jobs = [(n, s) for n in names for s in severities]
-    bar = ui.bar(total=len(jobs), desc="robustness", unit="shift", enabled=progress)
-    for name, severity in jobs:
-        shifted = corruption[name](cells.images.numpy(), severity, seed)
-        moved = dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(shifted)),
-                                    image_file=None)
-        rows += [{"corruption": name, "severity": severity, "adapt": a, **score(classifier, moved, a)}
-                 for a in adapt]
-        bar.update(1)
+    bar = ui.bar(total=len(names) * len(severities), desc="robustness", unit="shift", enabled=progress)
+    done, skipped = [], {}
+    for name in names:
+        try:
+            shifted = {s: _corrupt(name, cells.images.numpy(), s, seed) for s in severities}
+        except _CannotApply as exc:  # a MedMNIST-C corruption these images do not admit
+            skipped[name] = str(exc)
+            ui.note(f"left out {name}: {exc}")
+            bar.update(len(severities))
+            continue
+        for severity, images in shifted.items():
+            moved = dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)),
+                                        image_file=None)
+            rows += [{"corruption": name, "severity": severity, "adapt": a, **score(classifier, moved, a)}
+                     for a in adapt]
+            bar.update(1)
+        done.append(name)
     bar.close()
-    return {"cells": len(cells), "corruptions": names, "severities": list(severities),
+    return {"cells": len(cells), "corruptions": done, "skipped": skipped, "severities": list(severities),
             "adapt": list(adapt), "rows": rows, "summary": summarise(rows, adapt)}
+
+
+class _CannotApply(Exception):
+    pass
+
+
+def _corrupt(name: str, images: np.ndarray, severity: int, seed: int) -> np.ndarray:
+    """`images` under corruption `name`; a MedMNIST-C corruption that fails on them (its
+    parameters are set for 224-px images) raises _CannotApply with its reason."""
+    function = available_corruptions()[name]
+    if name in SHIFTS:
+        return function(images, severity, seed)
+    try:
+        return function(images, severity, seed)
+    except Exception as exc:  # medmnistc's own errors (e.g. randrange on a too-small image)
+        raise _CannotApply(f"medmnistc cannot apply it to {images.shape[-1]}-px images at "
+                           f"severity {severity} ({type(exc).__name__}: {exc})") from None
 
 
 def summarise(rows: list[dict], adapt: Sequence[str]) -> dict[str, Any]:

@@ -136,3 +136,20 @@ def test_medmnistc_corruptions_join_when_installed_and_are_skipped_cleanly_other
     code, _, err = run_cli(capsys, "robustness", "--classifier", clf, "--npz", npz, "--corruptions",
                            first, "--severities", "1", "--out", tmp_path / "r")
     assert code == 0, err
+
+
+def test_a_corruption_that_cannot_apply_to_these_images_is_left_out_and_said(classifier, monkeypatch):
+    import ssl_blood.analysis.robustness as robustness
+    from ssl_blood.classify.classifier import Classifier
+    from ssl_blood.data import load_split, resolve_source
+    from ssl_blood.data.shifts import SHIFTS
+
+    def too_small(images, severity, seed=0):
+        raise ValueError("empty range for randrange()")
+
+    monkeypatch.setattr(robustness, "available_corruptions", lambda: {**SHIFTS, "medmnistc-bubble": too_small})
+    clf, npz = classifier
+    cells = load_split(resolve_source(npz=str(npz)), "test")
+    result = robustness.run_robustness(Classifier.load(clf, "cpu"), cells, ["blur", "medmnistc-bubble"], [2])
+    assert result["corruptions"] == ["blur"] and "randrange" in result["skipped"]["medmnistc-bubble"]
+    assert [r["corruption"] for r in result["rows"]] == ["clean", "blur"]
