@@ -252,7 +252,7 @@ class Classifier:
         from torch import nn
 
         from ssl_blood.classify.consistency import ConsistencyConfig, HeadedBackbone, train_consistency
-        from ssl_blood.model.checkpoint import backbone_from_checkpoint, backbone_only, trained_backbone
+        from ssl_blood.model.checkpoint import backbone_from_checkpoint, backbone_only
 
         labelled = cells.labelled()
         labels = labelled.labels.numpy()
@@ -283,11 +283,7 @@ class Classifier:
         own = backbone_only(ckpt, ema.backbone.state_dict(), kind=head,
                             note={"head": head, "pretrained": pretrained,
                                   "steps": report["steps"], "config": report["config"]})
-        buffer = io.BytesIO()
-        torch.save(own, buffer)
-        data = buffer.getvalue()
-        adapted = Embedder.from_trained(trained_backbone(own, sha256_bytes(data)), BACKBONE,
-                                        str(embedder.device))
+        data, adapted = _own_backbone(own, embedder.device)
         classifier = cls.train(adapted, cells, "logistic", seed, review_rate, labels_file, progress)
         classifier.backbone_file = data
         classifier.card.update(head=head, consistency={
@@ -302,14 +298,10 @@ class Classifier:
         folder runs without the pretraining run beside it."""
         if self.backbone_file is not None:
             return
-        from ssl_blood.model.checkpoint import backbone_only, trained_backbone
+        from ssl_blood.model.checkpoint import backbone_only
 
-        own = backbone_only(_pretrained_checkpoint(self.embedder))
-        buffer = io.BytesIO()
-        torch.save(own, buffer)
-        self.backbone_file = buffer.getvalue()
-        self.embedder = Embedder.from_trained(trained_backbone(own, sha256_bytes(self.backbone_file)),
-                                              BACKBONE, str(self.embedder.device))
+        self.backbone_file, self.embedder = _own_backbone(
+            backbone_only(_pretrained_checkpoint(self.embedder)), self.embedder.device)
 
     def training_set(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of the cells this classifier learned from."""
@@ -474,6 +466,17 @@ def _adabn_reference(embedder: Embedder, pool_images: torch.Tensor, clean: np.nd
         return {}
     return {"adabn_mean": torch.as_tensor(adapted.mean(0)), "adabn_std": torch.as_tensor(adapted.std(0) + 1e-6),
             "source_mean": torch.as_tensor(clean.mean(0)), "source_std": torch.as_tensor(clean.std(0) + 1e-6)}
+
+
+def _own_backbone(own: dict[str, Any], device: torch.device) -> tuple[bytes, Embedder]:
+    """A classifier's own checkpoint `own` as the bytes saved as BACKBONE and its embedder
+    (named BACKBONE, identified by the SHA-256 of those bytes)."""
+    from ssl_blood.model.checkpoint import trained_backbone
+
+    buffer = io.BytesIO()
+    torch.save(own, buffer)
+    data = buffer.getvalue()
+    return data, Embedder.from_trained(trained_backbone(own, sha256_bytes(data)), BACKBONE, str(device))
 
 
 def _pretrained_checkpoint(embedder: Embedder) -> dict[str, Any]:

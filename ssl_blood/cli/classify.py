@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_blood.cli.common import (add_data_args, add_json, csv_list, print_json, source_from_args,
-                                  source_given)
+from ssl_blood.cli.common import (add_data_args, add_json, csv_list, print_classifier, print_json,
+                                  source_from_args, source_given)
 
 HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
     "train-classifier": "train and keep a classifier from labelled cells (a labels CSV)",
@@ -71,11 +71,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
                              from_classifier=args.from_classifier, minutes=args.minutes,
                              steps=args.steps, self_contained=args.self_contained,
                              stain=args.stain)
-    if args.json:
-        return print_json(model.card)
-    print((Path(args.out) / "card.md").read_text().rstrip())
-    print(f"\nwrote {args.out}")
-    return 0
+    return print_classifier(model.card, args.out, args.json)
 
 
 def _add_predict(sub) -> None:

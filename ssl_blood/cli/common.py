@@ -78,6 +78,15 @@ def print_json(value: Any) -> int:
     return 0
 
 
+def print_classifier(card: dict, out: str, as_json: bool, hint: str = "") -> int:
+    """A classifier just written to `out`: its card as JSON, or its card.md and where it is."""
+    if as_json:
+        return print_json(card)
+    print((Path(out) / "card.md").read_text().rstrip())
+    print(f"\nwrote {out}{hint}")
+    return 0
+
+
 
 def embeddings_from_args(args: argparse.Namespace, splits: Sequence[str] | None = None):
     """Embeddings of the requested splits, from --checkpoint or a --baseline."""

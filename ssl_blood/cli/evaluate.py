@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ssl_blood.cli.common import csv_list, add_data_args, source_from_args, source_given, add_json, print_json, embeddings_from_args
+from ssl_blood.cli.common import print_classifier, csv_list, add_data_args, source_from_args, source_given, add_json, print_json, embeddings_from_args
 
 
 HELP = {  # one line per command for `ssl-blood --help`, which builds no command's flags
@@ -289,11 +289,8 @@ def _cmd_fine_tune_own_labels(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device,
                              overwrite=args.overwrite, progress=None, stain=args.stain,
                              steps=args.steps)
-    if args.json:
-        return print_json(model.card)
-    print((Path(args.out) / "card.md").read_text().rstrip())
-    print(f"\nwrote {args.out}; classify new cells with ssl-blood predict --classifier {args.out}")
-    return 0
+    return print_classifier(model.card, args.out, args.json,
+                            f"; classify new cells with ssl-blood predict --classifier {args.out}")
 
 
 def cmd_fine_tune(args: argparse.Namespace) -> int:
