@@ -26,6 +26,7 @@ from ssl_blood.analysis.robustness import REPORTED_SEVERITY, run_robustness, sum
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
+from ssl_blood.data.shifts import SHIFTS
 from ssl_blood.device import describe_device
 from ssl_blood.files import write_json
 from ssl_blood.model.checkpoint import load_checkpoint
@@ -55,7 +56,17 @@ def document(r: dict, tag: str) -> str:
         cells = [f"{rows[('clean', 0, 'none')]['accuracy']:.1%} / {rows[('clean', 0, 'adabn')]['accuracy']:.1%}"]
         cells += [f"{rows[(name, v, 'none')]['accuracy']:.1%} / {rows[(name, v, 'adabn')]['accuracy']:.1%}"
                   for v in r["severities"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name}{'' if name in SHIFTS else ' (MedMNIST-C)'} | " + " | ".join(cells) + " |")
+    if r.get("skipped"):
+        lines += ["", "Left out: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + "."]
+    shifted = [x for x in r["rows"] if x["adapt"] == "none" and x["severity"] >= s]
+    clean_warned = rows[("clean", 0, "none")]["shift_warning"]
+    lines += ["", f"predict's batch shift warning (the whole test split as one batch): "
+              f"{'fired' if clean_warned else 'quiet'} on the clean cells; fired for "
+              f"{sum(bool(x['shift_warning']) for x in shifted)} of {len(shifted)} shifted rows at severity "
+              f">= {s}" + (" (quiet for: " + ", ".join(f"{x['corruption']} {x['severity']}" for x in shifted
+                                                     if not x["shift_warning"]) + ")"
+                          if not all(x["shift_warning"] for x in shifted) else "") + "."]
     lines += ["", f"At severity {s} (drops from the clean accuracy without adaptation):", "",
               "| adaptation | clean | mean over shifts | mean drop | worst shift |",
               "|---|---|---|---|---|"]

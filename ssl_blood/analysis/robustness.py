@@ -126,7 +126,7 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
     """Every corruption x severity x adaptation on the labelled `cells` (see the module
     docstring), the clean rows first; returns the rows and a summary per adaptation."""
     names = check_request(corruptions, severities, adapt)
-    if "clean_ood" not in classifier.tensors:
+    if not classifier.has_shift_reference:
         raise UserError("this classifier has no calibration data for the shift score (saved by an "
                         "earlier ssl-blood); train it again with ssl-blood train-classifier",
                         param="classifier")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ssl_blood import __version__
+from ssl_blood.classify import shift
 from ssl_blood.classify.calibration import calibration_report, fit_temperature, softmax
 from ssl_blood.data.cells import CellData
 from ssl_blood.errors import UserError
@@ -44,7 +45,6 @@ DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a ne
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
 MAX_FOLDS = 5
 SHIFT_POOL = 2000  # unlabelled cells of the source embedded to calibrate the shift check
-SHIFT_FALSE_ALARM = 0.01  # a clean batch's median OOD score exceeds the threshold this often
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -125,6 +125,7 @@ class Classifier:
         self.tensors, self.temperature = tensors, float(temperature)
         self.thresholds, self.card = dict(thresholds), card
         self.backbone_file = backbone_file  # the checkpoint bytes saved as BACKBONE, if its own
+        self._shift: shift.ShiftCheck | None = None  # set up on first use
 
     # -- training ----------------------------------------------------------------------
 
@@ -174,7 +175,8 @@ class Classifier:
                             param="labels")
         embedder.check_images(cells.images, "the labelled images")
         classifier = cls.from_features(embedder, embedder(cells.images, progress=progress), cells,
-                                       head, seed, review_rate, labels_file, base, unlabelled, clean)
+                                       head, seed, review_rate, labels_file, base, unlabelled, clean,
+                                       pool_images)
         classifier.backbone_file = base.backbone_file if base is not None else None
         if base is not None:
             classifier.tensors.update({k: v for k, v in base.tensors.items() if k in ADABN_KEYS})
@@ -189,11 +191,12 @@ class Classifier:
                       labels_file: dict[str, str] | None = None,
                       base: "Classifier | None" = None,
                       unlabelled: np.ndarray | None = None,
-                      clean: np.ndarray | None = None) -> "Classifier":
+                      clean: np.ndarray | None = None,
+                      clean_images: torch.Tensor | np.ndarray | None = None) -> "Classifier":
         """`train` on features already computed by `embedder` for the labelled `cells` (and,
-        for head 'propagate', for the `unlabelled` cells). `clean`: features of unlabelled cells
-        of the same source, which calibrate the batch shift check (else the labelled cells'
-        leave-one-out distances do)."""
+        for head 'propagate', for the `unlabelled` cells). `clean`, `clean_images`: features and
+        images of unlabelled cells of the same source, the reference of the batch shift check
+        (classify.shift; else the labelled cells are)."""
         labels = cells.labels.numpy()
         known_labels = np.zeros(0, dtype=np.int64)
         if base is not None:
@@ -221,16 +224,17 @@ class Classifier:
                    "reference": torch.as_tensor(reference), "ood_scale": torch.tensor(scale),
                    # what it learned from, so labels can be added later (`base`)
                    "features": torch.as_tensor(np.asarray(features, dtype=np.float32)),
-                   "labels": torch.as_tensor(labels.astype(np.int64)),
-                   # OOD scores of cells from the training lab: what a clean batch looks like
-                   "clean_ood": torch.as_tensor((_nearest_distance(l2_normalize(clean), reference) / scale
-                                                 if clean is not None and len(clean) else own / scale)
-                                                .astype(np.float32))}
+                   "labels": torch.as_tensor(labels.astype(np.int64))}
+        has_pool = clean is not None and len(clean) > 0 and clean_images is not None
+        # the training lab's own cells: what a clean batch looks like
+        tensors.update(shift.reference(clean, clean_images) if has_pool
+                       else shift.reference(features[-len(cells):], cells.images))
         card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate,
                      labels_file, head)
-        card["shift_check"] = {"calibrated_on": f"{len(clean)} unlabelled cells of the source" if clean is not None
-                               and len(clean) else "the labelled cells (leave-one-out distances)",
-                               "false_alarm_rate": SHIFT_FALSE_ALARM}
+        card["shift_check"] = {"calibrated_on": f"{len(clean)} unlabelled cells of the source" if has_pool
+                               else f"the {len(cells)} labelled cells",
+                               "false_alarm_rate": shift.FALSE_ALARM,
+                               "test": "local two-sample test of features and image statistics (classify.shift)"}
         if "propagation" in fit:
             card["propagation"] = fit["propagation"]
         if base is not None:
@@ -328,19 +332,19 @@ class Classifier:
         reference = self.tensors["reference"].numpy()
         return _nearest_distance(l2_normalize(features), reference) / float(self.tensors["ood_scale"])
 
-    def shift_check(self, ood: np.ndarray) -> dict[str, Any] | None:
-        """Is this batch unlike the cells the classifier knows? Its median OOD score against
-        the medians of same-sized batches drawn from the training lab's own cells (bootstrap):
-        the warning fires when it is above all but SHIFT_FALSE_ALARM of them. None for a
-        classifier saved without that calibration."""
-        if "clean_ood" not in self.tensors or not len(ood):
+    def shift_check(self, features: np.ndarray, images: torch.Tensor | np.ndarray) -> dict[str, Any] | None:
+        """Is this batch (its unadapted `features` and its `images`) unlike the training lab's
+        own cells? See classify.shift. None for a classifier saved without that reference (an
+        earlier ssl-blood)."""
+        if not self.has_shift_reference or not len(features):
             return None
-        clean = self.tensors["clean_ood"].numpy()
-        n = min(len(ood), len(clean))
-        draws = np.random.default_rng(0).choice(clean, size=(1000, n), replace=True)
-        threshold = float(np.quantile(np.median(draws, axis=1), 1 - SHIFT_FALSE_ALARM))
-        score = float(np.median(ood))
-        return {"shift_score": score, "shift_threshold": threshold, "shift_warning": bool(score > threshold)}
+        if self._shift is None:
+            self._shift = shift.ShiftCheck(self.tensors)
+        return self._shift(features, images)
+
+    @property
+    def has_shift_reference(self) -> bool:
+        return all(k in self.tensors for k in shift.KEYS)
 
     def review_flags(self, probabilities: np.ndarray, ood: np.ndarray,
                      thresholds: dict[str, float] | None = None) -> np.ndarray:
@@ -366,7 +370,7 @@ class Classifier:
             raise UserError("no cells to classify; give data that holds images", param="image_dir")
         self.embedder.check_images(cells.images, "the images to classify")
         features = self.embedder(cells.images, progress=progress)
-        shift = self.shift_check(self.ood_scores(features))
+        batch_shift = self.shift_check(features, cells.images)
         if adapt == "adabn":
             if not all(k in self.tensors for k in ADABN_KEYS):
                 raise UserError("this classifier keeps no AdaBN reference (trained without "
@@ -383,7 +387,7 @@ class Classifier:
         else:
             names, column = cells.ids.numpy(), "id"
         return Prediction(names, column, self.class_names, probabilities, ood, review, thresholds,
-                          shift)
+                          batch_shift)
 
     # -- keeping -----------------------------------------------------------------------
 
@@ -653,12 +657,11 @@ def cv_metrics(labels: np.ndarray, oof: np.ndarray, class_names: Sequence[str]) 
             "recall": {n: float(r) for n, r in zip(class_names, recall)}}
 
 
-def cross_validated_probe(checkpoint: str | Path, labels: str | Path, source: Any = None,
-                          split: str | None = None, seed: int = 0, device: str = "auto",
-                          progress: bool | None = False) -> dict[str, Any]:
-    """`ssl-blood linear-probe --labels`: how well a logistic head on the checkpoint's frozen
-    features separates a person's labelled cells, by stratified k-fold cross-validation on
-    them (they are all training labels: no split of them is held out for good)."""
+def _own_labelled_features(checkpoint: str | Path, labels: str | Path, source: Any, split: str | None,
+                           device: str, progress: bool | None) -> tuple[CellData, np.ndarray, dict[str, Any]]:
+    """A person's labelled cells (`labels` applied to `split` of `source`, default the
+    checkpoint's data), their frozen features and what the report says about where they came
+    from."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -669,13 +672,58 @@ def cross_validated_probe(checkpoint: str | Path, labels: str | Path, source: An
     y = cells.labels.numpy()
     _check_class_counts(y, cells.class_names)
     embedder.check_images(cells.images, "the labelled images")
-    fit = _cross_validated_logistic(embedder(cells.images, progress=progress), y,
-                                    len(cells.class_names), seed)
+    about = {"checkpoint": str(checkpoint), "labels_file": {"path": table.path, "sha256": table.sha256},
+             "data": source.to_dict(), "split": cells.split,
+             "labels_per_class": {n: int((y == c).sum()) for c, n in enumerate(cells.class_names)}}
+    return cells, embedder(cells.images, progress=progress), about
+
+
+def cross_validated_probe(checkpoint: str | Path, labels: str | Path, source: Any = None,
+                          split: str | None = None, seed: int = 0, device: str = "auto",
+                          progress: bool | None = False) -> dict[str, Any]:
+    """`ssl-blood linear-probe --labels`: how well a logistic head on the checkpoint's frozen
+    features separates a person's labelled cells, by stratified k-fold cross-validation on
+    them (they are all training labels: no split of them is held out for good)."""
+    cells, features, about = _own_labelled_features(checkpoint, labels, source, split, device, progress)
+    y = cells.labels.numpy()
+    fit = _cross_validated_logistic(features, y, len(cells.class_names), seed)
     return {"protocol": f"{fit['k']}-fold stratified cross-validation on the labelled cells",
-            "checkpoint": str(checkpoint), "labels_file": {"path": table.path, "sha256": table.sha256},
-            "data": source.to_dict(), "split": cells.split, "weight_decay": fit["weight_decay"],
-            "labels_per_class": {n: int((y == c).sum()) for c, n in enumerate(cells.class_names)},
+            **about, "weight_decay": fit["weight_decay"],
             **cv_metrics(y, fit["oof_logits"], cells.class_names)}
+
+
+def cross_validated_few_shot(checkpoint: str | Path, labels: str | Path, source: Any = None,
+                             split: str | None = None, heads: Sequence[str] | None = None,
+                             seed: int = 0, device: str = "auto",
+                             progress: bool | None = False) -> dict[str, Any]:
+    """`ssl-blood few-shot --labels`: the few-shot heads (prototype, kNN, logistic regression;
+    evaluation.frozen) on a person's labelled cells, each scored by the same stratified k-fold
+    cross-validation on them; `head` is the best by accuracy (its figure is slightly
+    optimistic: the choice saw the same folds)."""
+    from ssl_blood.evaluation.frozen import FEW_SHOT_HEADS, FEW_SHOT_PREDICTORS
+
+    heads = list(FEW_SHOT_HEADS if heads is None else heads)
+    unknown = [h for h in heads if h not in FEW_SHOT_PREDICTORS] or ([] if heads else ["(none)"])
+    if unknown:
+        raise UserError(f"unknown few-shot `heads` entry '{unknown[0]}'; choose from "
+                        f"{', '.join(FEW_SHOT_PREDICTORS)}", param="heads")
+    cells, features, about = _own_labelled_features(checkpoint, labels, source, split, device, progress)
+    y, num_classes = cells.labels.numpy(), len(cells.class_names)
+    folds, k = _folds(y, seed)
+    results = {}
+    for head in heads:
+        oof = np.zeros((len(y), num_classes), dtype=np.float32)
+        for fold in range(k):
+            held, kept = folds == fold, folds != fold
+            # the heads take classes 0..C-1, each with cells: a class absent from this fold's
+            # training cells (or from the labels) is left out, not given an empty prototype
+            present, support = np.unique(y[kept], return_inverse=True)
+            predicted = FEW_SHOT_PREDICTORS[head](features[kept], support, [features[held]], len(present))[0]
+            oof[np.flatnonzero(held), present[predicted]] = 1  # one-hot: these heads give classes
+        results[head] = cv_metrics(y, oof, cells.class_names)
+    best = max(heads, key=lambda h: results[h]["accuracy"])
+    return {"protocol": f"{k}-fold stratified cross-validation on the labelled cells", **about,
+            "head": best, "heads": results}
 
 
 def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, calibration: dict,
@@ -809,13 +857,17 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                         param="image_dir")
     cells = load_split(source, split or default_split(source))
     prediction = model.predict(cells, min_probability, max_ood, progress, adapt)
-    shift = prediction.shift
-    if shift and shift["shift_warning"]:
+    batch_shift = prediction.shift
+    if batch_shift and batch_shift["shift_warning"]:
         from ssl_blood import ui
 
-        ui.note(f"these {len(cells)} cells look unlike the cells the classifier knows (shift score "
-                f"{shift['shift_score']:.2f}, clean batches stay below {shift['shift_threshold']:.2f}): "
-                f"another stain or scanner? Review more of them, or add labels from this slide with "
+        moved = " and ".join(v.replace("_", " ") for v, r in batch_shift["shift_views"].items()
+                             if r["statistic"] > r["threshold"])
+        ui.note(f"these {len(cells)} cells look unlike the cells the classifier knows (their {moved} "
+                f"moved: shift score {batch_shift['shift_score']:.2f}, clean batches stay below "
+                f"{batch_shift['shift_threshold']:.2f}): "
+                f"another stain, scanner or focus (or a class mix far from the training lab's)? "
+                f"Review more of them, try --adapt adabn, or add labels from this slide with "
                 f"ssl-blood train-classifier --from")
     counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
               "adapt": adapt, **prediction.differential()}

@@ -64,25 +64,18 @@ def _add_linear_probe(sub) -> None:
                                    "test. Writes linear_probe.json and confusion_matrix.png to "
                                    "--out (default: RUN/eval, or beside the embeddings).")
     _add_eval_inputs(p)
-    p.add_argument("--labels", metavar="FILE.csv",
-                   help="your own labels (path or id, label; as select writes): scored by "
-                        "stratified cross-validation on them instead of the data's splits "
-                        "(needs --checkpoint)")
-    p.add_argument("--split", help="with --labels: the split holding the cells (default train)")
+    _add_own_labels(p, "scored by stratified cross-validation on them instead of the data's splits")
     p.add_argument("--out", metavar="DIR")
     p.set_defaults(func=cmd_linear_probe)
 
 
 def _cmd_probe_own_labels(args: argparse.Namespace) -> int:
     from ssl_blood.classify.classifier import cross_validated_probe
-    from ssl_blood.errors import UserError
     from ssl_blood.files import check_writable, write_json
 
-    if not args.checkpoint:
-        raise UserError("`labels` are scored on features embedded from `checkpoint`; give "
-                        "`checkpoint` instead of `embeddings`", param=("labels", "checkpoint"))
+    checkpoint = _own_labels_checkpoint(args)
     out = check_writable(_eval_out_dir(args), folder=True)
-    result = cross_validated_probe(args.checkpoint, args.labels,
+    result = cross_validated_probe(checkpoint, args.labels,
                                    source_from_args(args) if source_given(args) else None,
                                    args.split, device=args.device, progress=None)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,9 +87,7 @@ def _cmd_probe_own_labels(args: argparse.Namespace) -> int:
           f"({result['protocol']}; weight decay {result['weight_decay']:g})\n"
           f"  ACC {result['accuracy']:.4f} (95 % CI {low:.4f}-{high:.4f})   balanced ACC "
           f"{result['balanced_accuracy']:.4f}")
-    print(f"{'class':24}{'labels':>8}{'recall':>10}")
-    for name, n in result["labels_per_class"].items():
-        print(f"{name[:24]:24}{n:>8}{result['recall'][name]:>10.4f}")
+    _print_own_labels(result, {"linear probe": result})
     print(f"\nwrote {out / 'linear_probe_labels.json'}")
     return 0
 
@@ -171,12 +162,60 @@ def _add_few_shot(sub) -> None:
     p.add_argument("--heads", default=",".join(FEW_SHOT_HEADS))
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    _add_own_labels(p, "every head scored by stratified cross-validation on them instead of the "
+                       "data's splits; --shots/--fractions/--episodes do not apply")
     p.set_defaults(func=cmd_few_shot)
+
+
+def _add_own_labels(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--labels", metavar="FILE.csv",
+                   help=f"your own labels (path or id, label; as select writes): {what} "
+                        f"(needs --checkpoint)")
+    p.add_argument("--split", help="with --labels: the split holding the cells (default train)")
+
+
+def _own_labels_checkpoint(args: argparse.Namespace) -> str:
+    from ssl_blood.errors import UserError
+
+    if not args.checkpoint:
+        raise UserError("`labels` are scored on features embedded from `checkpoint`; give "
+                        "`checkpoint` instead of `embeddings`", param=("labels", "checkpoint"))
+    return args.checkpoint
+
+
+def _print_own_labels(result: dict, heads: dict[str, dict]) -> None:
+    """Labels, then each head's cross-validated recall per class."""
+    print(f"{'class':24}{'labels':>8}" + "".join(f"{h + ' recall':>18}" for h in heads))
+    for name, n in result["labels_per_class"].items():
+        print(f"{name[:24]:24}{n:>8}" + "".join(f"{m['recall'][name]:>18.4f}" for m in heads.values()))
+
+
+def _cmd_few_shot_own_labels(args: argparse.Namespace) -> int:
+    from ssl_blood.classify.classifier import cross_validated_few_shot
+
+    result = cross_validated_few_shot(_own_labels_checkpoint(args), args.labels,
+                                      source_from_args(args) if source_given(args) else None,
+                                      args.split, heads=csv_list(args.heads), seed=args.seed,
+                                      device=args.device, progress=None)
+    if args.json:
+        return print_json(result)
+    print(f"few-shot heads on your {sum(result['labels_per_class'].values())} labelled cells "
+          f"({result['protocol']}); best head (*) chosen on the same folds")
+    print(f"{'head':12}{'ACC':>8}{'95 % CI':>16}{'balanced ACC':>14}")
+    for head, m in result["heads"].items():
+        low, high = m["accuracy_ci95"]
+        print(f"{head + ('*' if head == result['head'] else ''):12}{m['accuracy']:>8.4f}"
+              f"{f'{low:.4f}-{high:.4f}':>16}{m['balanced_accuracy']:>14.4f}")
+    print()
+    _print_own_labels(result, result["heads"])
+    return 0
 
 
 def cmd_few_shot(args: argparse.Namespace) -> int:
     from ssl_blood.evaluation.frozen import few_shot_embeddings
 
+    if args.labels:
+        return _cmd_few_shot_own_labels(args)
     emb = _eval_embeddings(args)
     result = few_shot_embeddings(emb, progress=None, shots=csv_list(args.shots, int, "--shots"),
                                  fractions=csv_list(args.fractions, float, "--fractions"),

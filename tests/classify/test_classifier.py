@@ -223,3 +223,28 @@ def test_linear_probe_on_your_own_labels_is_cross_validated(tiny_run, tmp_path, 
     code, _, err = run_cli(capsys, "linear-probe", "--embeddings", tmp_path / "e.npz", "--labels",
                            tmp_path / "labels.csv")
     assert_one_line_error(code, err, r"--labels are scored on features embedded from --checkpoint")
+
+
+def test_few_shot_on_your_own_labels_scores_every_head_by_cross_validation(tiny_run, tmp_path, capsys):
+    """few-shot --labels: prototype, kNN and logistic heads, each cross-validated on the same
+    folds of the person's labelled cells; the best is named; a head name it lacks is refused."""
+    from tests.helpers import npz_slide
+
+    run, npz = tiny_run
+    truth = npz_slide(npz, "train", tmp_path / "cells", tmp_path / "labels.csv", labelled=40)
+    args = ["few-shot", "--checkpoint", run / "checkpoint.pt", "--image-dir", tmp_path / "cells", "--size",
+            "16", "--cache-dir", "none", "--labels", tmp_path / "labels.csv"]
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["heads"]) == {"prototype", "knn", "logreg"}
+    assert result["head"] == max(result["heads"], key=lambda h: result["heads"][h]["accuracy"])
+    labelled = set(list(truth.values())[:40])
+    for metrics in result["heads"].values():
+        assert 0 <= metrics["balanced_accuracy"] <= 1 and set(metrics["recall"]) == set(result["labels_per_class"])
+    assert result["heads"][result["head"]]["accuracy"] > 1.5 / len(labelled)  # well above chance
+    code, out, err = run_cli(capsys, *args, "--heads", "prototype")
+    assert code == 0, err
+    assert "prototype*" in out and "prototype recall" in out
+    code, _, err = run_cli(capsys, *args, "--heads", "svm")
+    assert_one_line_error(code, err, r"unknown few-shot --heads entry 'svm'")

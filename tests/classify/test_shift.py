@@ -1,0 +1,99 @@
+"""The batch shift check of predict (classify.shift): calibrated on the training lab's own
+unlabelled cells, quiet on a clean slide whatever its class mix, loud on a slide with another
+stain, blur or exposure."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_blood.classify import shift
+from ssl_blood.classify.classifier import Classifier
+from ssl_blood.data.shifts import apply_shift
+from tests.helpers import npz_slide, run_cli, write_png
+
+
+@pytest.fixture(scope="module")
+def lab(tiny_run, tmp_path_factory):
+    run, npz = tiny_run
+    root = tmp_path_factory.mktemp("lab")
+    arrays = np.load(npz)
+    npz_slide(npz, "train", root / "today", root / "labels.csv", labelled=40)
+    test = np.ascontiguousarray(arrays["test_images"].transpose(0, 3, 1, 2))
+    for name, images in (("clean", test), ("stain", apply_shift(test, "stain", 5, seed=0)),
+                         ("brightness", apply_shift(test, "brightness", 5))):
+        for i, image in enumerate(images):
+            write_png(root / name / f"c{i:03d}.png", image.transpose(1, 2, 0))
+    from ssl_blood.cli import main
+
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), "--image-dir",
+                 str(root / "today"), "--size", "16", "--cache-dir", "none", "--labels",
+                 str(root / "labels.csv"), "--out", str(root / "clf")]) == 0
+    return root
+
+
+def test_shift_check_is_calibrated_on_the_labs_unlabelled_cells(lab):
+    card = json.loads((lab / "clf" / "card.json").read_text())
+    assert card["shift_check"]["calibrated_on"] == "56 unlabelled cells of the source"
+    model = Classifier.load(lab / "clf")
+    assert model.has_shift_reference and len(model.tensors["shift_pool_features"]) == 56
+
+
+@pytest.mark.parametrize("slide, warned", [("clean", False), ("stain", True), ("brightness", True)])
+def test_predict_warns_on_a_shifted_slide_only(lab, tmp_path, capsys, slide, warned):
+    code, out, err = run_cli(capsys, "predict", "--classifier", lab / "clf", "--image-dir", lab / slide,
+                             "--size", "16", "--cache-dir", "none", "--out", tmp_path / "p.csv", "--json")
+    assert code == 0, err
+    counts = json.loads(out)
+    assert counts["shift_warning"] is warned and counts["shift_score"] > 0
+    assert ("look unlike the cells the classifier knows" in err) is warned
+
+
+# ------------------------------------------------------------------ the test on synthetic cells
+
+
+def synthetic_lab(n: int, classes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cells of 4 well-separated classes: features (n, 32) around a class centre, and 8-px RGB
+    images whose colour follows the class."""
+    centres = np.random.default_rng(0).normal(size=(4, 32)) * 3
+    features = centres[classes] + rng.normal(size=(n, 32))
+    colour = np.array([[200, 80, 80], [80, 200, 80], [80, 80, 200], [150, 150, 60]])[classes]
+    images = colour[:, :, None, None] + rng.normal(0, 20, size=(n, 3, 8, 8))
+    return features.astype(np.float32), np.clip(images, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def check():
+    rng = np.random.default_rng(1)
+    return shift.ShiftCheck(shift.reference(*synthetic_lab(1000, rng.integers(0, 4, 1000), rng)))
+
+
+def test_clean_batches_rarely_warn_whatever_their_class_mix(check):
+    rng = np.random.default_rng(2)
+    warned = []
+    for b in range(60):  # half with the pool's mix, half with almost only one or two classes
+        mix = rng.integers(0, 4, 200) if b % 2 else rng.choice([b % 4, (b + 1) % 4], 200, p=[0.9, 0.1])
+        warned.append(check(*synthetic_lab(200, mix, rng))["shift_warning"])
+    assert np.mean(warned) <= 0.05
+
+
+def test_a_moved_feature_space_or_a_darker_slide_warns_in_its_own_view(check):
+    rng = np.random.default_rng(3)
+    features, images = synthetic_lab(200, rng.integers(0, 4, 200), rng)
+    moved = check(features + 0.5 * rng.normal(size=32).astype(np.float32), images)
+    assert moved["shift_warning"] and moved["shift_views"]["features"]["statistic"] > moved["shift_views"]["features"]["threshold"]
+    darker = check(features, (images * 0.8).astype(np.uint8))
+    assert darker["shift_warning"]
+    assert darker["shift_views"]["image_statistics"]["statistic"] > darker["shift_views"]["image_statistics"]["threshold"]
+    assert darker["shift_views"]["features"]["statistic"] < darker["shift_views"]["features"]["threshold"]
+
+
+def test_image_statistics_see_focus_and_stain():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(5, 3, 28, 28)).astype(np.uint8)
+    stats = shift.image_statistics(images)
+    assert stats.shape == (5, 8)
+    blurred = shift.image_statistics(apply_shift(images, "blur", 5))
+    assert (blurred[:, 6:] < stats[:, 6:]).all()  # Laplacian and gradient fall out of focus
+    assert np.allclose(stats[:, :3], torch.as_tensor(images).float().mean((2, 3)).numpy() / 255, atol=1e-5)
