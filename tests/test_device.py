@@ -51,13 +51,36 @@ def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
         ui.set_quiet(False)
 
 
-def test_auto_precision_is_bf16_only_with_amx(monkeypatch):
+def test_auto_precision_is_bf16_with_amx_or_where_measured_faster(monkeypatch):
     import torch
 
     from ssl_blood import device
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # no AMX: fp32
+
+    def never_measure():
+        raise AssertionError("a CPU without AVX-512 BF16 or with AMX needs no measurement")
+
+    monkeypatch.setattr(device, "_bf16_speedup", never_measure)
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx2", "fma"})  # no bf16 instructions
     assert not device.uses_bf16(cpu, "auto") and device.uses_bf16(cpu, "bf16")
     monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx512f", "amx_tile", "amx_bf16"})
     assert device.uses_bf16(cpu, "auto") and not device.uses_bf16(cpu, "fp32")
+    # AVX-512 BF16 without AMX: measured (a Xeon where fp32 was faster, a Zen 4 where bf16 was)
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(device, "_bf16_speedup", lambda: 0.85)
+    assert not device.uses_bf16(cpu, "auto")
+    monkeypatch.setattr(device, "_bf16_speedup", lambda: 2.0)
+    assert device.uses_bf16(cpu, "auto")
+
+
+def test_the_bf16_measurement_times_both_precisions_once_per_process():
+    import torch
+
+    from ssl_blood import device
+
+    device._bf16_speedup.cache_clear()
+    with torch.inference_mode():  # the first caller may be embedding, gradients off
+        ratio = device._bf16_speedup()
+    assert 0 < ratio < 100 and device._bf16_speedup() == ratio  # cached: the same answer
+    assert device._bf16_speedup.cache_info().hits >= 1
