@@ -158,8 +158,12 @@ def test_classifier_experiment_review_metrics_and_document():
              "nll_after": 0.9, "own_threshold": {"review_rate": 0.2, "accepted_accuracy": 0.8},
              "review_15": {"accepted_accuracy": 0.78}, "review_20": {"error_enrichment": 3.0},
              "count_abs_error_pp": {"a": 2.0, "b": 4.0}}
-    page = experiment.document({"device": "CPU", "entries": {"40-seed0": entry}})
-    assert "| 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
+    one = {**entry, "views": 1, "test_accuracy": 0.6}
+    page = experiment.document({"device": "CPU", "entries": {"40-seed0-views8": {**entry, "views": 8},
+                                                             "40-seed0-views1": one}})
+    assert "| 8 | 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
+    assert "| 1 | 40 | 0.600 |" in page
+    assert "enrichment >= 6x at no labels; ECE <= 0.03 at no labels." in page  # about the 8-view rows
 
 
 def test_label_loop_tiny(tiny_run, tmp_path):

@@ -68,7 +68,8 @@ def write_review(path: str | Path, prediction: Prediction, cells: CellData, titl
 def predict_and_review(classifier: str | Path, source: Any, out: str | Path, review: str | Path | None,
                        split: str | None = None, min_probability: float | None = None,
                        max_ood: float | None = None, device: str = "auto", overwrite: bool = False,
-                       progress: bool | None = False, adapt: str = "none") -> tuple[Prediction, dict[str, Any]]:
+                       progress: bool | None = False, adapt: str = "none",
+                       views: int | None = None) -> tuple[Prediction, dict[str, Any]]:
     """`ssl-blood predict` with, when `review` names a file, the review page of its flagged
     cells (checked writable before anything is classified)."""
     from ssl_blood.classify.classifier import predict_cells
@@ -78,7 +79,7 @@ def predict_and_review(classifier: str | Path, source: Any, out: str | Path, rev
     if review is not None:
         check_writable(refuse_existing(review, overwrite, "review"), folder=False, param="review")
     prediction, counts = predict_cells(classifier, source, out, split, min_probability, max_ood,
-                                       device, overwrite, progress, adapt)
+                                       device, overwrite, progress, adapt, views)
     if review is not None:
         cells = load_split(source, counts["split"] if split is None else split)
         title = f"Review {counts['review']} of {counts['cells']} cells ({Path(str(source.path)).name})"

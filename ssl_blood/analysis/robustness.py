@@ -100,24 +100,26 @@ def check_request(corruptions: Sequence[str] | None, severities: Sequence[int],
     return names
 
 
-def score(classifier: Classifier, cells: CellData, adapt: str,
-          progress: bool | None = False) -> dict[str, Any]:
-    """How `classifier` does on labelled `cells`."""
+def score(classifier: Classifier, cells: CellData, adapts: Sequence[str],
+          progress: bool | None = False) -> list[dict[str, Any]]:
+    """How `classifier` does on labelled `cells`, one row per adaptation of `adapts`."""
     from sklearn.metrics import balanced_accuracy_score, recall_score
 
-    prediction = classifier.predict(cells, adapt=adapt, progress=progress)
-    y, predicted = cells.labels.numpy(), prediction.predicted
-    recall = recall_score(y, predicted, average=None, labels=range(len(classifier.class_names)),
-                          zero_division=0)
-    accepted = ~prediction.review
-    return {"accuracy": float((predicted == y).mean()),
-            "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
-            "ece": expected_calibration_error(prediction.probabilities, y),
-            "review_share": float(prediction.review.mean()),
-            "accepted_accuracy": float((predicted[accepted] == y[accepted]).mean()) if accepted.any() else None,
-            "shift_warning": bool(prediction.shift["shift_warning"]) if prediction.shift else None,
-            "shift_score": prediction.shift["shift_score"] if prediction.shift else None,
-            "recall": {n: float(r) for n, r in zip(classifier.class_names, recall)}}
+    y, rows = cells.labels.numpy(), []
+    for adapt, prediction in classifier.predict_each(cells, adapts, progress=progress).items():
+        predicted, accepted = prediction.predicted, ~prediction.review
+        recall = recall_score(y, predicted, average=None, labels=range(len(classifier.class_names)),
+                              zero_division=0)
+        rows.append({"adapt": adapt, "adapted": prediction.adapted,
+                     "accuracy": float((predicted == y).mean()),
+                     "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+                     "ece": expected_calibration_error(prediction.probabilities, y),
+                     "review_share": float(prediction.review.mean()),
+                     "accepted_accuracy": float((predicted[accepted] == y[accepted]).mean()) if accepted.any() else None,
+                     "shift_warning": bool(prediction.shift["shift_warning"]) if prediction.shift else None,
+                     "shift_score": prediction.shift["shift_score"] if prediction.shift else None,
+                     "recall": {n: float(r) for n, r in zip(classifier.class_names, recall)}})
+    return rows
 
 
 def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequence[str] | None = None,
@@ -135,7 +137,7 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
         raise UserError("robustness measures accuracy and needs labelled cells; give data with "
                         "labels (class folders, a label column) or `labels`", param="labels")
     classifier.embedder.check_images(cells.images, "the images")
-    rows = [{"corruption": "clean", "severity": 0, "adapt": a, **score(classifier, cells, a)} for a in adapt]
+    rows = [{"corruption": "clean", "severity": 0, **row} for row in score(classifier, cells, adapt)]
     bar = ui.bar(total=len(names) * len(severities), desc="robustness", unit="shift", enabled=progress)
     done, skipped = [], {}
     for name in names:
@@ -149,8 +151,7 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
         for severity, images in shifted.items():
             moved = dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)),
                                         image_file=None)
-            rows += [{"corruption": name, "severity": severity, "adapt": a, **score(classifier, moved, a)}
-                     for a in adapt]
+            rows += [{"corruption": name, "severity": severity, **row} for row in score(classifier, moved, adapt)]
             bar.update(1)
         done.append(name)
     bar.close()
@@ -202,10 +203,10 @@ def _csv(result: dict) -> str:
     classes = list(result["rows"][0]["recall"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["corruption", "severity", "adapt", "accuracy", "balanced_accuracy", "ece",
+    writer.writerow(["corruption", "severity", "adapt", "adapted", "accuracy", "balanced_accuracy", "ece",
                      "review_share", "accepted_accuracy", "shift_warning"] + [f"recall_{c}" for c in classes])
     for r in result["rows"]:
-        writer.writerow([r["corruption"], r["severity"], r["adapt"], f"{r['accuracy']:.4f}",
+        writer.writerow([r["corruption"], r["severity"], r["adapt"], r["adapted"], f"{r['accuracy']:.4f}",
                          f"{r['balanced_accuracy']:.4f}", f"{r['ece']:.4f}", f"{r['review_share']:.4f}",
                          "" if r["accepted_accuracy"] is None else f"{r['accepted_accuracy']:.4f}",
                          "" if r["shift_warning"] is None else int(r["shift_warning"])]

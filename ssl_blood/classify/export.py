@@ -1,6 +1,8 @@
 """A classifier as one ONNX graph: uint8 images (N, C, H, W) in, calibrated class probabilities
-out (preprocessing, backbone, standardisation, head, temperature, softmax), a dynamic batch
-axis, and the class names and thresholds in the model's metadata; runs with onnxruntime alone."""
+out (preprocessing, the classifier's dihedral views, backbone, their average, standardisation,
+head, temperature, softmax), a dynamic batch axis, and the class names and thresholds in the
+model's metadata; runs with onnxruntime alone. The head is the one for slides as they are (the
+AdaBN head needs BatchNorm re-estimated on each slide, which a fixed graph cannot do)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ssl_blood.classify.classifier import Classifier
 from ssl_blood.errors import UserError
 from ssl_blood.files import check_writable, refuse_existing, write_bytes
 from ssl_blood.model.augment import eval_preprocess
+from ssl_blood.model.inference import dihedral_views
 
 ONNX_OPSET = 17
 
@@ -30,10 +33,11 @@ class _Graph(nn.Module):
         self.register_buffer("feature_std", t["std"].float())
         self.head = nn.Linear(t["weight"].shape[1], t["weight"].shape[0])
         self.head.weight.data, self.head.bias.data = t["weight"].float(), t["bias"].float()
-        self.temperature = float(classifier.temperature)
+        self.temperature, self.views = float(classifier.temperature), classifier.views
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(eval_preprocess(images, self.mean, self.std, self.size))
+        x = eval_preprocess(images, self.mean, self.std, self.size)
+        features = self.backbone(dihedral_views(x, self.views)).reshape(self.views, images.shape[0], -1).mean(0)
         logits = self.head((features - self.feature_mean) / self.feature_std)
         return torch.softmax(logits / self.temperature, dim=1)
 
@@ -60,6 +64,7 @@ def export_onnx(classifier: str | Path, out: str | Path, overwrite: bool = False
     proto = onnx.load_from_string(buffer.getvalue())
     meta = {"class_names": json.dumps(list(model.class_names)),
             "thresholds": json.dumps(model.thresholds), "temperature": str(model.temperature),
+            "views": str(model.views),
             "input": f"uint8 (N, {spec.channels}, {spec.image_size}, {spec.image_size})",
             "producer": "ssl-blood"}
     for key, value in meta.items():

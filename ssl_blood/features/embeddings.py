@@ -131,12 +131,18 @@ class Embedder:
                             f"this embedder was made for {want}; give data of that shape (`size`, "
                             f"or a checkpoint trained on such data)", param="size")
 
-    def __call__(self, images: torch.Tensor, progress: bool | None = False) -> np.ndarray:
+    def __call__(self, images: torch.Tensor, progress: bool | None = False,
+                 views: int = 1) -> np.ndarray:
+        """(N, D) features of uint8 images (N, C, H, W); `views` > 1: a backbone's features
+        averaged over that many dihedral transforms of each cell (model.inference.DIHEDRAL)."""
         from ssl_blood.model.inference import run_model
 
         self.check_images(images)
         spec = self.spec
         if spec.kind == "pixels":
+            if views != 1:
+                raise UserError("raw-pixel features have no views to average; use views 1",
+                                param="views")
             mean = np.asarray(spec.pixel_mean, np.float32)
             std = np.asarray(spec.pixel_std, np.float32)
             out = np.empty((len(images), mean.size), dtype=np.float32)
@@ -146,7 +152,7 @@ class Embedder:
             return out
         return run_model(self.model, images, spec.mean, spec.std, int(spec.input_size),
                          self.device, precision=spec.precision, channels_last=spec.channels_last,
-                         progress=progress, desc=f"embedding ({spec.label})")
+                         progress=progress, desc=f"embedding ({spec.label})", views=views)
 
     def adapted(self, images: torch.Tensor, progress: bool | None = False) -> "Embedder":
         """This embedder with its BatchNorm statistics re-estimated on `images` (AdaBN, Li et
@@ -183,6 +189,28 @@ class Embedder:
                 model(eval_preprocess(images[start:start + step].to(self.device), spec.mean,
                                       spec.std, int(spec.input_size)))
         return Embedder(spec, frozen_for_inference(model.eval()), self.device, model.eval())
+
+    def batchnorm_statistics(self) -> dict[str, torch.Tensor]:
+        """The trained backbone's BatchNorm running means and variances by buffer name (what
+        `adapted` re-estimated), to be kept and given back to `with_batchnorm`."""
+        if self.trained is None:
+            return {}
+        return {name: buffer.detach().cpu().clone() for name, buffer in self.trained.named_buffers()
+                if name.endswith(("running_mean", "running_var"))}
+
+    def with_batchnorm(self, statistics: dict[str, torch.Tensor]) -> "Embedder":
+        """This embedder with BatchNorm statistics kept from an `adapted` one."""
+        import copy
+
+        model = copy.deepcopy(self.trained).to(self.device) if self.trained is not None else None
+        buffers = dict(model.named_buffers()) if model is not None else {}
+        if not buffers or set(statistics) - set(buffers):
+            raise UserError("the kept BatchNorm statistics do not fit this backbone; train the "
+                            "classifier again", param="classifier")
+        with torch.no_grad():
+            for name, value in statistics.items():
+                buffers[name].copy_(value)
+        return Embedder(self.spec, frozen_for_inference(model.eval()), self.device, model.eval())
 
     # -- constructors ---------------------------------------------------------------
 

@@ -193,7 +193,7 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     proto = onnx.load(str(tmp_path / "clf.onnx"))
     meta = {p.key: p.value for p in proto.metadata_props}
     model = Classifier.load(tmp_path / "clf", "cpu")
-    assert json.loads(meta["class_names"]) == list(model.class_names)
+    assert json.loads(meta["class_names"]) == list(model.class_names) and meta["views"] == str(model.views) == "8"
     cells = load_split(resolve_source(npz=str(npz)), "test")
     expected = model.predict(cells, min_probability=0).probabilities
     session = onnxruntime.InferenceSession(str(tmp_path / "clf.onnx"), providers=["CPUExecutionProvider"])
@@ -248,3 +248,35 @@ def test_few_shot_on_your_own_labels_scores_every_head_by_cross_validation(tiny_
     assert "prototype*" in out and "prototype recall" in out
     code, _, err = run_cli(capsys, *args, "--heads", "svm")
     assert_one_line_error(code, err, r"unknown few-shot --heads entry 'svm'")
+
+
+def test_views_are_the_classifiers_own_and_predict_may_use_fewer(slides, tmp_path, capsys):
+    """A classifier averages 8 dihedral views by default, records it, and classifies with them;
+    predict --views 1 is the fast path (same classes for most cells); --from keeps the views."""
+    from ssl_blood.classify import Classifier
+
+    from tests.helpers import CELL_NAMES
+
+    run, root, truth = slides
+    folder = ["--image-dir", str(root / "today"), "--size", "16", "--cache-dir", "none"]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label")] + [(f"cell_{i:04d}.png", CELL_NAMES[truth[("today", f"cell_{i:04d}.png")]])
+                                                     for i in range(32)])
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), *folder,
+                 "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "clf")]) == 0
+    model = Classifier.load(tmp_path / "clf", "cpu")
+    assert model.views == 8 == json.loads((tmp_path / "clf" / "classifier.json").read_text())["views"]
+    cells = load_split(resolve_source(image_dir=str(root / "tomorrow"), size=16, cache_dir="none"), "train")
+    eight, one = model.predict(cells), model.predict(cells, views=1)
+    np.testing.assert_allclose(eight.probabilities, model.probabilities(model.embedder(cells.images, views=8)), atol=1e-5)
+    assert np.abs(model.features(cells.images) - model.features(cells.images, views=1)).max() > 1e-3
+    assert (eight.predicted == one.predicted).mean() >= 0.8  # the synthetic classes are easy
+    capsys.readouterr()
+    assert main(["predict", "--classifier", str(tmp_path / "clf"), "--image-dir", str(root / "tomorrow"),
+                 "--size", "16", "--cache-dir", "none", "--views", "1", "--out", str(tmp_path / "p.csv"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["views"] == 1
+    code, _, err = run_cli(capsys, "train-classifier", "--from", tmp_path / "clf", *folder, "--labels",
+                           tmp_path / "labels.csv", "--views", "2", "--out", tmp_path / "clf2")
+    assert_one_line_error(code, err, r"averages 8 views per cell; its views stay \(leave --views out\)")
+    assert not (tmp_path / "clf2").exists()

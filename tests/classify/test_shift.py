@@ -97,3 +97,41 @@ def test_image_statistics_see_focus_and_stain():
     blurred = shift.image_statistics(apply_shift(images, "blur", 5))
     assert (blurred[:, 6:] < stats[:, 6:]).all()  # Laplacian and gradient fall out of focus
     assert np.allclose(stats[:, :3], torch.as_tensor(images).float().mean((2, 3)).numpy() / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize("slide, adapted", [("clean", "none"), ("stain", "adabn"), ("brightness", "adabn")])
+def test_predict_adapt_auto_re_estimates_batchnorm_only_where_the_check_warns(lab, tmp_path, capsys,
+                                                                              slide, adapted):
+    code, out, err = run_cli(capsys, "predict", "--classifier", lab / "clf", "--image-dir", lab / slide,
+                             "--size", "16", "--cache-dir", "none", "--adapt", "auto",
+                             "--out", tmp_path / "p.csv", "--json")
+    assert code == 0, err
+    counts = json.loads(out)
+    assert counts["adapt"] == "auto" and counts["adapted"] == adapted
+    assert ("BatchNorm was re-estimated on them" in err) is (adapted == "adabn")
+
+
+def test_the_adabn_head_is_fitted_under_the_labs_own_statistics(lab):
+    """The AdaBN head was fitted on the labelled cells' features under BatchNorm statistics
+    re-estimated on the lab's own cells, so the lab's own clean cells re-estimated on
+    themselves meet it in its space: it classifies them as the unadapted head does (the head
+    of format 1 mapped the features instead)."""
+    from ssl_blood.data import load_split, resolve_source
+
+    model = Classifier.load(lab / "clf")
+    card = json.loads((lab / "clf" / "card.json").read_text())
+    assert model.adapted_head is not None and "adabn" in card
+    assert card["adabn"]["cross_validation"]["accuracy"] >= 0.8
+    kept = [k for k in model.tensors if k.startswith("adabn/batchnorm/")]
+    assert kept and all(k.endswith(("running_mean", "running_var")) for k in kept)
+    cells = load_split(resolve_source(image_dir=str(lab / "clean"), size=16, cache_dir="none"), "train")
+    both = model.predict_each(cells, ("none", "adabn"))
+    assert both["adabn"].adapted == "adabn" and both["none"].adapted == "none"
+    assert (both["adabn"].predicted == both["none"].predicted).mean() >= 0.9
+    # a source re-estimated with the kept statistics embeds the labelled cells as at training
+    labelled = model.embedder.with_batchnorm({k[len("adabn/batchnorm/"):]: v for k, v in model.tensors.items()
+                                              if k.startswith("adabn/batchnorm/")})
+    today = load_split(resolve_source(image_dir=str(lab / "today"), size=16, cache_dir="none"), "train")
+    first = today.subset(np.arange(40))
+    np.testing.assert_allclose(labelled(first.images, views=model.views)[:5],
+                               model.tensors["adabn/features"].numpy()[:5], atol=1e-4)
