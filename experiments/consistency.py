@@ -49,7 +49,11 @@ from frozen_features import checkpoint_features, load_results, put_section
 from semi_supervised import chosen_rows, measure
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- consistency:start -->", "<!-- consistency:end -->"
+
+
+def markers(tag: str) -> tuple[str, str]:
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
 VARIANTS = {"fixmatch": {"adaptive": False, "calibrated_start": False},
             "fixmatch-fast": {"adaptive": False, "lr": 3e-3, "calibrated_start": False},
             "flexmatch": {"adaptive": True, "calibrated_start": False},
@@ -91,14 +95,17 @@ def run_entry(kind: str, variant: str, embedder: Embedder, cells: CellData, seed
                             progress=None)
 
 
-def document(results: dict) -> str:
+def document(results: dict, tag: str = "consistency") -> str:
+    START, END = markers(tag)
     entries = results["entries"].values()
     lines = [START, "## Training the backbone with the unlabelled cells: the fixmatch head "
-             "(`experiments/consistency.py`)", "",
+             f"(`experiments/consistency.py`{', ' + str(results['steps']) + ' steps' if tag != 'consistency' else ''})", "",
              f"Device: {results['device']}. Quick-preset SimCLR checkpoint; random labelled train "
              f"cells; every other train cell unlabelled; {results.get('steps', '?')} steps of "
-             f"consistency training per run (32 labelled + 96 unlabelled cells a step). The recipe was chosen on val with seed 0: "
-             f"**{results.get('chosen', '?')}** (val accuracy "
+             f"consistency training per run (32 labelled + 96 unlabelled cells a step). "
+             + ("The recipe was chosen on val with seed 0: " if len(results.get("val", {})) != 1 else
+                "One recipe, the one the 600-step run below chose on val: ")
+             + f"**{results.get('chosen', '?')}** (val accuracy "
              + ", ".join(f"{k} {v:.1%}" for k, v in results.get("val", {}).items())
              + "; `train-classifier --head fixmatch` starts from the head divided by its "
              "cross-validated temperature by default, as fixmatch-calibrated does, the differences "
@@ -155,11 +162,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "consistency.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "label-efficiency.md"))
     parser.add_argument("--doc-only", action="store_true", help="rewrite the doc section from the results")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="recipes to choose from on val (one: that recipe, e.g. a longer run "
+                             "of the one an earlier run chose)")
+    parser.add_argument("--tag", default="consistency", help="the doc section's name (one per run)")
     args = parser.parse_args()
     out = Path(args.out)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --variants entry {unknown[0]}; choose from {', '.join(VARIANTS)}")
     results = load_results(out)
     if args.doc_only:
-        return put_section(Path(args.doc), START, END, document(results))
+        return put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
     results["steps"] = args.steps
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, val = load_split(source, "train"), load_split(source, "val")
@@ -191,9 +206,9 @@ def main() -> None:
         rows = chosen_rows(emb, budget, "random", 0, len(train))
         cells = _with_labels(train, rows)
         entry(f"logistic-{budget}-seed0", "logistic", "", embedder, cells, 0, budget, True)
-        for variant in VARIANTS:
+        for variant in variants:
             entry(f"{variant}-{budget}-seed0", "fixmatch", variant, embedder, cells, 0, budget, False)
-    results["val"] = {v: results["entries"][f"{v}-{budgets[0]}-seed0"]["val_accuracy"] for v in VARIANTS}
+    results["val"] = {v: results["entries"][f"{v}-{budgets[0]}-seed0"]["val_accuracy"] for v in variants}
     chosen = results["chosen"] = max(results["val"], key=results["val"].get)
     for budget in budgets:
         results["entries"][f"{chosen}-{budget}-seed0"]["reported"] = True
@@ -208,7 +223,7 @@ def main() -> None:
                   budget, True)
             results["entries"][f"scratch-{chosen}-{budget}-seed{seed}"]["head"] = f"{chosen} from scratch"
             write_json(results, out)
-    put_section(Path(args.doc), START, END, document(results))
+    put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
 
 
 def _with_labels(train: CellData, rows: np.ndarray) -> CellData:
