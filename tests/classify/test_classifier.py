@@ -266,7 +266,7 @@ def test_views_are_the_classifiers_own_and_predict_may_use_fewer(slides, tmp_pat
                  "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "clf")]) == 0
     model = Classifier.load(tmp_path / "clf", "cpu")
     assert model.views == 8 == json.loads((tmp_path / "clf" / "classifier.json").read_text())["views"]
-    cells = load_split(resolve_source(image_dir=str(root / "tomorrow"), size=16, cache_dir="none"), "train")
+    cells = load_split(resolve_source(image_dir=str(root / "tomorrow"), size=16, cache_dir=""), "train")
     eight, one = model.predict(cells), model.predict(cells, views=1)
     np.testing.assert_allclose(eight.probabilities, model.probabilities(model.embedder(cells.images, views=8)), atol=1e-5)
     assert np.abs(model.features(cells.images) - model.features(cells.images, views=1)).max() > 1e-3

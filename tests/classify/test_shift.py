@@ -124,14 +124,14 @@ def test_the_adabn_head_is_fitted_under_the_labs_own_statistics(lab):
     assert card["adabn"]["cross_validation"]["accuracy"] >= 0.8
     kept = [k for k in model.tensors if k.startswith("adabn/batchnorm/")]
     assert kept and all(k.endswith(("running_mean", "running_var")) for k in kept)
-    cells = load_split(resolve_source(image_dir=str(lab / "clean"), size=16, cache_dir="none"), "train")
+    cells = load_split(resolve_source(image_dir=str(lab / "clean"), size=16, cache_dir=""), "train")
     both = model.predict_each(cells, ("none", "adabn"))
     assert both["adabn"].adapted == "adabn" and both["none"].adapted == "none"
     assert (both["adabn"].predicted == both["none"].predicted).mean() >= 0.9
     # a source re-estimated with the kept statistics embeds the labelled cells as at training
     labelled = model.embedder.with_batchnorm({k[len("adabn/batchnorm/"):]: v for k, v in model.tensors.items()
                                               if k.startswith("adabn/batchnorm/")})
-    today = load_split(resolve_source(image_dir=str(lab / "today"), size=16, cache_dir="none"), "train")
+    today = load_split(resolve_source(image_dir=str(lab / "today"), size=16, cache_dir=""), "train")
     first = today.subset(np.arange(40))
     np.testing.assert_allclose(labelled(first.images, views=model.views)[:5],
                                model.tensors["adabn/features"].numpy()[:5], atol=1e-4)
