@@ -112,9 +112,9 @@ class Prediction:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow([self.name_column, "predicted", "probability", "margin", "ood_score",
                          "review"] + [f"p_{c}" for c in self.class_names])
-        top, margin = self.probabilities.max(1), self.margin
+        top, margin, predicted = self.probabilities.max(1), self.margin, self.predicted  # once, not per row
         for i, name in enumerate(self.names):
-            writer.writerow([name, self.class_names[self.predicted[i]], f"{top[i]:.4f}",
+            writer.writerow([name, self.class_names[predicted[i]], f"{top[i]:.4f}",
                              f"{margin[i]:.4f}", f"{self.ood[i]:.3f}", int(self.review[i])]
                             + [f"{p:.4f}" for p in self.probabilities[i]])
         return write_text(path, buffer.getvalue())
