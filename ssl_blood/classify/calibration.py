@@ -36,7 +36,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray,
 
 
 def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return float(cell_nll(probabilities, labels).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -56,10 +56,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
+def cell_nll(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per cell: -log of the probability given to its label."""
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None))
+
+
 def calibration_report(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> dict:
     """Whether temperature scaling helps, judged by cross-validation over `folds` of held-out
     logits: per fold a temperature fitted on the other folds' logits is scored on this fold.
-    Kept (the temperature fitted on all logits) only when it lowers the cross-validated NLL."""
+    Kept (the temperature fitted on all logits) only when it lowers the cross-validated NLL by
+    more than twice its standard error over the cells: on BloodMNIST val (40-400 labels, quick
+    features) a temperature kept on any lowering made ECE worse in 5 of 6 settings (0.022 ->
+    0.035-0.045 at 400 labels), the held-out logits of 4/5 of the cells being a noisy and
+    biased picture of the final head."""
     after = np.zeros((len(labels), logits.shape[1]))
     for f in np.unique(folds):
         held = folds == f
@@ -67,7 +76,8 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray
         after[held] = softmax(logits[held], t)
     plain = softmax(logits)
     nll_before, nll_after = negative_log_likelihood(plain, labels), negative_log_likelihood(after, labels)
-    keep = nll_after < nll_before
+    gain = cell_nll(plain, labels) - cell_nll(after, labels)
+    keep = bool(gain.mean() > 2 * gain.std() / np.sqrt(max(len(gain), 1)))
     temperature = fit_temperature(logits, labels) if keep else 1.0
     return {"temperature": temperature, "kept": bool(keep),
             "ece_before": expected_calibration_error(plain, labels),

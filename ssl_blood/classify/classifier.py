@@ -26,7 +26,8 @@ import torch
 
 from ssl_blood import __version__
 from ssl_blood.classify import shift
-from ssl_blood.classify.calibration import calibration_report, fit_temperature, softmax
+from ssl_blood.classify.calibration import (calibration_report, fit_temperature,
+                                            negative_log_likelihood, softmax)
 from ssl_blood.data.cells import CellData
 from ssl_blood.errors import UserError
 from ssl_blood.features.embeddings import Embedder, EmbedderSpec, l2_normalize
@@ -679,20 +680,32 @@ def _folds(labels: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
     return folds, k
 
 
+def cv_log_loss(oof_logits: np.ndarray, labels: np.ndarray) -> float:
+    """What the head's settings are chosen by: the log loss of the out-of-fold probabilities,
+    the proper scoring rule of a probabilistic classifier. Measured on BloodMNIST val (quick
+    features, 8 views, 40-400 labels, typiclust and random): against choosing by accuracy, the
+    same accuracy on average (-0.7 to +1.6 points) and ECE 0.022-0.104 instead of 0.035-0.167
+    (accuracy picked weak penalties whose heads were over-confident)."""
+    return negative_log_likelihood(softmax(oof_logits), labels)
+
+
 def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int,
                               seed: int) -> dict[str, Any]:
-    """Weight decay by k-fold CV accuracy (`_folds`); the head is then fitted on all cells. Out-of-fold logits of the chosen setting feed calibration."""
+    """Weight decay by k-fold CV log loss (`_folds`, `cv_log_loss`); the head is then fitted on
+    all cells. Out-of-fold logits of the chosen setting feed calibration."""
     from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 
     folds, k = _folds(labels, seed)
     oof = _cv_logits(lambda rows: (features[rows], labels[rows]), features, labels, folds, k, num_classes)
     accuracy = {wd: float((oof[wd].argmax(1) == labels).mean()) for wd in PROBE_WEIGHT_DECAYS}
-    best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (accuracy[wd], wd))  # ties: stronger penalty
+    loss = {wd: cv_log_loss(oof[wd], labels) for wd in PROBE_WEIGHT_DECAYS}
+    best = min(PROBE_WEIGHT_DECAYS, key=lambda wd: (loss[wd], -wd))  # ties: stronger penalty
     mean, std = features.mean(0), features.std(0) + 1e-6
     head = fit_logistic(torch.as_tensor((features - mean) / std), torch.as_tensor(labels),
                         num_classes, best)
     return {"head": head, "mean": mean.astype(np.float32), "std": std.astype(np.float32),
-            "weight_decay": best, "accuracy_by_weight_decay": accuracy, "folds": folds,
+            "weight_decay": best, "accuracy_by_weight_decay": accuracy, "log_loss_by_weight_decay": loss,
+            "folds": folds,
             "oof_logits": oof[best], "k": k}
 
 
@@ -703,7 +716,7 @@ def _cross_validated_propagate(features: np.ndarray, labels: np.ndarray, unlabel
     cells, a fold's held-out cells never seeding the spread nor taking a pseudo-label: first the
     graph's k and alpha (accuracy of the spread labels on the held-out cells), then how many
     pseudo-labels per labelled cell (0, the plain logistic head, included) with the weight decay
-    (accuracy of the head). Returns what `_cross_validated_logistic` returns, plus the choices."""
+    (the head's log loss, `cv_log_loss`). Returns what `_cross_validated_logistic` returns, plus the choices."""
     from ssl_blood.classify.propagation import (ALPHAS, GRAPH_KS, affinity, neighbour_table,
                                                 pseudo_labels, spread)
 
@@ -737,7 +750,8 @@ def _cross_validated_propagate(features: np.ndarray, labels: np.ndarray, unlabel
                              folds, k_folds, num_classes) for r in PSEUDO_PER_LABEL}
     accuracy = {(r, wd): float((oof.argmax(1) == labels).mean())
                 for r, by_wd in results.items() for wd, oof in by_wd.items()}
-    ratio, best = max(accuracy, key=lambda s: (accuracy[s], -s[0], s[1]))  # ties: fewer pseudo, stronger penalty
+    loss = {(r, wd): cv_log_loss(oof, labels) for r, by_wd in results.items() for wd, oof in by_wd.items()}
+    ratio, best = min(loss, key=lambda s: (loss[s], s[0], -s[1]))  # ties: fewer pseudo, stronger penalty
     x, y = augmented(np.arange(n_lab), ratio)
     mean, std = x.mean(0), x.std(0) + 1e-6
     from ssl_blood.evaluation.frozen import fit_logistic
@@ -750,7 +764,9 @@ def _cross_validated_propagate(features: np.ndarray, labels: np.ndarray, unlabel
                             "pseudo_labels": int(len(y) - n_lab), "unlabelled_cells": int(len(unlabelled)),
                             "spread_cv_accuracy": {f"k{k}-alpha{a}": v for (k, a), v in spread_accuracy.items()},
                             "head_cv_accuracy_by_pseudo_per_label":
-                                {str(r): max(accuracy[(r, wd)] for wd in results[r]) for r in results}}}
+                                {str(r): max(accuracy[(r, wd)] for wd in results[r]) for r in results},
+                            "head_cv_log_loss_by_pseudo_per_label":
+                                {str(r): min(loss[(r, wd)] for wd in results[r]) for r in results}}}
 
 
 def _cv_logits(training_set, features: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int,
