@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ssl_blood.data.sources import DataSource
 from ssl_blood.device import describe_device
 from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
@@ -24,6 +26,22 @@ def checkpoint_features(checkpoint: str | Path) -> tuple[Embedder, DataSource, E
     emb = embed_splits(embedder, source, ["train", "test"], progress=True)
     emb.save(path)
     return embedder, source, emb
+
+
+def view_features(checkpoint: str | Path, embedder: Embedder, source: DataSource,
+                  views: int) -> dict[str, np.ndarray]:
+    """{split: features} of train and test averaged over `views` dihedral views (what a
+    classifier with that many views reads), kept as CHECKPOINT_DIR/classifier_features_views<V>.npz.
+    (The single-view embeddings of `checkpoint_features` stay what `ssl-blood select` reads.)"""
+    from ssl_blood.data import load_split
+
+    path = Path(checkpoint).with_name(f"classifier_features_views{views}.npz")
+    if path.exists():
+        return dict(np.load(path))
+    features = {split: embedder(load_split(source, split).images, progress=True, views=views)
+                for split in ("train", "test")}
+    np.savez(path, **features)
+    return features
 
 
 def load_results(out: Path) -> dict:

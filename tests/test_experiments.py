@@ -231,7 +231,11 @@ def test_robustness_tiny(tiny_run, tmp_path):
     run, _ = tiny_run
     out, doc = tmp_path / "robustness.json", tmp_path / "robustness.md"
     run_script("robustness.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "24",
-               "--corruptions", "stain,blur", "--out", str(out), "--doc", str(doc))
+               "--corruptions", "stain,blur", "--views", "2", "--out", str(out), "--doc", str(doc))
     result = json.loads(out.read_text())
-    assert len(result["rows"]) == (1 + 2 * 5) * 2 and set(result["summary"]) == {"none", "adabn"}
+    assert len(result["rows"]) == (1 + 2 * 5) * 3 and set(result["summary"]) == {"none", "adabn", "auto"}
+    assert result["views"] == 2
+    for row in result["rows"]:  # auto adapts exactly the rows the shift check warned on
+        assert row["adapted"] == {"none": "none", "adabn": "adabn",
+                                  "auto": "adabn" if row["shift_warning"] else "none"}[row["adapt"]]
     assert "robustness:start" in doc.read_text() and "| blur |" in doc.read_text()
