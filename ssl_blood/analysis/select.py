@@ -338,7 +338,11 @@ def montage(result: dict[str, Any], emb: Embeddings, path: str | Path) -> Path |
 
 def classifier_probabilities(classifier: str | Path, emb: Embeddings, split: str) -> np.ndarray:
     """The saved classifier's probabilities for the cells of `split`, from the stored features
-    (no image is embedded again): the classifier must use these embeddings' backbone."""
+    (no image is embedded again): the classifier must use these embeddings' backbone. The
+    stored features are of one view per cell, where the classifier may average several
+    (`Classifier.views`): its head reads them as `predict --views 1` does, a little less
+    accurately than with its own views (BloodMNIST val, 120 labels: 79.4 against 80.7 %), which
+    is enough to rank cells by their margin."""
     from ssl_blood.classify.classifier import Classifier
 
     model = Classifier.load(classifier, device="cpu")

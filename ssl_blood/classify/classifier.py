@@ -923,6 +923,12 @@ def card_markdown(card: dict) -> str:
                   f"({run['seconds'] / 60:.1f} min); the frozen features' head "
                   f"cross-validated at {run['frozen_head_cv_accuracy']:.1%}. The backbone learned "
                   f"from these labels, so the figures above are optimistic.", ""]
+    if "adabn" in card:
+        adabn = card["adabn"]["cross_validation"]
+        lines += [f"Features averaged over {card.get('views', 1)} dihedral view(s) per cell. For "
+                  f"slides from another stain or scanner (predict --adapt adabn / auto), a second "
+                  f"head on features with BatchNorm re-estimated on the lab's own cells: "
+                  f"cross-validated accuracy {adabn['accuracy']:.1%}.", ""]
     recall = cv.get("recall", {})
     lines += ["| class | labelled cells | cross-validated recall |", "|---|---|---|"]
     lines += [f"| {name.replace('|', '/')} | {n} | "

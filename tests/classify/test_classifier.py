@@ -60,7 +60,9 @@ def test_select_fill_train_predict_round_trip(slides, tmp_path, capsys):
     card = json.loads(capsys.readouterr().out)
     assert sum(card["labels_per_class"].values()) == 40 and card["cross_validation"]["folds"] >= 2
     assert card["calibration"]["bins"] == 15 and card["labels_file"]["sha256"]
-    assert (tmp_path / "clf" / "card.md").read_text().startswith("# Classifier: 4 classes, 40 labelled")
+    card_md = (tmp_path / "clf" / "card.md").read_text()
+    assert card_md.startswith("# Classifier: 4 classes, 40 labelled")
+    assert "averaged over 8 dihedral view(s)" in card_md and "a second head" in card_md
     # the labelled cells themselves: the classifier agrees with the labels it was given
     assert main(["predict", "--classifier", str(tmp_path / "clf"), *folder,
                  "--out", str(tmp_path / "today.csv"), "--min-probability", "0"]) == 0
