@@ -18,6 +18,7 @@ Writes experiments/results/classifier.json and docs/classifier.md.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json, write_text
 
-from frozen_features import checkpoint_features, load_results, view_features
+from frozen_features import checkpoint_features, load_results, put_section, view_features
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (40, 120, 1196)
@@ -80,6 +81,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "classifier.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
+    parser.add_argument("--heads", default="logistic",
+                        help="comma-separated train-classifier heads; those other than logistic "
+                             "are measured at --head-budgets with the default views")
+    parser.add_argument("--head-budgets", default="120")
+    parser.add_argument("--steps", type=int, default=500,
+                        help="consistency-training steps of heads fixmatch and fine-tune")
+    parser.add_argument("--tag", help="write the table as this named section of --doc (another "
+                                      "checkpoint's), not the whole page")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
@@ -87,6 +96,7 @@ def main() -> None:
     train = load_split(source, "train")
     train_y, test_y = emb.select("train")[1], emb.select("test")[1]
     results["checkpoint"] = str(args.checkpoint)
+    results["results_file"] = out.name
     for views in VIEWS:
         features = view_features(args.checkpoint, embedder, source, views)
         for budget, seed in [(b, s) for b in BUDGETS for s in SEEDS] + [("all", 0)]:
@@ -101,7 +111,51 @@ def main() -> None:
                                        **evaluate(model, features["test"], test_y)}
             write_json(results, out)
             print(key, {k: results["entries"][key][k] for k in ("test_accuracy", "ece_before", "ece_after")})
-    write_text(args.doc, document(results))
+    heads = [h for h in args.heads.split(",") if h != "logistic"]
+    if heads:
+        other_heads(args, results, heads, embedder, train, emb, test_y, out)
+    if args.tag:
+        start, end = f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->"
+        put_section(Path(args.doc), start, end, "\n".join([start, *section(results), end]) + "\n")
+    else:
+        write_text(args.doc, page_keeping_sections(Path(args.doc), document(results)))
+
+
+def other_heads(args: argparse.Namespace, results: dict, heads: list[str], embedder, train,
+                emb, test_y: np.ndarray, out: Path) -> None:
+    """The heads that learn from the unlabelled train cells too (propagate, fixmatch) or train
+    the backbone (fine-tune, fixmatch), on the same typiclust picks, at the default views."""
+    from ssl_blood.classify.classifier import DEFAULT_VIEWS
+    from ssl_blood.classify.consistency import ConsistencyConfig
+
+    test = load_split(embedder.spec.data_source(), "test")
+    for head in heads:
+        for budget, seed in [(int(b), s) for b in args.head_budgets.split(",") for s in SEEDS]:
+            key = f"{budget}-seed{seed}-views{DEFAULT_VIEWS}-{head}"
+            if key in results["entries"]:
+                continue
+            rows = np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
+            labels = np.full(len(train), -1, dtype=np.int64)
+            labels[rows] = train.labels.numpy()[rows]
+            started = time.process_time()
+            model = Classifier.train(embedder, train.with_labels(labels, train.class_names), head, seed,
+                                     consistency=ConsistencyConfig(seed=seed, steps=args.steps),
+                                     state_path=out.with_suffix("") / f"{key}.state.pt", progress=None)
+            results["entries"][key] = {"labels": budget, "seed": seed, "views": model.views, "head": head,
+                                       "cpu_minutes": round((time.process_time() - started) / 60, 1),
+                                       **evaluate(model, model.features(test.images), test_y)}
+            write_json(results, out)
+            print(key, {k: results["entries"][key][k] for k in ("test_accuracy", "ece_before", "ece_after")})
+
+
+def page_keeping_sections(doc: Path, page: str) -> str:
+    """The page with the tagged sections (other checkpoints') of the old `doc` kept at its end."""
+    import re
+
+    old = doc.read_text() if doc.exists() else ""
+    blocks = [m.group(0).rstrip("\n") for m in
+              re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", old, flags=re.S)]
+    return page.rstrip("\n") + "\n" + "".join(f"\n{b}\n" for b in blocks)
 
 
 def _targets(groups: dict[str, list[dict]]) -> str:
@@ -122,32 +176,50 @@ def _targets(groups: dict[str, list[dict]]) -> str:
     return "; ".join(parts) + "."
 
 
+def _heads_ece(results: dict) -> str:
+    """ECE (after calibration) of every head measured beside the logistic one, against 0.03."""
+    other = {(e["head"], e["labels"]) for e in results["entries"].values() if e.get("head", "logistic") != "logistic"}
+    parts = []
+    for head, labels in sorted(other, key=lambda hl: (hl[1], hl[0])):
+        rows = [e for e in results["entries"].values() if e.get("head") == head and e["labels"] == labels]
+        ece, before = np.mean([e["ece_after"] for e in rows]), np.mean([e["ece_before"] for e in rows])
+        parts.append(f"{head} at {labels} labels ECE {ece:.3f} ({'met' if ece <= 0.03 else 'missed'}; "
+                     f"uncalibrated {before:.3f})")
+    return ("Every head: " + "; ".join(parts) + ".") if parts else ""
+
+
 def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def document(results: dict) -> str:
+def section(results: dict) -> list[str]:
+    """Another checkpoint's table, its targets and its reading (a section of the page)."""
+    table, groups = _table(results)
+    return [f"## Checkpoint `{results.get('checkpoint', '?')}`", "",
+            f"Measured as above by `experiments/classifier.py --tag` on {results['device']} (results in "
+            f"`experiments/results/{results.get('results_file', '?')}`).", "", *table, "",
+            *_reading(groups), "", "Targets: " + _targets(groups) + " " + _heads_ece(results)]
+
+
+def _table(results: dict) -> tuple[list[str], dict[str, list[dict]]]:
+    """The table of every (views, labels) row, and the rows of the default views by labels."""
     by_views: dict[int, dict[str, list[dict]]] = {}
     for entry in results["entries"].values():
-        by_views.setdefault(entry.get("views", 1), {}).setdefault(str(entry["labels"]), []).append(entry)
-    groups = by_views[max(by_views)]  # the prose is about the classifier's default
-    lines = ["# The classifier a lab keeps", "",
-             "Measured by `experiments/classifier.py` (results in `experiments/results/classifier.json`) on "
-             f"{results['device']}: the quick preset's SimCLR checkpoint, BloodMNIST; labelled cells chosen "
-             "by `ssl-blood select` (typiclust, seeds 0-2; all 11,959 train labels once); `train-classifier`'s "
-             "logistic head with every setting chosen by cross-validation on the labelled cells (val unused); "
-             "test split scored once per number. Mean ± SD over seeds. Views: the dihedral views "
-             "(quarter turns, mirror images) each cell's features are averaged over, at training and "
-             f"predicting alike (`train-classifier --views`, default 8). Checkpoint `{results.get('checkpoint', '?')}`.", "",
-             "| views | labels | test accuracy | ECE before → after | NLL before → after | review at own threshold "
+        if entry.get("head", "logistic") == "logistic":
+            by_views.setdefault(entry.get("views", 1), {}).setdefault(str(entry["labels"]), []).append(entry)
+    groups = by_views[max(by_views)]  # the prose is about the classifier's default (logistic) head
+    by_head: dict[tuple, list[dict]] = {}
+    for entry in results["entries"].values():
+        by_head.setdefault((entry.get("head", "logistic"), entry.get("views", 1), str(entry["labels"])), []).append(entry)
+    lines = ["| head | views | labels | test accuracy | ECE before → after | NLL before → after | review at own threshold "
              "(rate, accepted accuracy) | accepted accuracy at 15 % review | error enrichment at 20 % review "
-             "| count error (mean pp per class) |", "|---|---|---|---|---|---|---|---|---|"]
-    rows = [(v, labels, entries) for v, g in sorted(by_views.items()) for labels, entries in g.items()]
-    for views, labels, entries in sorted(rows, key=lambda r: (int(r[1]), r[0])):
+             "| count error (mean pp per class) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {h: i for i, h in enumerate(("logistic", "propagate", "fine-tune", "fixmatch"))}
+    for (head, views, labels), entries in sorted(by_head.items(), key=lambda kv: (int(kv[0][2]), order.get(kv[0][0], 9), kv[0][1])):
         def col(f):
             return [f(e) for e in entries]
         lines.append(
-            f"| {views} | {labels} | {_mean_sd(col(lambda e: e['test_accuracy']))} "
+            f"| {head} | {views} | {labels} | {_mean_sd(col(lambda e: e['test_accuracy']))} "
             f"| {_mean_sd(col(lambda e: e['ece_before']))} → {_mean_sd(col(lambda e: e['ece_after']))} "
             f"| {_mean_sd(col(lambda e: e['nll_before']))} → {_mean_sd(col(lambda e: e['nll_after']))} "
             f"| {np.mean(col(lambda e: e['own_threshold']['review_rate'])):.1%}, "
@@ -155,6 +227,11 @@ def document(results: dict) -> str:
             f"| {_mean_sd(col(lambda e: e['review_15']['accepted_accuracy']))} "
             f"| {np.mean(col(lambda e: e['review_20']['error_enrichment'])):.1f}x "
             f"| {np.mean(col(lambda e: np.mean(list(e['count_abs_error_pp'].values())))):.2f} |")
+    return lines, groups
+
+
+def _reading(groups: dict[str, list[dict]]) -> list[str]:
+    """What the table says, computed from it."""
     ordered = sorted(groups.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 10**9)
     first, last = ordered[0][0], ordered[-1][0]
 
@@ -164,18 +241,31 @@ def document(results: dict) -> str:
     enrichment = {n: mean(e, lambda x: x["review_20"]["error_enrichment"]) for n, e in ordered}
     count_error = {n: mean(e, lambda x: np.mean(list(x["count_abs_error_pp"].values()))) for n, e in ordered}
     worse = [n for n, e in ordered if mean(e, lambda x: x["ece_after"]) > mean(e, lambda x: x["ece_before"]) + 1e-9]
-    lines += ["", f"What the numbers say: errors are {enrichment[first]:.1f}x more frequent among flagged "
-              f"than accepted cells at {first} labels and {enrichment[last]:.1f}x at {last}; the differential "
-              f"count's error per class goes from {count_error[first]:.2f} to {count_error[last]:.2f} percentage "
-              f"points. Calibration is chosen by cross-validation on the labelled cells; "
-              + (f"with {', '.join(worse)} labels it made test ECE slightly worse on average (a noisy "
-                 f"decision on few cells), so read those rows with that in mind." if worse else
-                 "it never made test ECE worse here."),
+    return [f"What the numbers say: errors are {enrichment[first]:.1f}x more frequent among flagged "
+            f"than accepted cells at {first} labels and {enrichment[last]:.1f}x at {last}; the differential "
+            f"count's error per class goes from {count_error[first]:.2f} to {count_error[last]:.2f} percentage "
+            f"points. Calibration is chosen by cross-validation on the labelled cells; "
+            + (f"with {', '.join(worse)} labels it made test ECE slightly worse on average (a noisy "
+               f"decision on few cells), so read those rows with that in mind." if worse else
+               "it never made test ECE worse here.")]
+
+
+def document(results: dict) -> str:
+    table, groups = _table(results)
+    lines = ["# The classifier a lab keeps", "",
+             "Measured by `experiments/classifier.py` (results in `experiments/results/classifier.json`) on "
+             f"{results['device']}: the quick preset's SimCLR checkpoint, BloodMNIST; labelled cells chosen "
+             "by `ssl-blood select` (typiclust, seeds 0-2; all 11,959 train labels once); `train-classifier`'s "
+             "logistic head with every setting chosen by cross-validation on the labelled cells (val unused); "
+             "test split scored once per number. Mean ± SD over seeds. Views: the dihedral views "
+             "(quarter turns, mirror images) each cell's features are averaged over, at training and "
+             f"predicting alike (`train-classifier --views`, default 8). Checkpoint `{results.get('checkpoint', '?')}`.", "",
+             *table, "", *_reading(groups),
               "", "Targets from issue 22 (BloodMNIST test): accepted-cell accuracy ≥ 90 % from 120 labels and "
               "≥ 97 % from all labels at a 15 % review rate, error enrichment ≥ 6x at 20 %, ECE ≤ 0.03 for "
               "every head and never worse than uncalibrated. The table says where the logistic head with its "
               "top calibrated probability as the review score stands; "
-              + _targets(groups), "",
+              + _targets(groups) + " " + _heads_ece(results), "",
              "How to use it: `ssl-blood select ... --sheet picks.html` writes the cells to label and a page to "
              "label them in, which downloads labels.csv; `ssl-blood train-classifier --checkpoint "
              "RUN/checkpoint.pt --image-dir CELLS --labels labels.csv --out clf` (`--head propagate` also "

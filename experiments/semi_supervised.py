@@ -33,7 +33,11 @@ from frozen_features import checkpoint_features, load_results, put_section
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (40, 80, 160, 400)
 HEADS = ("logistic", "propagate")
-START, END = "<!-- semi-supervised:start -->", "<!-- semi-supervised:end -->"
+TAG = "semi-supervised"  # the doc section of the quick checkpoint; --tag names another's
+
+
+def markers(tag: str) -> tuple[str, str]:
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 
 
 def chosen_rows(emb: Embeddings, budget: int, selection: str, seed: int, n: int) -> np.ndarray:
@@ -52,12 +56,14 @@ def measure(model: Classifier, x: np.ndarray, y: np.ndarray) -> dict:
             "recall": {n: float(r) for n, r in zip(model.class_names, recall)}}
 
 
-def document(results: dict) -> str:
+def document(results: dict, tag: str = TAG) -> str:
+    START, END = markers(tag)
     rows = {}
     for entry in results["entries"].values():
         rows.setdefault((entry["selection"], entry["budget"], entry["head"]), []).append(entry)
-    lines = [START, "## Using the unlabelled cells: the propagate head (`experiments/semi_supervised.py`)", "",
-             f"Frozen quick-preset features, {results['device']}; BloodMNIST test, mean ± std over the "
+    title = "the propagate head" + ("" if tag == TAG else f", checkpoint `{results.get('checkpoint', '?')}`")
+    lines = [START, f"## Using the unlabelled cells: {title} (`experiments/semi_supervised.py`)", "",
+             f"Frozen features of `{results.get('checkpoint', 'the quick preset')}`, {results['device']}; BloodMNIST test, mean ± std over the "
              f"seeds run. `propagate` spreads the labels over the kNN graph of all train cells and adds "
              f"confident pseudo-labels (how many, 0 included, chosen by cross-validation on the labelled "
              f"cells; the column says how often CV chose some). IG = immature granulocytes.", "",
@@ -74,7 +80,7 @@ def document(results: dict) -> str:
     lines += ["", "Targets of the semi-supervised issue (best head at 28 px: >= 85 % with 40 labels, "
               ">= 89 % with 80, >= 92 % with 160, >= 94 % with 400) are not met by a frozen-feature head; "
               "the consistency-trained head (fixmatch, next section) is measured against them below. "
-              "Numbers: `experiments/results/semi_supervised.json`.", END]
+              f"Numbers: `experiments/results/{results.get('results_file', 'semi_supervised.json')}`.", END]
     return "\n".join(lines) + "\n"
 
 
@@ -86,9 +92,12 @@ def main() -> None:
     parser.add_argument("--selections", default="random,typiclust")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "semi_supervised.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "label-efficiency.md"))
+    parser.add_argument("--tag", default=TAG, help="the doc section's name (one per checkpoint)")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
+    results.setdefault("checkpoint", str(args.checkpoint))
+    results["results_file"] = out.name
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     train_x = np.asarray(emb.select("train")[0], dtype=np.float32)
@@ -115,7 +124,7 @@ def main() -> None:
                                                "propagation": prop, **measure(model, test_x, test_y)}
                     write_json(results, out)
                     print(key, round(results["entries"][key]["accuracy"], 4), f"{seconds:.0f} s", flush=True)
-    put_section(Path(args.doc), START, END, document(results))
+    put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
 
 
 if __name__ == "__main__":

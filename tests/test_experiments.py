@@ -141,7 +141,7 @@ def test_bench_streaming_tiny(tmp_path):
     assert result["stream"]["images"] == result["memory"]["images"]  # both modes read the same cache
 
 
-def test_classifier_experiment_review_metrics_and_document():
+def test_classifier_experiment_review_metrics_and_document(tmp_path):
     """experiments/classifier.py's review-rate numbers on a case worked by hand, and its page."""
     sys.path.insert(0, str(REPO / "experiments"))
     try:
@@ -161,9 +161,18 @@ def test_classifier_experiment_review_metrics_and_document():
     one = {**entry, "views": 1, "test_accuracy": 0.6}
     page = experiment.document({"device": "CPU", "entries": {"40-seed0-views8": {**entry, "views": 8},
                                                              "40-seed0-views1": one}})
-    assert "| 8 | 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
-    assert "| 1 | 40 | 0.600 |" in page
+    assert "| logistic | 8 | 40 | 0.700 | 0.100 → 0.050 | 1.000 → 0.900 | 20.0%, 0.800 | 0.780 | 3.0x | 3.00 |" in page
+    assert "| logistic | 1 | 40 | 0.600 |" in page
     assert "enrichment >= 6x at no labels; ECE <= 0.03 at no labels." in page  # about the 8-view rows
+    # another checkpoint's table is a tagged section; rewriting the page keeps it
+    doc = tmp_path / "classifier.md"
+    section = experiment.section({"device": "CPU", "checkpoint": "runs/standard/checkpoint.pt",
+                                  "results_file": "classifier_standard.json",
+                                  "entries": {"40-seed0-views8": {**entry, "views": 8}}})
+    doc.write_text(page + "\n<!-- std:start -->\n" + "\n".join(section) + "\n<!-- std:end -->\n")
+    rewritten = experiment.page_keeping_sections(doc, page.replace("0.700", "0.710"))
+    assert "| logistic | 8 | 40 | 0.710 |" in rewritten and rewritten.count("<!-- std:start -->") == 1
+    assert "## Checkpoint `runs/standard/checkpoint.pt`" in rewritten and "| logistic | 8 | 40 | 0.700 |" in rewritten
 
 
 def test_label_loop_tiny(tiny_run, tmp_path):
