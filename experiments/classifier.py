@@ -31,7 +31,7 @@ from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json, write_text
 
-from frozen_features import checkpoint_features, load_results, put_section, view_features
+from frozen_features import checkpoint_features, load_results, put_section, repo_relative, view_features
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (40, 120, 1196)
@@ -40,9 +40,10 @@ VIEWS = (1, 8)
 REVIEW_RATES = (0.15, 0.20)
 
 
-def review_at_rate(probabilities: np.ndarray, correct: np.ndarray, rate: float) -> dict[str, float]:
-    """Send the `rate` least confident cells to review: accepted accuracy and error enrichment."""
-    order = np.argsort(probabilities.max(1), kind="stable")
+def review_at_rate(scores: np.ndarray, correct: np.ndarray, rate: float) -> dict[str, float]:
+    """Send the `rate` cells of lowest score (least sure) to review: accepted accuracy and error
+    enrichment."""
+    order = np.argsort(scores, kind="stable")
     flagged = np.zeros(len(correct), bool)
     flagged[order[:int(round(rate * len(correct)))]] = True
     err_flagged, err_accepted = 1 - correct[flagged].mean(), 1 - correct[~flagged].mean()
@@ -69,7 +70,7 @@ def evaluate(model: Classifier, test_x: np.ndarray, test_y: np.ndarray) -> dict[
                           "accepted_accuracy": float(correct[~review].mean()),
                           "error_enrichment": float((1 - correct[review].mean()) / max(1 - correct[~review].mean(), 1e-9))
                           if review.any() else None},
-        **{f"review_{int(r * 100)}": review_at_rate(calibrated, correct, r) for r in REVIEW_RATES},
+        **{f"review_{int(r * 100)}": review_at_rate(calibrated.max(1), correct, r) for r in REVIEW_RATES},
         "count_abs_error_pp": {n: float(100 * abs(p - q)) for n, p, q in
                                zip(model.class_names, predicted_share, true_share)},
         "cv": model.card["cross_validation"],
@@ -85,6 +86,8 @@ def main() -> None:
                         help="comma-separated train-classifier heads; those other than logistic "
                              "are measured at --head-budgets with the default views")
     parser.add_argument("--head-budgets", default="120")
+    parser.add_argument("--head-seeds", default=",".join(map(str, SEEDS)),
+                        help="label draws for the other heads (fixmatch takes minutes per run)")
     parser.add_argument("--steps", type=int, default=500,
                         help="consistency-training steps of heads fixmatch and fine-tune")
     parser.add_argument("--tag", help="write the table as this named section of --doc (another "
@@ -95,7 +98,7 @@ def main() -> None:
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train = load_split(source, "train")
     train_y, test_y = emb.select("train")[1], emb.select("test")[1]
-    results["checkpoint"] = str(args.checkpoint)
+    results["checkpoint"] = repo_relative(args.checkpoint)
     results["results_file"] = out.name
     for views in VIEWS:
         features = view_features(args.checkpoint, embedder, source, views)
@@ -130,7 +133,8 @@ def other_heads(args: argparse.Namespace, results: dict, heads: list[str], embed
 
     test = load_split(embedder.spec.data_source(), "test")
     for head in heads:
-        for budget, seed in [(int(b), s) for b in args.head_budgets.split(",") for s in SEEDS]:
+        for budget, seed in [(int(b), int(s)) for b in args.head_budgets.split(",")
+                             for s in args.head_seeds.split(",")]:
             key = f"{budget}-seed{seed}-views{DEFAULT_VIEWS}-{head}"
             if key in results["entries"]:
                 continue
@@ -183,8 +187,9 @@ def _heads_ece(results: dict) -> str:
     for head, labels in sorted(other, key=lambda hl: (hl[1], hl[0])):
         rows = [e for e in results["entries"].values() if e.get("head") == head and e["labels"] == labels]
         ece, before = np.mean([e["ece_after"] for e in rows]), np.mean([e["ece_before"] for e in rows])
+        fitted = " cross-fitted" if all(e.get("cv", {}).get("cross_fitted") for e in rows) else ""
         parts.append(f"{head} at {labels} labels ECE {ece:.3f} ({'met' if ece <= 0.03 else 'missed'}; "
-                     f"uncalibrated {before:.3f})")
+                     f"uncalibrated{fitted} {before:.3f})")
     return ("Every head: " + "; ".join(parts) + ".") if parts else ""
 
 
@@ -270,7 +275,10 @@ def document(results: dict) -> str:
              "label them in, which downloads labels.csv; `ssl-blood train-classifier --checkpoint "
              "RUN/checkpoint.pt --image-dir CELLS --labels labels.csv --out clf` (`--head propagate` also "
              "learns from the folder's unlabelled cells, `--head fixmatch --minutes M` trains the backbone "
-             "with them too, see label-efficiency.md); `ssl-blood predict "
+             "with them too, see label-efficiency.md; the heads that train the backbone are calibrated by "
+             "cross-fitting: the training runs again on 3 folds of the labelled cells, each fold judged by a "
+             "model that never saw its labels, as their own cross-validation is optimistic, "
+             "`--calibration-folds`); `ssl-blood predict "
              "--classifier clf --image-dir NEW_SLIDE --out slide.csv --review review.html` writes one row per "
              "cell (class, calibrated probability, margin, OOD score, review flag), slide.counts.json (the "
              "differential count with 95 % Wilson intervals) and the review page of the flagged cells, whose "

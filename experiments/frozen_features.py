@@ -15,6 +15,14 @@ from ssl_blood.features.embeddings import Embedder, Embeddings, embed_splits
 from ssl_blood.files import write_text
 
 
+def repo_relative(path: str | Path) -> str:
+    """`path` as the docs name it: relative to the repository when inside it, whatever the
+    directory the experiment ran from."""
+    resolved = Path(path).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else str(path)
+
+
 def checkpoint_features(checkpoint: str | Path) -> tuple[Embedder, DataSource, Embeddings]:
     """The checkpoint's embedder (CPU), its data and the train + test embeddings, read from
     CHECKPOINT_DIR/classifier_embeddings.npz or embedded and written there once."""

@@ -150,9 +150,9 @@ def test_classifier_experiment_review_metrics_and_document(tmp_path):
         sys.path.pop(0)
     probabilities = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.95, 0.05], [0.8, 0.2]])
     correct = np.array([True, False, False, True, True])
-    at_40 = experiment.review_at_rate(probabilities, correct, 0.4)  # flags the two least sure
+    at_40 = experiment.review_at_rate(probabilities.max(1), correct, 0.4)  # flags the two least sure
     assert at_40["accepted_accuracy"] == 1.0 and at_40["error_enrichment"] == pytest.approx(1 / 1e-9)
-    at_20 = experiment.review_at_rate(probabilities, correct, 0.2)  # flags cell 2 only
+    at_20 = experiment.review_at_rate(probabilities.max(1), correct, 0.2)  # flags cell 2 only
     assert at_20["accepted_accuracy"] == 0.75 and at_20["error_enrichment"] == pytest.approx(1 / 0.25)
     entry = {"labels": 40, "test_accuracy": 0.7, "ece_before": 0.1, "ece_after": 0.05, "nll_before": 1.0,
              "nll_after": 0.9, "own_threshold": {"review_rate": 0.2, "accepted_accuracy": 0.8},
@@ -173,6 +173,33 @@ def test_classifier_experiment_review_metrics_and_document(tmp_path):
     rewritten = experiment.page_keeping_sections(doc, page.replace("0.700", "0.710"))
     assert "| logistic | 8 | 40 | 0.710 |" in rewritten and rewritten.count("<!-- std:start -->") == 1
     assert "## Checkpoint `runs/standard/checkpoint.pt`" in rewritten and "| logistic | 8 | 40 | 0.700 |" in rewritten
+
+
+def test_review_score_candidates_on_a_worked_case():
+    """experiments/review_score.py's neighbour scores: agreement counts the neighbours that share
+    the call, smoothed averages the call's probability over the cell and its k neighbours."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import review_score as experiment
+    finally:
+        sys.path.pop(0)
+    p = np.array([[0.7, 0.3], [0.4, 0.6]])
+    pool_p = np.array([[0.9, 0.1]] * 10 + [[0.2, 0.8]] * 10)
+    neighbours = np.tile(np.arange(20), (2, 1))  # the first 5 and 10 neighbours say class 0
+    s = experiment.scores(p, pool_p, neighbours)
+    assert s["agreement-k10"][0] == pytest.approx(1 + 1e-3 * 0.7)
+    assert s["agreement-k10"][1] == pytest.approx(0 + 1e-3 * 0.6)
+    assert s["agreement-k20"][1] == pytest.approx(0.5 + 1e-3 * 0.6)
+    assert s["smoothed-k5"][0] == pytest.approx((0.7 + 5 * 0.9) / 6)
+    assert s["smoothed-k20"][1] == pytest.approx((0.6 + 10 * 0.1 + 10 * 0.8) / 21)
+    assert s["margin"] == pytest.approx([0.4, 0.2]) and s["top"] == pytest.approx([0.7, 0.6])
+    one = {name: {"accepted_accuracy": 0.8, "error_enrichment": 3.0} for name in s}
+    better = {**one, "smoothed-k10": {"accepted_accuracy": 0.85, "error_enrichment": 4.0}}
+    results = {"device": "CPU", "checkpoint": "runs/x/checkpoint.pt", "results_file": "r.json",
+               "entries": {"40-seed0": {"val": better, "test": better}}}
+    text = experiment.section(results)
+    assert "| 40 | smoothed-k10 | 0.800 → 0.850 | 0.800 → 0.850 | 3.0x → 4.0x |" in text
+    assert "+5.0 points at 40 labels (smoothed-k10)" in text
 
 
 def test_label_loop_tiny(tiny_run, tmp_path):
@@ -202,7 +229,16 @@ def test_semi_supervised_tiny(tiny_run, tmp_path):
     for e in entries.values():
         assert 0 <= e["accuracy"] <= 1 and set(e["recall"]) and e["seconds"] >= 0
         assert (e["pseudo_per_label"] in (0, 5, 20)) and (e["head"] == "propagate" or not e["propagation"])
-    assert "semi-supervised:start" in doc.read_text()
+    assert "semi-supervised:start" in doc.read_text() and "Targets of" not in doc.read_text()  # no target budget
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import semi_supervised as experiment
+    finally:
+        sys.path.pop(0)
+    rows = {("random", 40, "logistic"): [{"accuracy": 0.84}, {"accuracy": 0.88}],
+            ("random", 40, "propagate"): [{"accuracy": 0.80}], ("random", 80, "logistic"): [{"accuracy": 0.9}]}
+    assert experiment.targets(rows) == ("Targets of the semi-supervised issue, best frozen-feature row: "
+                                        "40 labels 86.0 % (target 85 %: met); 80 labels 90.0 % (target 89 %: met).")
 
 
 def test_shift_tiny(tiny_run, tmp_path):

@@ -148,14 +148,19 @@ def class_thresholds(selected: torch.Tensor, num_classes: int, tau: float,
 
 def _fingerprint(cfg: ConsistencyConfig, labels: np.ndarray, n_unlabelled: int,
                  model: nn.Module) -> str:
-    """What a resumable state belongs to: settings (not the budget), labels, data, start."""
+    """What a resumable state belongs to: settings (not the budget), labels, data, the backbone
+    it started from. Not the head's start: it is fitted on features computed in bf16 or fp32 as
+    a timing at process start decides (device.cpu_has_fast_bf16), so two processes may start
+    from slightly different heads (seen: the same command in a later process refused a
+    500-step run's state); a resumed run loads the state's weights anyway."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items()
                                         if k not in ("minutes", "steps", "save_every")},
                                        sort_keys=True).encode())
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     digest.update(str(n_unlabelled).encode())
-    for tensor in model.state_dict().values():
+    for tensor in model.backbone.state_dict().values():
         digest.update(tensor.detach().cpu().float().numpy().tobytes()[:4096])
+    digest.update(str(tuple(model.head.weight.shape)).encode())
     return digest.hexdigest()[:32]
 
 

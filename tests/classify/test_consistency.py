@@ -214,6 +214,7 @@ def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys
     (("--head", "fixmatch", "--minutes", "-1"), "--minutes -1.0 must be a positive number"),
     (("--stain", "0.2"), "--minutes, --steps and --stain set the training of heads fixmatch"),
     (("--head", "fine-tune", "--stain", "1.5"), r"--stain 1.5 must be in \[0, 1\)"),
+    (("--head", "fine-tune", "--calibration-folds", "-1"), "--calibration-folds -1 must be 0 or more"),
 ])
 def test_fixmatch_bad_input_is_one_line_and_writes_nothing(pool, capsys, extra, pattern):
     run, tmp_path, _ = pool
@@ -248,4 +249,70 @@ def test_fine_tune_head_needs_no_unlabelled_cells(tiny_run, tmp_path, capsys):
     card = json.loads(out)
     assert card["head"] == "fine-tune" and card["consistency"]["config"]["unlabelled_weight"] == 0
     assert card["consistency"]["pseudo_label_rate"] == 0 and (tmp_path / "clf" / "backbone.pt").is_file()
-    assert "trained on the labelled cells for 5 steps" in (tmp_path / "clf" / "card.md").read_text()
+    card_md = (tmp_path / "clf" / "card.md").read_text()
+    assert "trained on the labelled cells for 5 steps" in card_md
+    # calibrated by the training rerun on folds (cross-fitted), whose states are gone once written
+    cv = card["cross_validation"]
+    assert cv["cross_fitted"] and card["calibration"]["cross_fitted"] and 2 <= cv["folds"] <= 3
+    assert "cross-fitted" in card_md and not list((tmp_path / "clf").glob("consistency-state*"))
+
+
+def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(monkeypatch):
+    """`_cross_fitted_logits` trains once per fold with that fold's labels hidden (its cells
+    unlabelled) and scores exactly that fold's cells with the fold's model."""
+    from ssl_blood.classify import classifier as module
+    from ssl_blood.data.cells import CellData
+
+    labels = np.repeat(np.arange(3), 6)
+    images = torch.as_tensor(np.repeat(labels * 80, 3 * 4 * 4).reshape(-1, 3, 4, 4).astype(np.uint8))
+    cells = CellData(torch.cat([images, images[:2]]), torch.as_tensor(np.concatenate([labels, [-1, -1]])),
+                     torch.arange(20), "train", ("a", "b", "c"), None)  # 2 unlabelled cells
+    seen = []
+
+    def fake_training(head, embedder, fold_cells, seed, cfg, state_path, progress):
+        hidden = fold_cells.labels.numpy()
+        seen.append(hidden.copy())
+        fold = len(seen) - 1
+
+        def features(images, progress=False, views=1):  # the class as a feature, plus the fold
+            x = images.float().mean((1, 2, 3)).numpy()[:, None] / 80
+            return np.concatenate([x, np.full_like(x, fold)], 1)
+        return b"", features, {"steps": 3}, 0.5
+
+    monkeypatch.setattr(module, "_trained_backbone", fake_training)
+    folds = module._calibration_folds(labels, 3, seed=0)
+    assert sorted(np.bincount(folds)) == [6, 6, 6] and all(np.bincount(labels[folds == f]).tolist() == [2, 2, 2]
+                                                           for f in range(3))
+    oof = module._cross_fitted_logits("fine-tune", None, cells, folds, 0, ConsistencyConfig(steps=3),
+                                      None, False, 1)
+    assert len(seen) == 3
+    for f, hidden in enumerate(seen):
+        assert (hidden[:18][folds == f] == -1).all() and (hidden[:18][folds != f] == labels[folds != f]).all()
+        assert (hidden[18:] == -1).all()  # the unlabelled cells stay unlabelled
+    assert oof.shape == (18, 3) and (oof.argmax(1) == labels).all()  # each fold scored, by its own model
+    assert module._calibration_folds(np.array([0, 0, 1]), 3, seed=0) is None  # a class of one cell
+
+
+def test_recalibration_from_held_out_logits_tempers_an_over_confident_head():
+    """Held-out logits three times too sharp: the temperature is kept (about 3), the review
+    threshold sends the asked share of the labelled cells to review, and the card says so."""
+    from ssl_blood.classify.calibration import softmax
+    from ssl_blood.classify.classifier import Classifier
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    logits = rng.normal(0, 1, (400, 4))
+    logits[np.arange(400), labels] += 1.5
+    sharp = 3 * logits
+    folds = np.arange(400) % 4
+    model = Classifier.__new__(Classifier)
+    model.class_names, model.temperature = ("a", "b", "c", "d"), 1.0
+    model.thresholds = {"min_probability": 0.99, "max_ood": 2.0}
+    model.card = {"cross_validation": {"folds": 5, "accuracy": 1.0}}
+    model.recalibrate(sharp, labels, folds, review_rate=0.2)
+    assert model.card["calibration"]["kept"] and model.temperature == pytest.approx(3, rel=0.3)
+    calibrated = softmax(sharp, model.temperature).max(1)
+    assert (calibrated < model.thresholds["min_probability"]).mean() == pytest.approx(0.2, abs=0.01)
+    assert model.card["cross_validation"]["folds"] == 4 and model.card["cross_validation"]["cross_fitted"]
+    assert model.card["cross_validation"]["accuracy"] == pytest.approx((sharp.argmax(1) == labels).mean())
+    assert model.card["calibration"]["ece_after"] < model.card["calibration"]["ece_before"]
