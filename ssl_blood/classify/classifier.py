@@ -367,7 +367,7 @@ class Classifier:
                     review_rate: float) -> None:
         """Temperature, review threshold and the card's cross-validated figures from held-out
         logits `oof_logits` of the labelled cells (e.g. `_cross_fitted_logits`)."""
-        calibration = calibration_report(oof_logits, labels, folds)
+        calibration = calibration_report(oof_logits, labels, folds, cross_fitted=True)
         oof = softmax(oof_logits, calibration["temperature"])
         self.temperature = float(calibration["temperature"])
         self.thresholds["min_probability"] = float(np.quantile(oof.max(1), review_rate)) if review_rate else 0.0
@@ -1020,6 +1020,14 @@ def _card(embedder: Embedder, cells: CellData, labels: np.ndarray, fit: dict, ca
     }
 
 
+def _temperature_verdict(calibration: dict) -> str:
+    """Why the card's temperature is used or not, in the words of `calibration_report`'s rule."""
+    if calibration.get("cross_fitted"):
+        return "kept: the held-out cells showed an over-confident head" if calibration["kept"] else \
+            "not used: the held-out cells showed no over-confidence"
+    return "kept: it helped" if calibration["kept"] else "not used: it did not help"
+
+
 def card_markdown(card: dict) -> str:
     cv, cal = card["cross_validation"], card["calibration"]
     lines = [f"# Classifier: {len(card['classes'])} classes, {sum(card['labels_per_class'].values())} labelled cells",
@@ -1028,9 +1036,10 @@ def card_markdown(card: dict) -> str:
              f"Cross-validated ({cv['folds']}-fold) accuracy on the labelled cells: "
              f"{cv['accuracy']:.1%} (95 % CI {cv['accuracy_ci95'][0]:.1%}-{cv['accuracy_ci95'][1]:.1%}); "
              f"{cv['review_rate']:.0%} sent to review, accepted cells {cv['accepted_accuracy'] or 0:.1%} right.", "",
-             f"Calibration (cross-validated): ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
+             f"Calibration ({'cross-fitted' if cal.get('cross_fitted') else 'cross-validated'}): "
+             f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
              f"NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}; temperature {cal['temperature']:.2f} "
-             f"({'kept: it helped' if cal['kept'] else 'not used: it did not help'}).", ""]
+             f"({_temperature_verdict(cal)}).", ""]
     if "consistency" in card:
         run = card["consistency"]
         how = "consistency-trained with the unlabelled cells" if card["head"] == "fixmatch" else \

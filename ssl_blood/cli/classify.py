@@ -23,8 +23,9 @@ def _add_train_classifier(sub) -> None:
                        description="A logistic head on the checkpoint's frozen features, trained on "
                                    "every labelled cell (a user's labels are all training labels): "
                                    "weight decay, calibration (temperature scaling, kept only where "
-                                   "it helps) and the review threshold chosen by stratified "
-                                   "cross-validation on them. Writes a folder with the head, its "
+                                   "it helps; heads that train the backbone are cross-fitted and "
+                                   "cooled whenever over-confident) and the review threshold chosen "
+                                   "by stratified cross-validation on them. Writes a folder with the head, its "
                                    "settings and a model card (card.md).")
     p.add_argument("--checkpoint", metavar="CKPT", help="the pretrained backbone (a new classifier)")
     p.add_argument("--from", dest="from_classifier", metavar="DIR",

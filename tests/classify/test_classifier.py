@@ -138,6 +138,21 @@ def test_calibration_cools_an_over_confident_head_and_leaves_a_calibrated_one():
     assert expected_calibration_error(probs, labels) == pytest.approx(0.0)
 
 
+def test_cross_fitted_calibration_cools_only_an_over_confident_head():
+    rng = np.random.default_rng(1)
+    n, c = 120, 8  # a lab's 120 labels in 3 folds: the 2-SE rule's noisy regime
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(size=(n, c))
+    logits[np.arange(n), labels] += 2.0
+    folds = np.arange(n) % 3
+    hot = calibration_report(logits * 4, labels, folds, cross_fitted=True)
+    assert hot["kept"] and hot["temperature"] > 2
+    assert hot["nll_after"] < hot["nll_before"] and hot["ece_after"] < hot["ece_before"]
+    shy = calibration_report(logits * 0.3, labels, folds, cross_fitted=True)  # under-confident
+    assert not shy["kept"] and shy["temperature"] == 1.0  # never sharpened
+    assert shy["ece_after"] == shy["ece_before"] and shy["nll_after"] == shy["nll_before"]
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("path,label\na.png,x\na.png,y\n", r"'a.png' is labelled 'x' on line 2 and 'y' on line 3"),
     ("path,label\nnone.png,x\nb.png,x\n", r"line 2 names path 'none.png', which is not a cell"),
