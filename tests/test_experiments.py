@@ -194,12 +194,13 @@ def test_review_score_candidates_on_a_worked_case():
     assert s["smoothed-k20"][1] == pytest.approx((0.6 + 10 * 0.1 + 10 * 0.8) / 21)
     assert s["margin"] == pytest.approx([0.4, 0.2]) and s["top"] == pytest.approx([0.7, 0.6])
     one = {name: {"accepted_accuracy": 0.8, "error_enrichment": 3.0} for name in s}
-    better = {**one, "smoothed-k10": {"accepted_accuracy": 0.85, "error_enrichment": 4.0}}
+    better = {**one, "smoothed-k10": {"accepted_accuracy": 0.85, "error_enrichment": 4.0},
+              "smoothed-k10@kept": {"accepted_accuracy": 0.9, "error_enrichment": 5.0}}  # never chosen
     results = {"device": "CPU", "checkpoint": "runs/x/checkpoint.pt", "results_file": "r.json",
                "entries": {"40-seed0": {"val": better, "test": better}}}
     text = experiment.section(results)
-    assert "| 40 | smoothed-k10 | 0.800 → 0.850 | 0.800 → 0.850 | 3.0x → 4.0x |" in text
-    assert "+5.0 points at 40 labels (smoothed-k10)" in text
+    assert "| 40 | smoothed-k10 | 0.800 → 0.850 | 0.800 → 0.850 | 3.0x → 4.0x | 0.900 |" in text
+    assert "+5.0 points at 40 labels (smoothed-k10, +10.0 with the kept cells)" in text
 
 
 def test_label_loop_tiny(tiny_run, tmp_path):
