@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ssl_blood.data import CellData, DataSource, channel_stats, load_split
-from ssl_blood.device import resolve_device
+from ssl_blood.device import resolve_device, uses_bf16
 from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.model.inference import frozen_for_inference
 from ssl_blood.files import atomic_write, sha256_bytes, sha256_file
@@ -123,6 +123,18 @@ class Embedder:
     @property
     def channels(self) -> int:
         return self.spec.channels
+
+    @property
+    def feature_precision(self) -> str:
+        """The precision its features come out in here, "bf16" or "fp32": "auto" resolved, which
+        on a CPU with AVX-512 BF16 but no AMX is a timing test and may differ between runs."""
+        if self.spec.kind == "pixels":
+            return "fp32"
+        return "bf16" if uses_bf16(self.device, self.spec.precision) else "fp32"
+
+    def in_precision(self, precision: str) -> "Embedder":
+        """This embedder computing its features in `precision` (bf16, fp32 or auto)."""
+        return Embedder(replace(self.spec, precision=precision), self.model, self.device, self.trained)
 
     def check_images(self, images: torch.Tensor, what: str = "the images") -> None:
         want = (self.channels, self.image_size, self.image_size)

@@ -221,6 +221,27 @@ def test_onnx_export_matches_pytorch(tiny_run, tmp_path, capsys):
     assert_one_line_error(code, err, r"--out .*clf.onnx exists; set --overwrite")
 
 
+def test_a_classifier_embeds_in_the_precision_it_was_fitted_in(tiny_run, tmp_path):
+    """"auto" precision is a timing test on some CPUs; a saved classifier keeps the precision of
+    the features its head was fitted on, so predict reads the same features on every run."""
+    from ssl_blood.classify import Classifier
+
+    run, npz = tiny_run
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), "--shots", "6",
+                 "--out", str(tmp_path / "clf")]) == 0
+    config_path = tmp_path / "clf" / "classifier.json"
+    config = json.loads(config_path.read_text())
+    fitted = Classifier.load(tmp_path / "clf", "cpu")
+    assert config["precision"] == fitted.embedder.feature_precision == fitted.embedder.spec.precision
+    cells = load_split(resolve_source(npz=str(npz)), "test")
+    plain = fitted.features(cells.images)
+    other = "bf16" if config["precision"] == "fp32" else "fp32"
+    config_path.write_text(json.dumps({**config, "precision": other}))
+    switched = Classifier.load(tmp_path / "clf", "cpu")
+    assert switched.embedder.feature_precision == other
+    assert np.abs(switched.features(cells.images) - plain).max() > 1e-4  # bf16 rounds at ~1e-3
+
+
 def test_linear_probe_on_your_own_labels_is_cross_validated(tiny_run, tmp_path, capsys):
     """A folder of PNGs and a labels file: the probe is scored by cross-validation on the
     labelled cells (never a 3-cell val split), with per-class recall."""
