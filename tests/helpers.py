@@ -190,6 +190,16 @@ def chrome():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def stored_answers(driver, prefix: str) -> int:
+    """How many answers the browser process holds in a page's localStorage entry (key starting
+    `prefix`), read through DevTools: a page's setItem reaches the browser process
+    asynchronously, so a test that reloads at once can race it; wait for this first."""
+    storage = driver.execute_cdp_cmd("DOMStorage.getDOMStorageItems",
+                                     {"storageId": {"securityOrigin": "file://", "isLocalStorage": True}})
+    return max([len(json.loads(value)) for key, value in storage["entries"] if key.startswith(prefix)],
+               default=0)
+
+
 def requested_urls(driver) -> set[str]:
     urls = set()
     for entry in driver.get_log("performance"):

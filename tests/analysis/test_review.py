@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tests.helpers import (CELL_NAMES, CHROMEDRIVER, CHROMIUM, assert_one_line_error, chrome,
-                           console_errors, npz_slide, requested_urls, run_cli, tree)
+                           console_errors, npz_slide, requested_urls, run_cli, stored_answers, tree,
+                           wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def test_review_confirm_correct_reload_download_and_add_to_the_classifier(clinic
         expected[predicted[first]["predicted"]] += 1
         expected[other] += 1
         assert after == expected
+        assert wait_for(lambda: stored_answers(driver, "ssl-blood-review:") == 3)
         driver.refresh()
         assert driver.find_element(By.ID, "progress").text == f"3 / {len(shown)} reviewed"
         assert _counts_after(driver) == expected

@@ -11,7 +11,7 @@ import pytest
 
 from ssl_blood.cli import main
 from tests.helpers import (CHROMEDRIVER, CHROMIUM, assert_one_line_error, chrome, console_errors,
-                           requested_urls, run_cli, tree, wait_for, write_png)
+                           requested_urls, run_cli, stored_answers, tree, wait_for, write_png)
 
 HOSTILE = '<img src=x onerror="window.__xss=1">'
 ODD_NAME = 'cell "<b>7" &amp; <i>.png'  # a file name that is markup, quotes and an entity
@@ -83,8 +83,11 @@ def test_sheet_labels_by_key_and_click_survives_reload_and_feeds_labels(slide, t
         _press(driver, "u")  # cell 3: unsure
         _press(driver, Keys.ARROW_LEFT)
         assert "unsure" in driver.find_element(By.ID, "answer").text
+        assert wait_for(lambda: stored_answers(driver, "ssl-blood-sheet:") == 3)
         driver.refresh()  # work is kept across a reload
-        assert wait_for(lambda: driver.find_element(By.ID, "progress").text.startswith("3 / 6 answered"))
+        progress = wait_for(lambda: (t := driver.find_element(By.ID, "progress").text).startswith("3 / 6 answered")
+                            and t) or driver.find_element(By.ID, "progress").text
+        assert progress.startswith("3 / 6 answered"), progress
         # the hostile class name is a button's text, not markup
         labels = [b.text for b in driver.find_elements(By.CSS_SELECTOR, "#answers button")]
         assert f"2 {HOSTILE}" in labels and driver.execute_script("return window.__xss") is None
