@@ -128,7 +128,7 @@ def other_heads(args: argparse.Namespace, results: dict, heads: list[str], embed
                 emb, test_y: np.ndarray, out: Path) -> None:
     """The heads that learn from the unlabelled train cells too (propagate, fixmatch) or train
     the backbone (fine-tune, fixmatch), on the same typiclust picks, at the default views."""
-    from ssl_blood.classify.classifier import CALIBRATION_FOLDS, DEFAULT_VIEWS, fold_state_path
+    from ssl_blood.classify.classifier import DEFAULT_VIEWS, remove_run_states
     from ssl_blood.classify.consistency import ConsistencyConfig
 
     test = load_split(embedder.spec.data_source(), "test")
@@ -150,8 +150,7 @@ def other_heads(args: argparse.Namespace, results: dict, heads: list[str], embed
                                        "cpu_minutes": round((time.process_time() - started) / 60, 1),
                                        **evaluate(model, model.features(test.images), test_y)}
             write_json(results, out)
-            for done in [state, *(fold_state_path(state, f) for f in range(CALIBRATION_FOLDS))]:
-                done.unlink(missing_ok=True)  # the entry is recorded: nothing left to resume
+            remove_run_states(state)  # the entry is recorded: nothing left to resume
             print(key, {k: results["entries"][key][k] for k in ("test_accuracy", "ece_before", "ece_after")})
 
 

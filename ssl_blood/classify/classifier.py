@@ -331,9 +331,7 @@ class Classifier:
         trained backbone becomes the classifier's own (BACKBONE)."""
         from ssl_blood.classify.consistency import ConsistencyConfig
 
-        if calibration_folds < 0:
-            raise UserError(f"`calibration_folds` {calibration_folds} must be 0 or more",
-                            param="calibration_folds")
+        _check_calibration_folds(calibration_folds)
         labelled = cells.labelled()
         labels = labelled.labels.numpy()
         _check_class_counts(labels, cells.class_names)
@@ -624,10 +622,23 @@ def _calibration_folds(labels: np.ndarray, requested: int, seed: int) -> np.ndar
     return folds
 
 
+def _check_calibration_folds(calibration_folds: int) -> None:
+    if calibration_folds < 0:
+        raise UserError(f"`calibration_folds` {calibration_folds} must be 0 or more (0: no rerun)",
+                        param="calibration_folds")
+
+
 def fold_state_path(state_path: str | Path, fold: int) -> Path:
     """Where fold `fold`'s rerun of a trained head is kept to resume, beside the main run's."""
     path = Path(state_path)
     return path.with_name(f"{path.stem}.fold{fold}{path.suffix}")
+
+
+def remove_run_states(state_path: str | Path, calibration_folds: int = CALIBRATION_FOLDS) -> None:
+    """Delete a trained head's resume states (its run's and its folds'): once the classifier
+    holds their result there is nothing left to resume."""
+    for path in [Path(state_path), *(fold_state_path(state_path, f) for f in range(calibration_folds))]:
+        path.unlink(missing_ok=True)
 
 
 def _cross_fitted_logits(head: str, embedder: Embedder, cells: CellData, folds: np.ndarray,
@@ -1102,9 +1113,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                         "one), one of them", param=("checkpoint", "from_classifier"))
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
-    if calibration_folds < 0:
-        raise UserError(f"`calibration_folds` {calibration_folds} must be 0 or more (0: no rerun)",
-                        param="calibration_folds")
+    _check_calibration_folds(calibration_folds)  # before minutes of embedding
     if (minutes is not None or steps is not None or stain) and head not in TRAINED_BACKBONE_HEADS:
         raise UserError("`minutes`, `steps` and `stain` set the training of heads fixmatch and "
                         "fine-tune; the other heads take seconds", param=("minutes", "head"))
@@ -1144,10 +1153,8 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if self_contained:
         classifier.own_backbone()
     classifier.save(out, overwrite)
-    if state_path is not None:  # the runs are done: the classifier holds their result
-        state_path.unlink(missing_ok=True)
-        for fold in range(calibration_folds):
-            fold_state_path(state_path, fold).unlink(missing_ok=True)
+    if state_path is not None:
+        remove_run_states(state_path, calibration_folds)
     return classifier
 
 
