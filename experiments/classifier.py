@@ -74,7 +74,19 @@ def evaluate(model: Classifier, test_x: np.ndarray, test_y: np.ndarray) -> dict[
         "count_abs_error_pp": {n: float(100 * abs(p - q)) for n, p, q in
                                zip(model.class_names, predicted_share, true_share)},
         "cv": model.card["cross_validation"],
+        **_held_out_rule(model, logits, test_y),
     }
+
+
+def _held_out_rule(model: Classifier, logits: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+    """For a trained head whose temperature was matched to its fold models' ensemble: the
+    temperature the held-out logits alone gave (the rule before), and test ECE under it."""
+    calibration = model.card.get("calibration", {})
+    if "held_out_temperature" not in calibration:
+        return {}
+    before = max(1.0, calibration["held_out_temperature"])  # that rule kept it only above 1
+    return {"calibration_method": calibration["method"], "held_out_temperature": before,
+            "ece_held_out_rule": expected_calibration_error(softmax(logits, before), test_y)}
 
 
 def main() -> None:
@@ -99,6 +111,7 @@ def main() -> None:
     train = load_split(source, "train")
     train_y, test_y = emb.select("train")[1], emb.select("test")[1]
     results["checkpoint"] = repo_relative(args.checkpoint)
+    results["checkpoint_sha256"] = embedder.identity  # a path may be pretrained again
     results["results_file"] = out.name
     for views in VIEWS:
         features = view_features(args.checkpoint, embedder, source, views)
@@ -192,9 +205,12 @@ def _heads_ece(results: dict) -> str:
         fitted = "its cross-fitted" if all(e.get("cv", {}).get("cross_fitted") for e in rows) else "its"
         worse = sum(e["ece_after"] > e["ece_before"] + 1e-9 for e in rows)
         lower_nll = sum(e["nll_after"] < e["nll_before"] - 1e-9 for e in rows)
+        matched = [e for e in rows if "ece_held_out_rule" in e]
+        rule = (f"; with the temperature the held-out logits alone gave, as before, ECE "
+                f"{np.mean([e['ece_held_out_rule'] for e in matched]):.3f}" if len(matched) == len(rows) else "")
         parts.append(f"{head} at {labels} labels ECE {ece:.3f} ({'met' if ece <= 0.03 else 'missed'}; "
                      f"{before:.3f} before {fitted} calibration, which made test ECE worse in {worse} "
-                     f"and lowered test NLL in {lower_nll} of {len(rows)} draws)")
+                     f"and lowered test NLL in {lower_nll} of {len(rows)} draws{rule})")
     return ("Every head: " + "; ".join(parts) + ".") if parts else ""
 
 
@@ -205,7 +221,8 @@ def _mean_sd(values: list[float]) -> str:
 def section(results: dict) -> list[str]:
     """Another checkpoint's table, its targets and its reading (a section of the page)."""
     table, groups = _table(results)
-    return [f"## Checkpoint `{results.get('checkpoint', '?')}`", "",
+    identity = f" ({results['checkpoint_sha256'][:19]})" if "checkpoint_sha256" in results else ""
+    return [f"## Checkpoint `{results.get('checkpoint', '?')}`{identity}", "",
             f"Measured as above by `experiments/classifier.py --tag` on {results['device']} (results in "
             f"`experiments/results/{results.get('results_file', '?')}`).", "", *table, "",
             *_reading(groups), "", "Targets: " + _targets(groups) + " " + _heads_ece(results)]
@@ -283,15 +300,16 @@ def document(results: dict) -> str:
              "with them too, see label-efficiency.md; the heads that train the backbone are calibrated by "
              "cross-fitting: the training runs again on 3 folds of the labelled cells, each fold judged by a "
              "model that never saw its labels, as their own cross-validation is optimistic, and the "
-             "temperature fitted on those held-out predictions cools them whenever it is above 1, "
-             "`--calibration-folds`); `ssl-blood predict "
+             "temperature brings the trained model to the average of itself and the fold models on the "
+             "folder's unlabelled cells, `--calibration-folds`); `ssl-blood predict "
              "--classifier clf --image-dir NEW_SLIDE --out slide.csv --review review.html` writes one row per "
              "cell (class, calibrated probability, margin, OOD score, review flag), slide.counts.json (the "
              "differential count with 95 % Wilson intervals) and the review page of the flagged cells, whose "
              "corrections.csv `ssl-blood train-classifier --from clf --image-dir NEW_SLIDE --labels "
              "corrections.csv --out clf2` adds to the classifier's labels. The default review threshold is "
              "the top probability below which 15 % of the labelled cells fall in cross-validation "
-             "(`--review-rate`); the OOD threshold is the 99th percentile of the labelled cells' own "
+             "(`--review-rate`; for a head that trains the backbone, 15 % of the folder's unlabelled "
+             "cells); the OOD threshold is the 99th percentile of the labelled cells' own "
              "distance to their nearest labelled neighbour; `predict --min-probability/--max-ood` override "
              "both; `predict --adapt auto` re-estimates the backbone's BatchNorm statistics on a slide the "
              "shift check warns about (another stain or scanner) and classifies it with the classifier's "

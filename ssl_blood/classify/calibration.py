@@ -41,19 +41,27 @@ def negative_log_likelihood(probabilities: np.ndarray, labels: np.ndarray) -> fl
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T > 0 minimising the NLL of softmax(logits / T) (L-BFGS over log T)."""
+    logits = np.asarray(logits)
+    return matching_temperature(logits, np.eye(logits.shape[1])[np.asarray(labels)])
+
+
+def matching_temperature(logits: np.ndarray, target: np.ndarray) -> float:
+    """The temperature T > 0 whose softmax(logits / T) is closest to the probabilities
+    `target` (cross-entropy, L-BFGS over log T); one-hot targets make it `fit_temperature`,
+    soft ones (another model's probabilities on unlabelled cells) need no labels."""
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    p = torch.as_tensor(np.asarray(target), dtype=torch.float64)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z / log_t.exp(), y)
+        loss = -(p * torch.log_softmax(z / log_t.exp(), dim=1)).sum(1).mean()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    return float(np.clip(log_t.detach().exp().item(), 0.05, 20.0))
 
 
 def cell_nll(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:

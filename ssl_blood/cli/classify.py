@@ -24,7 +24,7 @@ def _add_train_classifier(sub) -> None:
                                    "every labelled cell (a user's labels are all training labels): "
                                    "weight decay, calibration (temperature scaling, kept only where "
                                    "it helps; heads that train the backbone are cross-fitted and "
-                                   "cooled whenever over-confident) and the review threshold chosen "
+                                   "cooled to agree with their fold models) and the review threshold chosen "
                                    "by stratified cross-validation on them. Writes a folder with the head, its "
                                    "settings and a model card (card.md).")
     p.add_argument("--checkpoint", metavar="CKPT", help="the pretrained backbone (a new classifier)")
@@ -51,8 +51,10 @@ def _add_train_classifier(sub) -> None:
     p.add_argument("--calibration-folds", type=int, default=CALIBRATION_FOLDS,
                    help="--head fixmatch/fine-tune: the training runs again on this many folds of "
                         "the labelled cells to calibrate the head and set its review threshold "
-                        "honestly (a --minutes budget covers all the runs); 0 skips it, and the "
-                        "confidences are then over-confident (default %(default)s)")
+                        "honestly: its temperature brings it to the average of itself and the fold "
+                        "models on the folder's unlabelled cells (a --minutes budget covers all the "
+                        "runs); 0 skips it, and the confidences are then over-confident (default "
+                        "%(default)s)")
     p.add_argument("--views", type=int, choices=VIEWS,
                    help="dihedral views (quarter turns, mirror images) averaged per cell: 8 "
                         "(default) is about 1.5 points more accurate than 1 on BloodMNIST at 40-400 "
@@ -62,7 +64,8 @@ def _add_train_classifier(sub) -> None:
                         "pretraining run (head fixmatch always keeps its own)")
     p.add_argument("--review-rate", type=float, default=DEFAULT_REVIEW_RATE,
                    help="share of cells sent to review: sets the probability threshold by "
-                        "cross-validation (default %(default)s)")
+                        "cross-validation (heads fixmatch/fine-tune: on the folder's unlabelled "
+                        "cells) (default %(default)s)")
     add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

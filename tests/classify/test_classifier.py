@@ -153,6 +153,17 @@ def test_cross_fitted_calibration_cools_only_an_over_confident_head():
     assert shy["ece_after"] == shy["ece_before"] and shy["nll_after"] == shy["nll_before"]
 
 
+def test_matching_temperature_recovers_the_temperature_between_two_models():
+    from ssl_blood.classify.calibration import fit_temperature, matching_temperature, softmax
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(500, 5)) * 3
+    assert matching_temperature(logits, softmax(logits, 2.5)) == pytest.approx(2.5, rel=1e-3)
+    assert matching_temperature(logits, softmax(logits, 0.5)) == pytest.approx(0.5, rel=1e-3)
+    labels = logits.argmax(1)  # one-hot targets: the NLL temperature
+    assert fit_temperature(logits, labels) == pytest.approx(matching_temperature(logits, np.eye(5)[labels]))
+
+
 @pytest.mark.parametrize("text, pattern", [
     ("path,label\na.png,x\na.png,y\n", r"'a.png' is labelled 'x' on line 2 and 'y' on line 3"),
     ("path,label\nnone.png,x\nb.png,x\n", r"line 2 names path 'none.png', which is not a cell"),

@@ -174,6 +174,12 @@ def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys
     card = json.loads(out)
     assert card["head"] == "fixmatch" and card["consistency"]["steps"] == 6
     assert card["consistency"]["pretrained"]["checkpoint"].endswith("checkpoint.pt")
+    # the temperature matched to the trained model and its fold models on the folder's own cells
+    calibration = card["calibration"]
+    assert calibration["method"].startswith("matched to the average of the trained model and its")
+    assert calibration["temperature"] > 0 and "held_out_temperature" in calibration
+    assert f"the held-out cells alone gave {calibration['held_out_temperature']:.2f}" in \
+        (tmp_path / "clf" / "card.md").read_text()
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [
         "backbone.pt", "card.json", "card.md", "classifier.json", "head.pt"]  # no state left
     assert "consistency-trained with the unlabelled cells for 6 steps" in (tmp_path / "clf" / "card.md").read_text()
@@ -283,13 +289,14 @@ def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(mon
     folds = module._calibration_folds(labels, 3, seed=0)
     assert sorted(np.bincount(folds)) == [6, 6, 6] and all(np.bincount(labels[folds == f]).tolist() == [2, 2, 2]
                                                            for f in range(3))
-    oof = module._cross_fitted_logits("fine-tune", None, cells, folds, 0, ConsistencyConfig(steps=3),
-                                      None, False, 1)
+    oof, pooled = module._cross_fitted_logits("fine-tune", None, cells, folds, 0, ConsistencyConfig(steps=3),
+                                              None, False, 1, pool=np.array([18, 19]))
     assert len(seen) == 3
     for f, hidden in enumerate(seen):
         assert (hidden[:18][folds == f] == -1).all() and (hidden[:18][folds != f] == labels[folds != f]).all()
         assert (hidden[18:] == -1).all()  # the unlabelled cells stay unlabelled
     assert oof.shape == (18, 3) and (oof.argmax(1) == labels).all()  # each fold scored, by its own model
+    assert pooled.shape == (3, 2, 3)  # and each fold model scored the unlabelled cells
     assert module._calibration_folds(np.array([0, 0, 1]), 3, seed=0) is None  # a class of one cell
 
 
@@ -316,3 +323,38 @@ def test_recalibration_from_held_out_logits_tempers_an_over_confident_head():
     assert model.card["cross_validation"]["folds"] == 4 and model.card["cross_validation"]["cross_fitted"]
     assert model.card["cross_validation"]["accuracy"] == pytest.approx((sharp.argmax(1) == labels).mean())
     assert model.card["calibration"]["ece_after"] < model.card["calibration"]["ece_before"]
+
+
+def test_an_ensemble_of_the_fold_models_sets_the_temperature_and_the_review_share():
+    """Given the fold models' view of unlabelled cells, the temperature brings the trained
+    model to their average there, cooling or sharpening it, whatever the held-out logits say;
+    the review threshold sends the asked share of those cells to review."""
+    from ssl_blood.classify.calibration import matching_temperature, softmax
+    from ssl_blood.classify.classifier import Classifier
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 120)
+    held_out = rng.normal(0, 1, (120, 4))
+    held_out[np.arange(120), labels] += 1.5
+    held_out *= 3  # the held-out logits alone ask for a temperature near 3
+    pool = rng.normal(0, 1, (1000, 4)) * 2
+
+    def model():
+        m = Classifier.__new__(Classifier)
+        m.class_names, m.temperature = ("a", "b", "c", "d"), 1.0
+        m.thresholds, m.card = {"min_probability": 0.99, "max_ood": 2.0}, {"cross_validation": {}}
+        return m
+
+    agreeing = model()  # fold models as sure as the trained one: nothing to cool
+    agreeing.recalibrate(held_out, labels, np.arange(120) % 3, 0.15, (pool, np.stack([pool] * 3)))
+    assert agreeing.temperature == pytest.approx(1.0, abs=1e-3)
+    assert agreeing.card["calibration"]["held_out_temperature"] > 2
+    hot = model()  # the trained model twice as sharp as three fold models
+    hot.recalibrate(held_out, labels, np.arange(120) % 3, 0.15, (2 * pool, np.stack([pool] * 3)))
+    average = (softmax(2 * pool) + 3 * softmax(pool)) / 4
+    assert hot.temperature == pytest.approx(matching_temperature(2 * pool, average)) and 1.2 < hot.temperature < 2
+    share = (softmax(2 * pool, hot.temperature).max(1) < hot.thresholds["min_probability"]).mean()
+    assert share == pytest.approx(0.15, abs=0.005) and hot.card["thresholds"] == hot.thresholds
+    shy = model()  # a trained model less sure than its fold models is sharpened towards them
+    shy.recalibrate(held_out, labels, np.arange(120) % 3, 0.15, (0.5 * pool, np.stack([pool] * 3)))
+    assert 0.5 < shy.temperature < 0.9 and shy.card["calibration"]["held_out_temperature"] > 2
