@@ -285,3 +285,29 @@ def test_robustness_tiny(tiny_run, tmp_path):
         assert row["adapted"] == {"none": "none", "adabn": "adabn",
                                   "auto": "adabn" if row["shift_warning"] else "none"}[row["adapt"]]
     assert "robustness:start" in doc.read_text() and "| blur |" in doc.read_text()
+
+
+def test_trained_head_temperature_compares_the_rules_on_a_known_case():
+    """A trained model twice as sharp as calibrated, fold models calibrated, held-out logits four
+    times too sharp: the matched temperature lands near the truth (2), the held-out rule far off."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import trained_head_temperature as experiment
+    finally:
+        sys.path.pop(0)
+    from ssl_blood.classify.calibration import softmax
+
+    rng = np.random.default_rng(0)
+    honest = rng.normal(size=(4000, 4)) * 2
+    val_labels = np.array([rng.choice(4, p=p) for p in softmax(honest)])  # calibrated by construction
+    oof = rng.normal(size=(120, 4)) * 2
+    labels = np.array([rng.choice(4, p=p) for p in softmax(oof)])
+    draw = {"members": np.stack([2 * honest, honest, honest, honest]), "oof": 4 * oof, "labels": labels,
+            "folds": np.arange(120) % 3, "val_labels": val_labels}
+    result = experiment.compare(draw)
+    t = result["temperature"]
+    assert result["fold_models"] == 3 and t["oracle"] == pytest.approx(2, rel=0.15)
+    assert t["held_out_rule"] > 3 and 1.2 < t["matched"] < 2  # 120 held-out cells: a noisy 4
+    assert result["matched"]["ece"] < result["held_out_rule"]["ece"]
+    assert result["matched"]["ece"] < result["uncalibrated"]["ece"]
+    assert result["ensemble"]["accuracy"] == pytest.approx(result["uncalibrated"]["accuracy"])  # same argmax

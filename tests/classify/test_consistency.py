@@ -290,7 +290,7 @@ def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(mon
     assert sorted(np.bincount(folds)) == [6, 6, 6] and all(np.bincount(labels[folds == f]).tolist() == [2, 2, 2]
                                                            for f in range(3))
     oof, pooled = module._cross_fitted_logits("fine-tune", None, cells, folds, 0, ConsistencyConfig(steps=3),
-                                              None, False, 1, pool=np.array([18, 19]))
+                                              None, False, 1, pool=images[:2])
     assert len(seen) == 3
     for f, hidden in enumerate(seen):
         assert (hidden[:18][folds == f] == -1).all() and (hidden[:18][folds != f] == labels[folds != f]).all()
