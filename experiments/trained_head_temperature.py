@@ -48,14 +48,15 @@ SEEDS = (0, 1, 2)
 LABELS = 120
 
 
-def member_logits(checkpoint: str, head: str, seed: int, steps: int, path: Path) -> dict[str, np.ndarray]:
+def member_logits(checkpoint: str, head: str, seed: int, steps: int, path: Path,
+                  budget: int = LABELS) -> dict[str, np.ndarray]:
     """Val logits of the trained model and of each fold model (k + 1, N, C), the fold models'
     held-out logits of the labelled cells, their labels and folds: read from `path` or made."""
     if path.exists():
         return dict(np.load(path))
     embedder, source, emb = checkpoint_features(checkpoint)
     train, val = load_split(source, "train"), load_split(source, "val")
-    rows = np.sort([p["id"] for p in select_cells(emb, LABELS, "typiclust", seed=seed)["picks"]])
+    rows = np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
     all_labels = np.full(len(train), -1, dtype=np.int64)
     all_labels[rows] = train.labels.numpy()[rows]
     cells, labels = train.with_labels(all_labels, train.class_names), all_labels[rows]
@@ -110,7 +111,7 @@ def section(results: dict) -> str:
     lines = [START, "## How a head that trained the backbone gets its temperature", "",
              f"Measured by `experiments/trained_head_temperature.py` on {results['device']} (results in "
              f"`experiments/results/trained_head_temperature.json`), on BloodMNIST **val**, where the rule "
-             f"was chosen: checkpoint `{results['checkpoint']}`, 120 typiclust labels, the head trained once "
+             f"was chosen: checkpoint `{results['checkpoint']}`, typiclust labels, the head trained once "
              f"on all of them and once per cross-fitting fold. One random half of val stands for the lab's "
              f"unlabelled cells (its labels unread), the other half is scored. `held-out` is the "
              f"temperature fitted on the fold models' held-out logits of the labelled cells (kept when "
@@ -118,12 +119,12 @@ def section(results: dict) -> str:
              f"average of all the models on the unlabelled half (`train-classifier` now), `oracle` the "
              f"best for the scored half; `ensemble` predicts with that average itself (k + 1 backbones "
              f"per cell).", "",
-             "| head | draw | fold models | temperature: held-out / matched / oracle | ECE: uncalibrated / "
+             "| head | labels | draw | fold models | temperature: held-out / matched / oracle | ECE: uncalibrated / "
              "held-out / matched / ensemble | accepted accuracy at 15 % review: trained model / ensemble |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for e in entries:
         t = e["temperature"]
-        lines.append(f"| {e['head']} | {e['seed']} | {e['fold_models']} | {t['held_out_rule']:.2f} / "
+        lines.append(f"| {e['head']} | {e['labels']} | {e['seed']} | {e['fold_models']} | {t['held_out_rule']:.2f} / "
                      f"{t['matched']:.2f} / {t['oracle']:.2f} | "
                      + " / ".join(f"{e[r]['ece']:.3f}" for r in RULES)
                      + f" | {e['matched']['accepted_accuracy_15']:.3f} / {e['ensemble']['accepted_accuracy_15']:.3f} |")
@@ -146,17 +147,19 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--head", default="fine-tune", choices=("fine-tune", "fixmatch"))
     parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--labels", type=int, default=LABELS, help="labelled train cells per draw")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="label draws (typiclust seeds)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "trained_head_temperature.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
     results["checkpoint"] = repo_relative(args.checkpoint)
-    for seed in SEEDS:
-        key = f"{args.head}-seed{seed}"
+    for seed in map(int, args.seeds.split(",")):
+        key = f"{args.head}-{args.labels}-seed{seed}"
         draw = member_logits(args.checkpoint, args.head, seed, args.steps,
-                             out.with_suffix("") / f"{key}.npz")
-        results["entries"][key] = {"head": args.head, "labels": LABELS, "seed": seed, "steps": args.steps,
+                             out.with_suffix("") / f"{key}.npz", args.labels)
+        results["entries"][key] = {"head": args.head, "labels": args.labels, "seed": seed, "steps": args.steps,
                                    **compare(draw)}
         write_json(results, out)
         entry = results["entries"][key]

@@ -311,3 +311,20 @@ def test_trained_head_temperature_compares_the_rules_on_a_known_case():
     assert result["matched"]["ece"] < result["held_out_rule"]["ece"]
     assert result["matched"]["ece"] < result["uncalibrated"]["ece"]
     assert result["ensemble"]["accuracy"] == pytest.approx(result["uncalibrated"]["accuracy"])  # same argmax
+
+
+def test_trained_head_temperature_runs_end_to_end_and_resumes(tiny_run, tmp_path):
+    """The val comparison at tiny size: every model trained, the section written; run again, it
+    reads the kept logits instead of training."""
+    run, _ = tiny_run
+    out, doc = tmp_path / "t.json", tmp_path / "classifier.md"
+    args = ("--checkpoint", str(run / "checkpoint.pt"), "--labels", "24", "--seeds", "0", "--steps", "2",
+            "--out", str(out), "--doc", str(doc))
+    first = run_script("trained_head_temperature.py", *args)
+    assert "the training runs again" in first.stderr  # the fold models were trained
+    entry = json.loads(out.read_text())["entries"]["fine-tune-24-seed0"]
+    assert entry["fold_models"] >= 2 and all(entry["temperature"][r] > 0 for r in ("held_out_rule", "matched", "oracle"))
+    kept = tmp_path / "t" / "fine-tune-24-seed0.npz"
+    assert kept.is_file() and "| fine-tune | 24 | 0 |" in doc.read_text()
+    again = run_script("trained_head_temperature.py", *args)
+    assert "the training runs again" not in again.stderr  # nothing trained twice

@@ -55,7 +55,7 @@ CONSISTENCY_STATE = "consistency-state.pt"  # a trained head's run while it trai
 # those out-of-fold logits set the temperature, the review threshold and the card's accuracy.
 CALIBRATION_FOLDS = 3
 PSEUDO_PER_LABEL = (0, 5, 20)  # pseudo-labelled cells per labelled cell; 0 is the plain logistic head
-DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated) a new slide sends to review
+DEFAULT_REVIEW_RATE = 0.15  # share of the labelled cells (cross-validated; trained heads: of the unlabelled pool) sent to review
 OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labelled ones is out of distribution
 MAX_FOLDS = 5
 MIN_MATCHING_POOL = 50  # unlabelled cells to match a trained head's temperature to its fold models (fewer: the held-out fit)
