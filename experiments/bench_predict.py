@@ -45,6 +45,13 @@ def best_seconds(work, repeats: int) -> float:
     return min(times)
 
 
+def review(model: Classifier, features: np.ndarray) -> np.ndarray:
+    """What predict does after embedding: probabilities, OOD score, review score, flags."""
+    probabilities = model.probabilities(features)
+    return model.review_flags(probabilities, model.ood_scores(features),
+                              scores=model.review_scores(probabilities, features))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -71,7 +78,7 @@ def main() -> None:
         features = model.features(test.images, views=views)
         embed_s = best_seconds(lambda: model.features(test.images, views=views), repeats)
         fp32_s = best_seconds(lambda: fp32(test.images, views=views), repeats)
-        head_s = best_seconds(lambda: model.review_flags(model.probabilities(features), model.ood_scores(features)), repeats)
+        head_s = best_seconds(lambda: review(model, features), repeats)
         shift_s = best_seconds(lambda: model.shift_check(features, test.images), repeats)
         result["views"][views] = {
             "embedding_cells_per_s": round(n / embed_s, 1),

@@ -28,9 +28,10 @@ TOP_CLASSES = 3
 
 def review_order(prediction: Prediction, max_cells: int = MAX_REVIEW_CELLS) -> np.ndarray:
     """Rows of the flagged cells, grouped by predicted class (in class order) and least sure
-    first within a class; the `max_cells` least sure overall when more are flagged."""
+    first within a class (by the review score); the `max_cells` least sure overall when more are
+    flagged."""
     flagged = np.flatnonzero(prediction.review)
-    top = prediction.probabilities.max(1)
+    top = prediction.review_scores
     if len(flagged) > max_cells:
         flagged = flagged[np.argsort(top[flagged], kind="stable")[:max_cells]]
     return flagged[np.lexsort((top[flagged], prediction.predicted[flagged]))]
@@ -47,6 +48,8 @@ def review_html(prediction: Prediction, cells: CellData, title: str,
         "title": title, "key": prediction.name_column, "classes": classes, "unsure": UNSURE,
         "not_a_cell": NOT_A_CELL, "total": int(len(predicted)), "flagged": int(prediction.review.sum()),
         "shown": int(len(rows)), "thresholds": prediction.thresholds,
+        "score": ("probability averaged with its nearest cells of the training folder"
+                  if prediction.review_score == "smoothed" else "probability"),
         "predicted": [int((predicted == c).sum()) for c in range(len(classes))],
         "accepted": [int((predicted[accepted] == c).sum()) for c in range(len(classes))],
         "storage": "ssl-blood-review:" + page_key(title, classes, [str(prediction.names[r]) for r in rows]),
@@ -121,7 +124,7 @@ const work = loadWork();
 let at = 0;
 document.getElementById('title').textContent = DATA.title;
 document.getElementById('note').textContent =
-  `${DATA.flagged} of ${DATA.total} cells were flagged (probability below ${DATA.thresholds.min_probability.toFixed(2)} ` +
+  `${DATA.flagged} of ${DATA.total} cells were flagged (${DATA.score} below ${DATA.thresholds.min_probability.toFixed(2)} ` +
   `or out-of-distribution score above ${DATA.thresholds.max_ood.toFixed(2)}); ` +
   (DATA.shown < DATA.flagged ? `the ${DATA.shown} least sure are shown. ` : '') +
   'After review: accepted cells count as predicted, reviewed cells as answered; cells not yet reviewed stay unidentified.';

@@ -16,7 +16,8 @@ HELP = {  # one line per command for `ssl-blood --help`, which builds no command
 
 
 def _add_train_classifier(sub) -> None:
-    from ssl_blood.classify.classifier import CALIBRATION_FOLDS, DEFAULT_REVIEW_RATE, HEADS
+    from ssl_blood.classify.classifier import (CALIBRATION_FOLDS, DEFAULT_REVIEW_RATE, DEFAULT_REVIEW_SCORE,
+                                               HEADS, REVIEW_NEIGHBOURS, REVIEW_SCORES)
     from ssl_blood.model.inference import VIEWS
 
     p = sub.add_parser("train-classifier", help=HELP["train-classifier"],
@@ -63,9 +64,16 @@ def _add_train_classifier(sub) -> None:
                    help="copy the backbone into the classifier folder, so it runs without the "
                         "pretraining run (head fixmatch always keeps its own)")
     p.add_argument("--review-rate", type=float, default=DEFAULT_REVIEW_RATE,
-                   help="share of cells sent to review: sets the probability threshold by "
-                        "cross-validation (heads fixmatch/fine-tune: on the folder's unlabelled "
-                        "cells) (default %(default)s)")
+                   help="share of cells sent to review: sets the threshold by cross-validation "
+                        "(--review-score smoothed, and heads fixmatch/fine-tune: on the folder's "
+                        "unlabelled cells) (default %(default)s)")
+    p.add_argument("--review-score", choices=REVIEW_SCORES, default=DEFAULT_REVIEW_SCORE,
+                   help=f"what sends a cell to review: smoothed, the probability of its call "
+                        f"averaged over the cell and its {REVIEW_NEIGHBOURS} nearest unlabelled cells of the "
+                        f"folder (a call its neighbours disagree with is less sure; needs unlabelled "
+                        f"cells, else top); top, its own calibrated probability; auto, the one that "
+                        f"reviews the labelled cells better in cross-validation (neighbours help "
+                        f"with few labels) (default %(default)s)")
     add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +93,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
                              from_classifier=args.from_classifier, minutes=args.minutes,
                              steps=args.steps, self_contained=args.self_contained,
                              stain=args.stain, views=args.views,
-                             calibration_folds=args.calibration_folds)
+                             calibration_folds=args.calibration_folds,
+                             review_score=args.review_score)
     return print_classifier(model.card, args.out, args.json)
 
 
@@ -96,9 +105,11 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help=HELP["predict"],
                        description="Classifies every cell of the data: one CSV row per cell (path or "
                                    "id, predicted class, calibrated probability, margin, OOD score, "
-                                   "review flag, every class's probability) and OUT.counts.json, "
-                                   "the differential count with 95 % intervals. A cell goes to "
-                                   "review when its probability is below --min-probability or its "
+                                   "review score, review flag, every class's probability) and "
+                                   "OUT.counts.json, the differential count with 95 % intervals. A "
+                                   "cell goes to review when its review score (the classifier's: its "
+                                   "probability, or that averaged with its nearest cells of the "
+                                   "training folder) is below --min-probability or its "
                                    "OOD score (distance to the nearest labelled cell over their "
                                    "typical distance) above --max-ood; defaults: the classifier's.")
     p.add_argument("--classifier", required=True, metavar="DIR")

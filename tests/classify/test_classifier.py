@@ -329,3 +329,131 @@ def test_views_are_the_classifiers_own_and_predict_may_use_fewer(slides, tmp_pat
                            tmp_path / "labels.csv", "--views", "2", "--out", tmp_path / "clf2")
     assert_one_line_error(code, err, r"averages 8 views per cell; its views stay \(leave --views out\)")
     assert not (tmp_path / "clf2").exists()
+
+
+def test_the_smoothed_review_score_lowers_a_call_its_neighbours_disagree_with():
+    """Two cells called class 0 at 0.8: one among pool cells called 0, one among pool cells
+    called 1; a pool cell scored against its own pool is not its own neighbour."""
+    from ssl_blood.classify.classifier import smoothed_scores
+    from ssl_blood.features.embeddings import l2_normalize
+
+    pool = l2_normalize(np.array([[1, 0], [1, 0.1], [1, -0.1], [0, 1], [0.1, 1], [-0.1, 1]], dtype=np.float32))
+    pool_p = np.array([[0.9, 0.1]] * 3 + [[0.2, 0.8]] * 3)
+    p = np.array([[0.8, 0.2], [0.8, 0.2]])
+    scores = smoothed_scores(p, np.array([[1, 0.05], [0.05, 1]], dtype=np.float32), pool, pool_p, k=3)
+    assert scores == pytest.approx([(0.8 + 3 * 0.9) / 4, (0.8 + 3 * 0.2) / 4])
+    own = smoothed_scores(pool_p, pool, pool, pool_p, k=2, pool_queries=True)
+    assert own == pytest.approx([0.9] * 3 + [0.8] * 3)  # the two others of its cluster
+    pool_p[0] = [0.1, 0.9]  # a pool cell its cluster disagrees with: its own call, their view of it
+    assert smoothed_scores(pool_p, pool, pool, pool_p, k=2, pool_queries=True)[0] == pytest.approx((0.9 + 0.1 + 0.1) / 3)
+
+
+def test_the_review_threshold_of_a_smoothed_score_sends_the_asked_share_of_the_pool():
+    from ssl_blood.classify.classifier import POOL_LOGITS, LinearHead, smoothed_scores
+    from ssl_blood.classify.calibration import softmax
+    from ssl_blood.features.embeddings import l2_normalize
+
+    rng = np.random.default_rng(0)
+    features = l2_normalize(rng.normal(0, 1, (500, 8)).astype(np.float32))
+    tensors = {"shift_pool_features": torch_tensor(features), POOL_LOGITS: torch_tensor(rng.normal(0, 2, (500, 3)))}
+    for score in ("smoothed", "top"):
+        head = LinearHead(tensors, "", 1.5, {}, score)
+        threshold = head.pool_threshold(0.2)
+        p = softmax(tensors[POOL_LOGITS].numpy(), 1.5)
+        expected = smoothed_scores(p, features, features, p, pool_queries=True) if score == "smoothed" else p.max(1)
+        assert head.smooths == (score == "smoothed")
+        assert (expected < threshold).mean() == pytest.approx(0.2, abs=0.005)
+    assert not LinearHead({}, "", 1.0, {}, "smoothed").smooths  # no pool kept: the top probability
+
+
+def torch_tensor(array):
+    import torch
+
+    return torch.as_tensor(np.asarray(array, dtype=np.float32))
+
+
+def test_a_classifier_reviews_by_its_neighbours_when_the_folder_has_unlabelled_cells(slides, tmp_path, capsys):
+    """Default: the smoothed score, kept in the folder, written per cell, what the flag compares;
+    --review-score top: the calibrated probability; labelled cells alone: the top probability."""
+    from ssl_blood.classify import Classifier
+    from ssl_blood.classify.calibration import softmax
+    from ssl_blood.classify.classifier import POOL_LOGITS, smoothed_scores
+
+    from tests.helpers import CELL_NAMES
+
+    run, root, truth = slides
+    folder = ["--image-dir", str(root / "today"), "--size", "16", "--cache-dir", "none"]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label")] + [(f"cell_{i:04d}.png", CELL_NAMES[truth[("today", f"cell_{i:04d}.png")]])
+                                                     for i in range(32)])
+    tomorrow = ["--image-dir", str(root / "tomorrow"), "--size", "16", "--cache-dir", "none"]
+    for score in ("auto", "smoothed", "top"):
+        capsys.readouterr()
+        assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), *folder, "--views", "1",
+                     "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / score),
+                     "--review-score", score, "--json"]) == 0
+        card = json.loads(capsys.readouterr().out)
+        assert card["review_score"]["asked"] == score
+        chosen = card["review_score"]["score"]
+        if score == "auto":  # by cross-validation on the 32 labelled cells
+            compared = card["review_score"]["cv_accepted_accuracy"]
+            assert chosen == ("smoothed" if compared["smoothed"] > compared["top"] else "top")
+        else:
+            assert chosen == score
+        assert json.loads((tmp_path / score / "classifier.json").read_text())["review_score"] == chosen
+        assert "Cells go to review when" in (tmp_path / score / "card.md").read_text()
+        assert main(["predict", "--classifier", str(tmp_path / score), *tomorrow,
+                     "--out", str(tmp_path / f"{score}.csv"), "--review", str(tmp_path / f"{score}.html")]) == 0
+        with open(tmp_path / f"{score}.csv") as f:
+            rows = list(csv.DictReader(f))
+        model = Classifier.load(tmp_path / score, "cpu")
+        cells = load_split(resolve_source(image_dir=str(root / "tomorrow"), size=16, cache_dir=""), "train")
+        prediction = model.predict(cells)
+        review_score = np.array([float(r["review_score"]) for r in rows])
+        top = np.array([float(r["probability"]) for r in rows])
+        np.testing.assert_allclose(review_score, prediction.review_scores, atol=1e-4)
+        flagged = (prediction.review_scores < model.thresholds["min_probability"]) | (
+            prediction.ood > model.thresholds["max_ood"])
+        assert [int(r["review"]) for r in rows] == flagged.astype(int).tolist() == prediction.review.astype(int).tolist()
+        assert prediction.review_score == chosen
+        if chosen == "top":
+            np.testing.assert_allclose(review_score, top, atol=1e-4)
+        else:  # pool: the folder's 64 unlabelled cells, whose calls average in
+            assert model.tensors[POOL_LOGITS].shape == (96 - 32, 4)
+            expected = smoothed_scores(prediction.probabilities, model.features(cells.images),
+                                       model.tensors["shift_pool_features"].numpy(),
+                                       softmax(model.tensors[POOL_LOGITS].numpy(), model.temperature))
+            np.testing.assert_allclose(prediction.review_scores, expected, atol=1e-6)
+            assert "averaged with its nearest cells" in (tmp_path / f"{score}.html").read_text()
+    labelled_only = load_split(resolve_source(image_dir=str(root / "today"), size=16, cache_dir=""), "train")
+    labelled_only = labelled_only.subset(np.arange(32))
+    table = read_labels(tmp_path / "labels.csv")
+    model = Classifier.train(model.embedder, apply_labels(labelled_only, table), views=1)
+    assert model.review_score == "top" and model.card["review_score"]["meaning"].endswith("(no unlabelled cells to lean on)")
+
+
+def test_auto_reviews_by_the_neighbours_only_where_they_review_the_labelled_cells_better():
+    """Labelled cells whose confident calls are wrong and whose neighbours know better: auto
+    takes the smoothed score; sure calls that are right, among neighbours that call every cell
+    wrongly: the top probability."""
+    from ssl_blood.classify.classifier import POOL_LOGITS, LinearHead, _chosen_review_score
+    from ssl_blood.features.embeddings import l2_normalize
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(2, 8, dtype=np.float32) * 5
+    pool_labels = np.repeat([0, 1], 100)
+    pool = l2_normalize(centres[pool_labels] + rng.normal(0, 1, (200, 8)).astype(np.float32))
+    labels = np.repeat([0, 1], 20)
+    features = l2_normalize(centres[labels] + rng.normal(0, 1, (40, 8)).astype(np.float32))
+    wrong = np.arange(40) % 5 == 0  # a fifth of the calls wrong
+    calls = np.where(wrong, 1 - labels, labels)
+    for pool_calls, p_wrong, p_right, expected in ((pool_labels, 0.9, 0.7, "smoothed"),
+                                                   (1 - pool_labels, 0.6, 0.9, "top")):
+        oof = np.where(np.eye(2)[calls] == 1, np.where(wrong, p_wrong, p_right)[:, None],
+                       np.where(wrong, 1 - p_wrong, 1 - p_right)[:, None])
+        tensors = {"shift_pool_features": torch_tensor(pool), POOL_LOGITS: torch_tensor(8.0 * np.eye(2)[pool_calls])}
+        head = LinearHead(tensors, "", 1.0, {}, "smoothed")
+        chosen, compared = _chosen_review_score(head, "auto", oof, labels, features, 0.2)
+        other = "top" if expected == "smoothed" else "smoothed"
+        assert chosen == expected and compared[expected] == 1.0 > compared[other]
+    assert _chosen_review_score(LinearHead({}, "", 1.0, {}, "smoothed"), "auto", oof, labels, features, 0.2) == ("top", None)

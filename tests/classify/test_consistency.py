@@ -80,7 +80,11 @@ def disc_data():
 
 
 def test_consistency_training_improves_over_its_initial_head(disc_data):
-    """And over the same training without the unlabelled cells' loss."""
+    """Both the consistency training and the same training without the unlabelled cells'
+    loss; only the first is asserted to improve by a margin. Which of the two ends higher on one
+    draw of 16 labels is not a property of the code: on an AMD Zen 4 CPU FixMatch led (0.865 vs
+    0.755), on an Intel Xeon the same seeds gave 0.84 vs 0.885 (float order moves the
+    trajectory); the comparison across draws is experiments/semi_supervised.py's."""
     labelled, labels, unlabelled, test_images, test_labels, mean, std = disc_data
     accuracy = {}
     for name, weight in (("fixmatch", 1.0), ("labelled only", 0.0)):
@@ -93,9 +97,9 @@ def test_consistency_training_improves_over_its_initial_head(disc_data):
                                         torch.device("cpu"))
         accuracy[name] = _accuracy(ema, test_images, test_labels, mean, std)
         assert report["steps"] == 150
-    # measured: 0.545 -> 0.865, labelled only 0.755 (other label draws: +0.2-0.36 and +0.02-0.15)
+    # measured: 0.545 -> 0.865 (AMD) / 0.84 (Intel); other label draws: +0.2-0.36
     assert accuracy["fixmatch"] >= accuracy["initial"] + 0.15, accuracy
-    assert accuracy["fixmatch"] > accuracy["labelled only"], accuracy
+    assert accuracy["labelled only"] > accuracy["initial"], accuracy  # the labels alone help too
 
 
 def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch):
@@ -315,6 +319,7 @@ def test_recalibration_from_held_out_logits_tempers_an_over_confident_head():
     model = Classifier.__new__(Classifier)
     model.class_names, model.temperature = ("a", "b", "c", "d"), 1.0
     model.thresholds = {"min_probability": 0.99, "max_ood": 2.0}
+    model.tensors, model.review_score = {}, "top"
     model.card = {"cross_validation": {"folds": 5, "accuracy": 1.0}}
     model.recalibrate(sharp, labels, folds, review_rate=0.2)
     assert model.card["calibration"]["kept"] and model.temperature == pytest.approx(3, rel=0.3)
@@ -343,6 +348,7 @@ def test_an_ensemble_of_the_fold_models_sets_the_temperature_and_the_review_shar
         m = Classifier.__new__(Classifier)
         m.class_names, m.temperature = ("a", "b", "c", "d"), 1.0
         m.thresholds, m.card = {"min_probability": 0.99, "max_ood": 2.0}, {"cross_validation": {}}
+        m.tensors, m.review_score = {}, "top"
         return m
 
     agreeing = model()  # fold models as sure as the trained one: nothing to cool
@@ -358,3 +364,35 @@ def test_an_ensemble_of_the_fold_models_sets_the_temperature_and_the_review_shar
     shy = model()  # a trained model less sure than its fold models is sharpened towards them
     shy.recalibrate(held_out, labels, np.arange(120) % 3, 0.15, (0.5 * pool, np.stack([pool] * 3)))
     assert 0.5 < shy.temperature < 0.9 and shy.card["calibration"]["held_out_temperature"] > 2
+
+
+def test_a_trained_heads_review_score_is_chosen_again_on_its_cross_fitted_calls():
+    """auto: the choice the trained backbone's own (optimistic) cross-validation made is made
+    again on the held-out calls; the threshold then sends the asked share of the pool to review."""
+    import torch
+
+    from ssl_blood.classify.calibration import softmax
+    from ssl_blood.classify.classifier import POOL_LOGITS, Classifier, smoothed_scores
+    from ssl_blood.features.embeddings import l2_normalize
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(2, 8, dtype=np.float32) * 5
+    pool_labels = np.repeat([0, 1], 100)
+    pool = l2_normalize(centres[pool_labels] + rng.normal(0, 1, (200, 8)).astype(np.float32))
+    labels = np.repeat([0, 1], 30)
+    features = l2_normalize(centres[labels] + rng.normal(0, 1, (60, 8)).astype(np.float32))
+    wrong = np.arange(60) % 5 == 0  # held-out calls: a fifth wrong and sure, the neighbours right
+    held_out = 2.0 * np.eye(2)[np.where(wrong, 1 - labels, labels)] * np.where(wrong, 1.5, 0.5)[:, None]
+    pool_logits = 3.0 * np.eye(2)[pool_labels]
+    model = Classifier.__new__(Classifier)
+    model.class_names, model.temperature, model.review_score = ("a", "b"), 1.0, "top"
+    model.thresholds = {"min_probability": 0.99, "max_ood": 2.0}
+    model.tensors = {"features": torch.as_tensor(features), "shift_pool_features": torch.as_tensor(pool),
+                     POOL_LOGITS: torch.as_tensor(pool_logits, dtype=torch.float32)}
+    model.card = {"cross_validation": {}, "review_score": {"asked": "auto", "score": "top"}}
+    model.recalibrate(held_out, labels, np.arange(60) % 3, 0.2,
+                      (pool_logits, np.stack([pool_logits] * 3)))
+    assert model.review_score == "smoothed" == model.card["review_score"]["score"]
+    p = softmax(pool_logits, model.temperature)
+    own = smoothed_scores(p, pool, pool, p, pool_queries=True)
+    assert model.thresholds["min_probability"] == pytest.approx(np.quantile(own, 0.2))
