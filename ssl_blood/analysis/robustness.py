@@ -233,7 +233,7 @@ def robustness_report(classifier: str | Path, source: Any, out: str | Path, spli
     check_request(corruptions, severities, adapt)  # before minutes of loading
     table = read_labels(labels) if labels is not None else None
     model = Classifier.load(classifier, device)
-    source = source or model.embedder.spec.data_source()
+    source = model.embedder.spec.reads(source)
     cells = load_split(source, split or default_split(source))
     if table is not None:
         cells = apply_labels(cells, table, model.class_names)

@@ -1116,7 +1116,7 @@ def _own_labelled_features(checkpoint: str | Path, labels: str | Path, source: A
 
     table = read_labels(labels)
     embedder = Embedder.from_checkpoint(checkpoint, device)
-    source = source or embedder.spec.data_source()
+    source = embedder.spec.reads(source)
     cells = apply_labels(load_split(source, split or default_split(source, "train")), table).labelled()
     y = cells.labels.numpy()
     _check_class_counts(y, cells.class_names)
@@ -1242,8 +1242,10 @@ def _review_score_lines(card: dict) -> list[str]:
     review = card.get("review_score")
     if not review:
         return []
+    # card.json names the rate by its key; the page gives its value
+    threshold = review["threshold"].replace("review_rate_target", f"{card.get('review_rate_target', 0):.0%}")
     return [f"Cells go to review when {review['meaning']} is below "
-            f"{card['thresholds']['min_probability']:.2f} (the threshold {review['threshold']}), or when "
+            f"{card['thresholds']['min_probability']:.2f} (the threshold {threshold}), or when "
             f"they are out of distribution.", ""]
 
 
@@ -1342,7 +1344,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
         raise UserError(f"the classifier labels are added to averages {base.views} views per cell; "
                         f"its views stay (leave `views` out)", param="views")
     embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
-    source = source or embedder.spec.data_source()
+    source = embedder.spec.reads(source)
     cells = load_split(source, split or default_split(source, "train"))
     if table is not None:
         cells = apply_labels(cells, table, base.class_names if base is not None else None)
@@ -1390,6 +1392,7 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
     if source is None:
         raise UserError("give the cells to classify (`image_dir`, `manifest` or `npz`)",
                         param="image_dir")
+    source = model.embedder.spec.reads(source)
     cells = load_split(source, split or default_split(source))
     prediction = model.predict(cells, min_probability, max_ood, progress, adapt, views)
     batch_shift = prediction.shift

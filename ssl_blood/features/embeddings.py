@@ -90,6 +90,22 @@ class EmbedderSpec:
         data. The default data of every command given only a checkpoint or embeddings."""
         return DataSource.from_dict(self.source)
 
+    def reads(self, source: DataSource | None) -> DataSource:
+        """The data as this embedder reads it: `source` (default: `data_source`). A source
+        whose side was guessed from its images (no `size` given) is read at this embedder's
+        side, as the backbone was trained: a lab's 64-px crops through a 28-px checkpoint
+        without the user having to know its size. A side the user chose is kept (and refused
+        by `Embedder.check_images` if it does not fit)."""
+        if source is None:
+            return self.data_source()
+        if getattr(source, "size_guessed", False) and source.size != self.image_size:
+            from ssl_blood import ui
+
+            ui.note(f"reading the images at {self.image_size} px, the side the backbone was "
+                    f"trained at")
+            return source.with_size(self.image_size)
+        return source
+
     @property
     def label(self) -> str:
         """A short name for tables and plots."""
@@ -524,7 +540,7 @@ def embed_checkpoint(checkpoint: str | Path, source: DataSource | None = None,
     one dataset embeds a lab's own labelled cells (transfer), and the embeddings carry that
     data's own classes."""
     embedder = Embedder.from_checkpoint(checkpoint, device)
-    return embed_splits(embedder, source or embedder.spec.data_source(), splits, limit,
+    return embed_splits(embedder, embedder.spec.reads(source), splits, limit,
                         progress=progress)
 
 
@@ -541,7 +557,7 @@ def embed(checkpoint: str | Path | None = None, baseline: str | None = None,
         raise UserError("give a `checkpoint` or a `baseline`", param=("checkpoint", "baseline"))
     if checkpoint is not None:
         embedder = Embedder.from_checkpoint(checkpoint, device)
-        source = source or embedder.spec.data_source()
+        source = embedder.spec.reads(source)
     elif source is None:
         raise UserError("a `baseline` needs data to embed; give it", param="baseline")
     have = available_splits(source)

@@ -457,3 +457,49 @@ def test_auto_reviews_by_the_neighbours_only_where_they_review_the_labelled_cell
         other = "top" if expected == "smoothed" else "smoothed"
         assert chosen == expected and compared[expected] == 1.0 > compared[other]
     assert _chosen_review_score(LinearHead({}, "", 1.0, {}, "smoothed"), "auto", oof, labels, features, 0.2) == ("top", None)
+
+
+def test_a_lab_s_larger_crops_are_read_at_the_checkpoint_s_side_unless_a_side_is_given(slides, tmp_path, capsys):
+    """A lab's 40-px crops through a 16-px checkpoint: without --size every command reads them at
+    the checkpoint's side (and says so); a side the user gives is kept, and refused if it does
+    not fit."""
+    from PIL import Image
+
+    from tests.helpers import CELL_NAMES
+
+    run, root, truth = slides
+    crops = tmp_path / "crops"
+    for path in sorted((root / "today").glob("*.png"))[:48]:
+        write_png(crops / path.name, np.asarray(Image.open(path)), size=40)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p.name},{CELL_NAMES[truth[('today', p.name)]]}\n"
+                                                for p in sorted(crops.glob("*.png"))[:24]))
+    ckpt = str(run / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train-classifier", "--checkpoint", ckpt, "--image-dir", str(crops), "--cache-dir", "none",
+                 "--labels", str(labels), "--out", str(tmp_path / "clf")]) == 0
+    assert "reading the images at 16 px, the side the backbone was trained at" in capsys.readouterr().err
+    card_md = (tmp_path / "clf" / "card.md").read_text()
+    assert "review_rate_target" not in card_md and "15%" in card_md
+    assert main(["predict", "--classifier", str(tmp_path / "clf"), "--image-dir", str(crops),
+                 "--cache-dir", "none", "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv") as f:
+        assert len(list(csv.DictReader(f))) == 48
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--image-dir", crops,
+                           "--size", "40", "--cache-dir", "none", "--out", tmp_path / "q.csv")
+    assert_one_line_error(code, err, r"\(3, 40, 40\).*made for \(3, 16, 16\).*--size")
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_a_guessed_side_is_not_recorded_and_a_chosen_one_is_final(tmp_path):
+    from ssl_blood.data import DataSource
+
+    for i in range(3):
+        write_png(tmp_path / "cells" / f"c{i}.png", np.full((40, 40, 3), 60 * i, np.uint8))
+    guessed = resolve_source(image_dir=str(tmp_path / "cells"), cache_dir="")
+    chosen = resolve_source(image_dir=str(tmp_path / "cells"), size=24, cache_dir="")
+    assert (guessed.size, guessed.size_guessed) == (40, True) and not chosen.size_guessed
+    assert "size_guessed" not in guessed.to_dict()
+    assert not DataSource.from_dict(guessed.to_dict()).size_guessed  # recorded: the side is chosen
+    assert not guessed.with_size(28).size_guessed

@@ -56,7 +56,8 @@ class DataSource:
     # -- recorded form ------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        d = {"kind": self.kind, **dataclasses.asdict(self)}
+        d = {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                   if f.metadata.get("recorded", True)}}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @staticmethod
@@ -103,9 +104,9 @@ class DataSource:
         """Files the source lists but could not read (skipped)."""
         return []
 
-    def with_size(self, size: int) -> "DataSource":
+    def with_size(self, size: int, **changes: Any) -> "DataSource":
         """The same source at another image size, keeping what was already listed."""
-        other = dataclasses.replace(self, size=size)
+        other = dataclasses.replace(self, size=size, **changes)
         if "catalogue" in self.__dict__:
             other.__dict__["catalogue"] = self.__dict__["catalogue"]
         return other
@@ -140,6 +141,9 @@ class FileSource(DataSource):
     `list_files`), decoded once into the cache, split by split as contiguous slices."""
 
     size: int = 0  # 0 until resolved: the images' typical side
+    # the side was guessed from the images (no `size` given): a backbone made for another reads
+    # them at its own (EmbedderSpec.reads); not recorded, a recorded source's side is chosen
+    size_guessed: bool = field(default=False, compare=False, metadata={"recorded": False})
     layout: str = "auto"
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     split_seed: int = 0
@@ -160,10 +164,14 @@ class FileSource(DataSource):
         """The source at `size`, or at its images' typical side when `size` is None."""
         source = cls(str(Path(value).expanduser().resolve()), size or 0, **options)
         if not size:
-            source = source.with_size(source.typical_size())
+            source = source.with_size(source.typical_size(), size_guessed=True)
             ui.note(f"images will be {source.size} px (their typical side, at most "
-                    f"{DEFAULT_FOLDER_SIZE}); pass `size` to choose another")
+                    f"{DEFAULT_FOLDER_SIZE}; a checkpoint trained at another side reads them at "
+                    f"its own); `size` chooses another")
         return source
+
+    def with_size(self, size: int, size_guessed: bool = False) -> "FileSource":
+        return super().with_size(size, size_guessed=size_guessed)
 
     def list_files(self) -> Catalogue:
         raise NotImplementedError
