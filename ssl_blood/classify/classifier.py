@@ -31,6 +31,7 @@ from ssl_blood.classify.calibration import (calibration_report, expected_calibra
                                             fit_temperature, matching_temperature,
                                             negative_log_likelihood, softmax)
 from ssl_blood.data.cells import CellData
+from ssl_blood.data.sources import DataSource
 from ssl_blood.errors import UserError
 from ssl_blood.features.embeddings import Embedder, EmbedderSpec, l2_normalize
 from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_bytes, write_json, write_text
@@ -60,6 +61,8 @@ OOD_QUANTILE = 0.99  # a cell further from the known cells than 99 % of the labe
 MAX_FOLDS = 5
 MIN_MATCHING_POOL = 50  # unlabelled cells to match a trained head's temperature to its fold models (fewer: the held-out fit)
 SHIFT_POOL = 2000  # unlabelled cells of the source embedded to calibrate the shift check
+MAX_SHIFT_COPIES = 16_000  # shifted copies in all: many labels get fewer copies each
+COPY_FEATURES, COPY_ORIGIN = "shift_copies/features", "shift_copies/origin"  # tensors
 # What a cell is sent to review by (`review_scores`): "top", its calibrated top probability, or
 # "smoothed", the probability of its call averaged over the cell and its REVIEW_NEIGHBOURS
 # nearest cells of the lab's unlabelled pool (the SHIFT_POOL cells a classifier keeps): a call
@@ -276,7 +279,7 @@ class Classifier:
               base: "Classifier | None" = None, consistency: Any = None,
               state_path: str | Path | None = None, views: int = DEFAULT_VIEWS,
               calibration_folds: int = CALIBRATION_FOLDS,
-              review_score: str = DEFAULT_REVIEW_SCORE) -> "Classifier":
+              review_score: str = DEFAULT_REVIEW_SCORE, shift_copies: int = 0) -> "Classifier":
         """Fit on every labelled cell of `cells` with `embedder`'s features (e.g.
         `Embedder.from_checkpoint`), each averaged over `views` dihedral views; settings by
         stratified cross-validation. With `base`, its labelled cells are kept and these added (a
@@ -287,7 +290,11 @@ class Classifier:
         training rerun on `calibration_folds` folds of the labelled cells (CALIBRATION_FOLDS; 0:
         from the trained backbone's own, optimistic, cross-validation). `review_score`: what
         cells are sent to review by (REVIEW_SCORES; "smoothed" needs unlabelled cells in
-        `cells`, else the top probability is used)."""
+        `cells`, else the top probability is used). `shift_copies`: head logistic also learns
+        from that many copies of each labelled cell under random stain, blur, resampling and
+        brightness shifts (`data.shifts.shifted_copies`; at most MAX_SHIFT_COPIES in all), for
+        slides from other stains and scanners (docs/robustness.md); an added-to classifier keeps
+        its own."""
         from ssl_blood.model.inference import VIEWS
 
         if head not in HEADS:
@@ -299,7 +306,12 @@ class Classifier:
         if review_score not in REVIEW_SCORES:
             raise UserError(f"`review_score` {review_score}: choose one of {', '.join(REVIEW_SCORES)}",
                             param="review_score")
+        if shift_copies < 0 or (shift_copies and head != "logistic"):
+            raise UserError(f"`shift_copies` {shift_copies}: a whole number of copies, for head "
+                            f"logistic (the heads that train the backbone augment their own "
+                            f"views: `stain`)", param="shift_copies")
         views = base.views if base is not None else views
+        shift_copies = base.shift_copies if base is not None else shift_copies
         unlabelled = clean = None
         rest_rows = np.flatnonzero(cells.labels.numpy() < 0)
         if head in ("propagate", "fixmatch") and not len(rest_rows):
@@ -330,9 +342,16 @@ class Classifier:
                             param="labels")
         embedder.check_images(cells.images, "the labelled images")
         adapted = _adapted_features(embedder, cells.images, pool_images, base, views, progress)
+        copies = None
+        if shift_copies:
+            from ssl_blood.data.shifts import shifted_copies
+
+            per_cell = min(shift_copies, max(1, MAX_SHIFT_COPIES // len(cells)))
+            images, origin = shifted_copies(cells.images.numpy(), per_cell, seed)
+            copies = (embedder(torch.as_tensor(images), progress=progress, views=views), origin)
         classifier = cls.from_features(embedder, embedder(cells.images, progress=progress, views=views),
                                        cells, head, seed, review_rate, labels_file, base, unlabelled,
-                                       clean, pool_images, views, adapted, review_score)
+                                       clean, pool_images, views, adapted, review_score, copies)
         classifier.backbone_file = base.backbone_file if base is not None else None
         return classifier
 
@@ -347,7 +366,8 @@ class Classifier:
                       clean_images: torch.Tensor | np.ndarray | None = None,
                       views: int = 1,
                       adapted: tuple[np.ndarray, dict[str, torch.Tensor]] | None = None,
-                      review_score: str = DEFAULT_REVIEW_SCORE) -> "Classifier":
+                      review_score: str = DEFAULT_REVIEW_SCORE,
+                      copies: tuple[np.ndarray, np.ndarray] | None = None) -> "Classifier":
         """`train` on features already computed by `embedder` (averaged over `views`) for the
         labelled `cells` (and, for head 'propagate', for the `unlabelled` cells). `clean`,
         `clean_images`: features and images of unlabelled cells of the same source, the
@@ -355,7 +375,8 @@ class Classifier:
         `adapted`: the labelled cells' features under BatchNorm statistics re-estimated on the
         lab's own cells, and those statistics (`_adapted_features`): the AdaBN head's.
         `review_score` "smoothed" (REVIEW_SCORES) leans on the `clean` cells; without them the
-        classifier reviews by the top probability."""
+        classifier reviews by the top probability. `copies`: features of shifted copies of the
+        labelled cells and each one's row in `features` (`train`'s `shift_copies`)."""
         labels = cells.labels.numpy()
         known_labels = np.zeros(0, dtype=np.int64)
         if base is not None:
@@ -363,6 +384,7 @@ class Classifier:
                 raise UserError("the added labels use other classes than the classifier "
                                 f"({', '.join(base.class_names)})", param="labels")
             known, known_labels = base.training_set()
+            copies = _added_copies(base, len(known), copies)
             features, labels = np.concatenate([known, features]), np.concatenate([known_labels, labels])
         _check_class_counts(labels, cells.class_names)
         if head == "propagate":
@@ -370,8 +392,11 @@ class Classifier:
                 raise UserError("head 'propagate' needs the unlabelled cells' features", param="head")
             fit = _cross_validated_propagate(features, labels, unlabelled, len(cells.class_names), seed)
         else:
-            fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed)
+            fit = _cross_validated_logistic(features, labels, len(cells.class_names), seed, copies)
         tensors, calibration, thresholds, oof = _fitted_head(fit, features, labels, review_rate)
+        if copies is not None:  # kept with the labelled cells, for labels added later
+            tensors.update({COPY_FEATURES: torch.as_tensor(np.asarray(copies[0], dtype=np.float16)),
+                            COPY_ORIGIN: torch.as_tensor(copies[1].astype(np.int64))})
         # what it learned from, so labels can be added later (`base`)
         tensors.update(features=torch.as_tensor(np.asarray(features, dtype=np.float32)),
                        labels=torch.as_tensor(labels.astype(np.int64)))
@@ -388,6 +413,11 @@ class Classifier:
         card = _card(embedder, cells, labels, fit, calibration, oof, thresholds, review_rate,
                      labels_file, head, main.review_scores(oof, features))
         card["review_score"] = _review_score_card(main, len(clean) if has_pool else 0, review_score, compared)
+        if copies is not None:
+            from ssl_blood.data.shifts import SHIFTS
+
+            card["shift_copies"] = {"per_cell": int(np.bincount(copies[1]).max()), "copies": int(len(copies[1])),
+                                    "shifts": list(SHIFTS), "severities": "1-5"}
         review_score = main.score
         card["views"] = views
         card["shift_check"] = {"calibrated_on": f"{len(clean)} unlabelled cells of the source" if has_pool
@@ -525,6 +555,11 @@ class Classifier:
         self.backbone_file, self.embedder = _own_backbone(
             backbone_only(_pretrained_checkpoint(self.embedder)), self.embedder.device)
 
+    @property
+    def shift_copies(self) -> int:
+        """Shifted copies per labelled cell its head learned from (0: none)."""
+        return int(self.card.get("shift_copies", {}).get("per_cell", 0))
+
     def training_set(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of the cells this classifier learned from."""
         if "features" not in self.tensors:
@@ -573,15 +608,22 @@ class Classifier:
                      scores: np.ndarray | None = None) -> np.ndarray:
         return self.head.review_flags(probabilities, ood, thresholds, scores)
 
-    def predict(self, cells: CellData, min_probability: float | None = None,
+    def predict(self, cells: "CellData | DataSource", min_probability: float | None = None,
                 max_ood: float | None = None, progress: bool | None = False,
                 adapt: str = "none", views: int | None = None) -> Prediction:
-        """Every cell of `cells`: class, probabilities, OOD score, review flag (probability below
-        `min_probability` or OOD score above `max_ood`; defaults: the head's own). `adapt`
-        'adabn': the backbone's BatchNorm statistics re-estimated on these cells and the AdaBN
-        head applied (`adapted_head`); 'auto': so only where the batch shift check warns (the
-        check always measures the cells as the classifier sees them unadapted). `views`: fewer
-        dihedral views than the classifier's, for speed."""
+        """Every cell of `cells` (loaded cells, or a source: its test split, or its only one, read
+        at the backbone's side unless a side was chosen, `EmbedderSpec.reads`): class,
+        probabilities, OOD score, review flag (probability below `min_probability` or OOD score
+        above `max_ood`; defaults: the head's own). `adapt` 'adabn': the backbone's BatchNorm
+        statistics re-estimated on these cells and the AdaBN head applied (`adapted_head`);
+        'auto': so only where the batch shift check warns (the check always measures the cells
+        as the classifier sees them unadapted). `views`: fewer dihedral views than the
+        classifier's, for speed."""
+        if isinstance(cells, DataSource):
+            from ssl_blood.data import default_split, load_split
+
+            source = self.embedder.spec.reads(cells)
+            cells = load_split(source, default_split(source))
         return self.predict_each(cells, (adapt,), min_probability, max_ood, progress, views)[adapt]
 
     def predict_each(self, cells: CellData, adapts: Sequence[str] = ("none",),
@@ -981,20 +1023,42 @@ def cv_log_loss(oof_logits: np.ndarray, labels: np.ndarray) -> float:
     return negative_log_likelihood(softmax(oof_logits), labels)
 
 
+def _added_copies(base: "Classifier", known: int,
+                  copies: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The shifted copies of a classifier's labelled cells followed by those of the cells added
+    to them (rows after its `known` cells)."""
+    if COPY_FEATURES not in base.tensors:
+        return copies
+    kept = (base.tensors[COPY_FEATURES].float().numpy(), base.tensors[COPY_ORIGIN].numpy())
+    if copies is None:
+        return kept
+    return np.concatenate([kept[0], copies[0]]), np.concatenate([kept[1], copies[1] + known])
+
+
 def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                              seed: int) -> dict[str, Any]:
+                              seed: int, copies: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Weight decay by k-fold CV log loss (`_folds`, `cv_log_loss`); the head is then fitted on
-    all cells. Out-of-fold logits of the chosen setting feed calibration."""
+    all cells. Out-of-fold logits of the chosen setting feed calibration. `copies`: features of
+    shifted copies of the labelled cells and each one's row (`shifted_copies`), learned from
+    with their cell's label; a fold trains on the copies of its training cells only."""
     from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 
+    def training_set(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if copies is None:
+            return features[rows], labels[rows]
+        copy_features, origin = copies
+        kept = np.isin(origin, rows)
+        return (np.concatenate([features[rows], copy_features[kept]]),
+                np.concatenate([labels[rows], labels[origin[kept]]]))
+
     folds, k = _folds(labels, seed)
-    oof = _cv_logits(lambda rows: (features[rows], labels[rows]), features, labels, folds, k, num_classes)
+    oof = _cv_logits(training_set, features, labels, folds, k, num_classes)
     accuracy = {wd: float((oof[wd].argmax(1) == labels).mean()) for wd in PROBE_WEIGHT_DECAYS}
     loss = {wd: cv_log_loss(oof[wd], labels) for wd in PROBE_WEIGHT_DECAYS}
     best = min(PROBE_WEIGHT_DECAYS, key=lambda wd: (loss[wd], -wd))  # ties: stronger penalty
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    head = fit_logistic(torch.as_tensor((features - mean) / std), torch.as_tensor(labels),
-                        num_classes, best)
+    x, y = training_set(np.arange(len(labels)))
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    head = fit_logistic(torch.as_tensor((x - mean) / std), torch.as_tensor(y), num_classes, best)
     return {"head": head, "mean": mean.astype(np.float32), "std": std.astype(np.float32),
             "weight_decay": best, "accuracy_by_weight_decay": accuracy, "log_loss_by_weight_decay": loss,
             "folds": folds,
@@ -1284,6 +1348,10 @@ def card_markdown(card: dict) -> str:
                      f"{cv['folds']} folds, each fold judged by a model that never saw its labels."
                      if cv.get("cross_fitted") else
                      "The backbone learned from these labels, so the figures above are optimistic."), ""]
+    if "shift_copies" in card:
+        sc = card["shift_copies"]
+        lines += [f"The head also learned from {sc['per_cell']} shifted copies of each labelled cell "
+                  f"({sc['copies']} in all: {', '.join(sc['shifts'])}, severity {sc['severities']}).", ""]
     if "adabn" in card:
         adabn = card["adabn"]["cross_validation"]
         lines += [f"Features averaged over {card.get('views', 1)} dihedral view(s) per cell. For "
@@ -1311,7 +1379,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                      steps: int | None = None, self_contained: bool = False,
                      stain: float = 0.0, views: int | None = None,
                      calibration_folds: int = CALIBRATION_FOLDS,
-                     review_score: str = DEFAULT_REVIEW_SCORE) -> Classifier:
+                     review_score: str = DEFAULT_REVIEW_SCORE, shift_copies: int = 0) -> Classifier:
     """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
     split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
@@ -1320,7 +1388,8 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     Heads 'fixmatch' and 'fine-tune' train the backbone for `steps` or `minutes` (resumable: its
     state is kept in `out` until the classifier is written); `self_contained` copies the backbone
     into `out`. `views`: dihedral views averaged per cell (default DEFAULT_VIEWS; an added-to
-    classifier keeps its own). `review_score`: what sends a cell to review (REVIEW_SCORES)."""
+    classifier keeps its own). `review_score`: what sends a cell to review (REVIEW_SCORES).
+    `shift_copies`: see `Classifier.train`."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -1366,7 +1435,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
         state_path = out / CONSISTENCY_STATE
     classifier = Classifier.train(embedder, cells, head, seed, review_rate, labels_file, progress,
                                   base, consistency, state_path, views or DEFAULT_VIEWS,
-                                  calibration_folds, review_score)
+                                  calibration_folds, review_score, shift_copies)
     if self_contained:
         classifier.own_backbone()
     classifier.save(out, overwrite)

@@ -74,6 +74,11 @@ def _add_train_classifier(sub) -> None:
                         f"cells, else top); top, its own calibrated probability; auto, the one that "
                         f"reviews the labelled cells better in cross-validation (neighbours help "
                         f"with few labels) (default %(default)s)")
+    p.add_argument("--shift-copies", type=int, default=0, metavar="N",
+                   help="head logistic also learns from N copies of each labelled cell under random "
+                        "stain, blur, resampling and brightness shifts (severity 1-5): steadier on "
+                        "slides from another stain or scanner (docs/robustness.md); --from keeps "
+                        "the classifier's (default 0)")
     add_data_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +99,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
                              steps=args.steps, self_contained=args.self_contained,
                              stain=args.stain, views=args.views,
                              calibration_folds=args.calibration_folds,
-                             review_score=args.review_score)
+                             review_score=args.review_score, shift_copies=args.shift_copies)
     return print_classifier(model.card, args.out, args.json)
 
 

@@ -92,3 +92,24 @@ def apply_shift(images: np.ndarray, name: str, severity: int, seed: int = 0) -> 
     if name not in SHIFTS:
         raise UserError(f"unknown shift '{name}'; choose one of {', '.join(SHIFTS)}", param="shift")
     return SHIFTS[name](images, severity, seed)
+
+
+def shifted_copies(images: np.ndarray, copies: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`copies` shifted copies of every cell: each copy of a cell under one of `SHIFTS` at a
+    random severity 1-5 (cells drawn the same shift and severity share one draw of it, so a
+    stain copy is a random other slide's stain). Returns the copies (copies x N, C, H, W) and
+    each copy's row in `images`. What a classifier's head learns from besides the clean cells
+    (`train-classifier --shift-copies`): torchvision has no stain or scanner shift to reuse."""
+    images = _check(images, SEVERITIES[0])
+    rng = np.random.default_rng(seed)
+    n, names = len(images), list(SHIFTS)
+    origin = np.tile(np.arange(n), copies)
+    shift = rng.integers(0, len(names), len(origin))
+    severity = rng.integers(1, len(SEVERITIES) + 1, len(origin))
+    out = np.empty((len(origin), *images.shape[1:]), dtype=np.uint8)
+    for s in range(len(names)):
+        for v in SEVERITIES:
+            rows = np.flatnonzero((shift == s) & (severity == v))
+            if len(rows):
+                out[rows] = SHIFTS[names[s]](images[origin[rows]], v, int(rng.integers(2**31)))
+    return out, origin

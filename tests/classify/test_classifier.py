@@ -485,6 +485,10 @@ def test_a_lab_s_larger_crops_are_read_at_the_checkpoint_s_side_unless_a_side_is
                  "--cache-dir", "none", "--out", str(tmp_path / "p.csv")]) == 0
     with open(tmp_path / "p.csv") as f:
         assert len(list(csv.DictReader(f))) == 48
+    from ssl_blood.classify.classifier import Classifier
+
+    given_a_source = Classifier.load(tmp_path / "clf").predict(resolve_source(image_dir=str(crops), cache_dir=""))
+    assert len(given_a_source.predicted) == 48  # Python: a source is read at the backbone's side too
     capsys.readouterr()
     code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--image-dir", crops,
                            "--size", "40", "--cache-dir", "none", "--out", tmp_path / "q.csv")
@@ -503,3 +507,47 @@ def test_a_guessed_side_is_not_recorded_and_a_chosen_one_is_final(tmp_path):
     assert "size_guessed" not in guessed.to_dict()
     assert not DataSource.from_dict(guessed.to_dict()).size_guessed  # recorded: the side is chosen
     assert not guessed.with_size(28).size_guessed
+
+
+def test_shifted_copies_of_a_held_out_cell_never_train_its_fold():
+    """Features without any signal and copies identical to their cells: were a held-out cell's
+    copies in its fold's training set, the out-of-fold accuracy would be near perfect."""
+    from ssl_blood.classify.classifier import _cross_validated_logistic
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(80, 64)).astype(np.float32)
+    labels = np.arange(80) % 4
+    origin = np.tile(np.arange(80), 2)
+    fit = _cross_validated_logistic(features, labels, 4, seed=0, copies=(features[origin], origin))
+    leaked = _cross_validated_logistic(features, labels, 4, seed=0)  # the same cells, no copies
+    assert (fit["oof_logits"].argmax(1) == labels).mean() < 0.5  # chance is 0.25
+    assert abs((fit["oof_logits"].argmax(1) == labels).mean()
+               - (leaked["oof_logits"].argmax(1) == labels).mean()) < 0.2
+
+
+def test_shift_copies_train_the_head_are_kept_and_carried_by_from(slides, tmp_path, capsys):
+    from tests.helpers import CELL_NAMES
+
+    run, root, truth = slides
+    folder = ["--image-dir", str(root / "today"), "--size", "16", "--cache-dir", "none"]
+    names = sorted(p.name for p in (root / "today").glob("*.png"))
+    for part, chosen in (("first", names[:32]), ("more", names[32:48])):
+        (tmp_path / f"{part}.csv").write_text("path,label\n" + "".join(
+            f"{n},{CELL_NAMES[truth[('today', n)]]}\n" for n in chosen))
+    capsys.readouterr()
+    assert main(["train-classifier", "--checkpoint", str(run / "checkpoint.pt"), *folder, "--labels",
+                 str(tmp_path / "first.csv"), "--shift-copies", "2", "--out", str(tmp_path / "clf"),
+                 "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["shift_copies"]["per_cell"] == 2 and card["shift_copies"]["copies"] == 64
+    assert "2 shifted copies of each labelled cell" in (tmp_path / "clf" / "card.md").read_text()
+    assert main(["train-classifier", "--from", str(tmp_path / "clf"), *folder, "--labels",
+                 str(tmp_path / "more.csv"), "--out", str(tmp_path / "clf2"), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["shift_copies"]["copies"] == 96  # the first classifier's 64 and 2 of each added cell
+    before = tree(tmp_path)
+    for bad in (["--head", "fine-tune", "--shift-copies", "2"], ["--shift-copies", "-1"]):
+        code, _, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt", *folder,
+                               "--labels", tmp_path / "first.csv", *bad, "--out", tmp_path / "bad")
+        assert_one_line_error(code, err, r"--shift-copies -?\d+: a whole number of copies, for head logistic")
+    assert tree(tmp_path) == before

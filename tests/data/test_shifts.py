@@ -44,3 +44,16 @@ def test_bad_severity_and_name_are_refused():
         apply_shift(cells(), "blur", 6)
     with pytest.raises(UserError, match="unknown shift 'fog'"):
         apply_shift(cells(), "fog", 1)
+
+
+def test_shifted_copies_are_every_cell_shifted_and_say_whose_copy_each_is():
+    from ssl_blood.data.shifts import shifted_copies
+
+    x = cells(n=20)
+    copies, origin = shifted_copies(x, 3, seed=0)
+    assert copies.shape == (60, *x.shape[1:]) and copies.dtype == np.uint8
+    assert np.array_equal(np.bincount(origin), np.full(20, 3))
+    changed = np.abs(copies.astype(int) - x[origin]).mean(axis=(1, 2, 3))
+    assert (changed > 0).all()  # every copy differs from its cell (severity >= 1)
+    again, _ = shifted_copies(x, 3, seed=0)
+    assert np.array_equal(copies, again)  # seeded
