@@ -47,9 +47,12 @@ def main() -> None:
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "shift_copies.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
+    parser.add_argument("--doc-only", action="store_true", help="rewrite the doc section from --out")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
+    if args.doc_only:
+        return put_section(Path(args.doc), f"<!-- {TAG}:start -->", f"<!-- {TAG}:end -->", document(results))
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, test = load_split(source, "train"), load_split(source, "test")
     results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity,
@@ -119,6 +122,11 @@ def document(results: dict) -> str:
         lines.append(f"| {name} recall, clean / stain | {_mean(plain, 'clean', recall):.1%} / "
                      f"{_mean(plain, 'stain', recall):.1%} | {_mean(copied, 'clean', recall):.1%} / "
                      f"{_mean(copied, 'stain', recall):.1%} |")
+    for title, value in (("clean ECE", lambda r: r["ece"]), ("clean review share", lambda r: r["review_share"]),
+                         ("clean accepted accuracy", lambda r: r["accepted_accuracy"])):
+        fmt = "{:.3f}" if title.endswith("ECE") else "{:.1%}"
+        lines.append(f"| {title} | {fmt.format(_mean(plain, 'clean', value))} | "
+                     f"{fmt.format(_mean(copied, 'clean', value))} |")
     clean_change = 100 * (_mean(copied, "clean") - _mean(plain, "clean"))
     lines += ["", f"What it says: the copies change clean accuracy by {clean_change:+.1f} points and the mean "
               f"over all shifts at severity {s} by {100 * (mean_over(copied, names) - mean_over(plain, names)):+.1f} "

@@ -228,3 +228,17 @@ def wait_for(condition, timeout: float = 10.0, step: float = 0.1):
         if value or time.monotonic() > end:
             return value
         time.sleep(step)
+
+
+def two_clusters(labelled_per_class: int, pool_per_class: int = 100, seed: int = 0):
+    """Two classes as two clusters of L2-normalised 8-d features: a pool (features, classes)
+    and labelled cells (features, classes), drawn in that order from one generator."""
+    from ssl_blood.features.embeddings import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    centres = np.eye(2, 8, dtype=np.float32) * 5
+    pool_labels = np.repeat([0, 1], pool_per_class)
+    pool = l2_normalize(centres[pool_labels] + rng.normal(0, 1, (len(pool_labels), 8)).astype(np.float32))
+    labels = np.repeat([0, 1], labelled_per_class)
+    features = l2_normalize(centres[labels] + rng.normal(0, 1, (len(labels), 8)).astype(np.float32))
+    return pool, pool_labels, features, labels

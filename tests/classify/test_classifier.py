@@ -12,7 +12,7 @@ from ssl_blood.classify.labels import apply_labels, read_labels
 from ssl_blood.cli import main
 from ssl_blood.data import load_split, resolve_source
 from ssl_blood.errors import UserError
-from tests.helpers import assert_one_line_error, run_cli, tree, write_png
+from tests.helpers import assert_one_line_error, run_cli, tree, two_clusters, write_png
 
 
 @pytest.fixture(scope="module")
@@ -437,14 +437,8 @@ def test_auto_reviews_by_the_neighbours_only_where_they_review_the_labelled_cell
     takes the smoothed score; sure calls that are right, among neighbours that call every cell
     wrongly: the top probability."""
     from ssl_blood.classify.classifier import POOL_LOGITS, LinearHead, _chosen_review_score
-    from ssl_blood.features.embeddings import l2_normalize
 
-    rng = np.random.default_rng(0)
-    centres = np.eye(2, 8, dtype=np.float32) * 5
-    pool_labels = np.repeat([0, 1], 100)
-    pool = l2_normalize(centres[pool_labels] + rng.normal(0, 1, (200, 8)).astype(np.float32))
-    labels = np.repeat([0, 1], 20)
-    features = l2_normalize(centres[labels] + rng.normal(0, 1, (40, 8)).astype(np.float32))
+    pool, pool_labels, features, labels = two_clusters(20)
     wrong = np.arange(40) % 5 == 0  # a fifth of the calls wrong
     calls = np.where(wrong, 1 - labels, labels)
     for pool_calls, p_wrong, p_right, expected in ((pool_labels, 0.9, 0.7, "smoothed"),

@@ -16,7 +16,7 @@ from ssl_blood.data import channel_stats
 from ssl_blood.evaluation.frozen import fit_logistic
 from ssl_blood.model.augment import eval_preprocess
 from ssl_blood.model.backbones import build_backbone
-from tests.helpers import assert_one_line_error, npz_slide, run_cli, tree
+from tests.helpers import assert_one_line_error, npz_slide, run_cli, tree, two_clusters
 
 
 COLOURS = np.array([[200, 60, 60], [60, 180, 60], [70, 70, 210], [200, 190, 60]])
@@ -373,14 +373,8 @@ def test_a_trained_heads_review_score_is_chosen_again_on_its_cross_fitted_calls(
 
     from ssl_blood.classify.calibration import softmax
     from ssl_blood.classify.classifier import POOL_LOGITS, Classifier, smoothed_scores
-    from ssl_blood.features.embeddings import l2_normalize
 
-    rng = np.random.default_rng(0)
-    centres = np.eye(2, 8, dtype=np.float32) * 5
-    pool_labels = np.repeat([0, 1], 100)
-    pool = l2_normalize(centres[pool_labels] + rng.normal(0, 1, (200, 8)).astype(np.float32))
-    labels = np.repeat([0, 1], 30)
-    features = l2_normalize(centres[labels] + rng.normal(0, 1, (60, 8)).astype(np.float32))
+    pool, pool_labels, features, labels = two_clusters(30)
     wrong = np.arange(60) % 5 == 0  # held-out calls: a fifth wrong and sure, the neighbours right
     held_out = 2.0 * np.eye(2)[np.where(wrong, 1 - labels, labels)] * np.where(wrong, 1.5, 0.5)[:, None]
     pool_logits = 3.0 * np.eye(2)[pool_labels]
