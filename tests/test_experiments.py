@@ -287,6 +287,22 @@ def test_robustness_tiny(tiny_run, tmp_path):
     assert "robustness:start" in doc.read_text() and "| blur |" in doc.read_text()
 
 
+def test_shift_copies_tiny_compares_the_heads_and_resumes(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "shift_copies.json", tmp_path / "robustness.md"
+    args = ["--checkpoint", str(run / "checkpoint.pt"), "--labels", "24", "--copies", "2", "--seeds", "0",
+            "--corruptions", "stain,blur", "--out", str(out), "--doc", str(doc)]
+    run_script("shift_copies.py", *args)
+    result = json.loads(out.read_text())
+    assert set(result["entries"]) == {"seed0-copies0", "seed0-copies2"}
+    assert [r["corruption"] for r in result["entries"]["seed0-copies2"]["rows"]] == ["clean", "stain", "blur"]
+    written = out.read_text()
+    run_script("shift_copies.py", *args)  # resumable: nothing is computed twice
+    assert out.read_text() == written
+    text = doc.read_text()
+    assert "shift-copies:start" in text and "| stain | " in text and "with 2 copies" in text
+
+
 def test_trained_head_temperature_compares_the_rules_on_a_known_case():
     """A trained model twice as sharp as calibrated, fold models calibrated, held-out logits four
     times too sharp: the matched temperature lands near the truth (2), the held-out rule far off."""
