@@ -222,7 +222,10 @@ def test_interrupted_pretraining_says_how_to_resume_and_releases_the_folder(tmp_
     argv = [sys.executable, "-m", "ssl_blood", "pretrain", "--npz", str(npz), "--backbone", "cnn6",
             "--epochs", "400", "--batch-size", "16", "--device", "cpu", "--out", str(out),
             "--knn-every", "-1"]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a suite started in the background (`pytest &`) passes its children
+    # SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").is_file() and time.monotonic() < deadline:
         time.sleep(0.05)
