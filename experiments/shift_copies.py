@@ -49,11 +49,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "shift_copies.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
     parser.add_argument("--doc-only", action="store_true", help="rewrite the doc section from --out")
+    parser.add_argument("--tag", default=TAG, help="the doc section's name (one per label budget)")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
     if args.doc_only:
-        return put_section(Path(args.doc), f"<!-- {TAG}:start -->", f"<!-- {TAG}:end -->", document(results))
+        return put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->",
+                           document(results, args.tag))
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, test = load_split(source, "train"), load_split(source, "test")
     results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity,
@@ -76,7 +78,8 @@ def main() -> None:
                                        "minutes": (time.monotonic() - started) / 60}
             write_json(results, out)
             print(key, {r["corruption"]: round(r["accuracy"], 3) for r in result["rows"]}, flush=True)
-    put_section(Path(args.doc), f"<!-- {TAG}:start -->", f"<!-- {TAG}:end -->", document(results))
+    put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->",
+                document(results, args.tag))
 
 
 def _mean(entries: list[dict], corruption: str, value=lambda r: r["accuracy"]) -> float:
@@ -84,7 +87,7 @@ def _mean(entries: list[dict], corruption: str, value=lambda r: r["accuracy"]) -
                           for e in entries]))
 
 
-def document(results: dict) -> str:
+def document(results: dict, tag: str = TAG) -> str:
     by_copies: dict[int, list[dict]] = {}
     for e in results["entries"].values():
         by_copies.setdefault(e["copies"], []).append(e)
@@ -92,8 +95,8 @@ def document(results: dict) -> str:
     k = max(by_copies)
     names = [r["corruption"] for r in plain[0]["rows"] if r["corruption"] != "clean"]
     s = REPORTED_SEVERITY
-    lines = [f"<!-- {TAG}:start -->",
-             f"## Shifted copies of the labelled cells (`train-classifier --shift-copies`, `experiments/shift_copies.py`)",
+    lines = [f"<!-- {tag}:start -->",
+             f"## Shifted copies of the labelled cells, {results['labels']} labels (`train-classifier --shift-copies`, `experiments/shift_copies.py`)",
              "", f"Measured on {results['device']}: checkpoint `{results['checkpoint']}` "
              f"({results['checkpoint_sha256'][:19]}), {results['labels']} typiclust-chosen labels "
              f"(seeds {', '.join(str(e['seed']) for e in plain)}, mean), the logistic head with "
@@ -139,7 +142,7 @@ def document(results: dict) -> str:
               f"calibrated, so `--shift-copies` stays an option (0 by default). Cost: the copies are embedded "
               f"once when the classifier is trained ({k} x the labelled cells); predicting costs the same.", "",
               f"Per-class recall, ECE and review share of every row: `experiments/results/{results['results_file']}`.",
-              "", f"<!-- {TAG}:end -->"]
+              "", f"<!-- {tag}:end -->"]
     return "\n".join(lines) + "\n"
 
 
