@@ -306,10 +306,7 @@ class Classifier:
         if review_score not in REVIEW_SCORES:
             raise UserError(f"`review_score` {review_score}: choose one of {', '.join(REVIEW_SCORES)}",
                             param="review_score")
-        if shift_copies < 0 or (shift_copies and head != "logistic"):
-            raise UserError(f"`shift_copies` {shift_copies}: a whole number of copies, for head "
-                            f"logistic (the heads that train the backbone augment their own "
-                            f"views: `stain`)", param="shift_copies")
+        _check_shift_copies(shift_copies, head)
         views = base.views if base is not None else views
         shift_copies = base.shift_copies if base is not None else shift_copies
         unlabelled = clean = None
@@ -811,6 +808,13 @@ def _calibration_folds(labels: np.ndarray, requested: int, seed: int) -> np.ndar
     for f, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         folds[held] = f
     return folds
+
+
+def _check_shift_copies(shift_copies: int, head: str) -> None:
+    if shift_copies < 0 or (shift_copies and head != "logistic"):
+        raise UserError(f"`shift_copies` {shift_copies}: a whole number of copies, for head "
+                        f"logistic (the heads that train the backbone augment their own "
+                        f"views: `stain`)", param="shift_copies")
 
 
 def _check_calibration_folds(calibration_folds: int) -> None:
@@ -1400,6 +1404,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if labels is not None and (fraction is not None or shots is not None):
         raise UserError("give `labels` or `fraction` / `shots`, not both", param="labels")
     _check_calibration_folds(calibration_folds)  # before minutes of embedding
+    _check_shift_copies(shift_copies, head)
     if (minutes is not None or steps is not None or stain) and head not in TRAINED_BACKBONE_HEADS:
         raise UserError("`minutes`, `steps` and `stain` set the training of heads fixmatch and "
                         "fine-tune; the other heads take seconds", param=("minutes", "head"))
