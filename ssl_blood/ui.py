@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 _quiet = False
+_wording: Callable[[str], str] | None = None  # how notes name parameters (the CLI: as its flags)
 
 
 def is_quiet() -> bool:
@@ -99,6 +100,14 @@ class PlainProgress:
         pass
 
 
+def set_wording(wording: Callable[[str], str] | None) -> Callable[[str], str] | None:
+    """Rewrite every note with `wording` (the CLI writes the `parameters` a note quotes as its
+    command's flags, as it does for errors); returns the one it replaces."""
+    global _wording
+    previous, _wording = _wording, wording
+    return previous
+
+
 def note(message: str) -> None:
     """One line on stderr, prefixed like every ssl-blood message."""
-    print(f"ssl-blood: {message}", file=sys.stderr, flush=True)
+    print(f"ssl-blood: {_wording(message) if _wording else message}", file=sys.stderr, flush=True)

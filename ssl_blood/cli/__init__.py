@@ -105,11 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     was_quiet = ui.is_quiet()
     ui.set_quiet(bool(getattr(args, "json", False)))
+    command_parser = _subparser(parser, args.command)
+    was_worded = ui.set_wording(lambda message: as_flags(SslBloodError(message), command_parser))
     try:
         with _signals_interrupt():
             return int(args.func(args) or 0)
     except SslBloodError as exc:
-        message = as_flags(exc, _subparser(parser, args.command))
+        message = as_flags(exc, command_parser)
         sys.stderr.write(f"ssl-blood {args.command}: error: {' '.join(message.split())}\n")
         return exc.exit_code
     except KeyboardInterrupt as exc:
@@ -118,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:  # --json silences progress for this command only, not for a Python caller's next one
         ui.set_quiet(was_quiet)
+        ui.set_wording(was_worded)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_blood import ui
-from ssl_blood.cli.common import as_flags, csv_list, add_data_args, add_json, print_json, embeddings_from_args
+from ssl_blood.cli.common import csv_list, add_data_args, add_json, print_json, embeddings_from_args
 from ssl_blood.errors import UserError
 
 
@@ -178,7 +178,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
                                  retrieval.gallery_metadata(index))
     note = retrieval.shortfall(index, answers, args.k)
     if note:
-        ui.note(as_flags(UserError(note), None))
+        ui.note(note)  # main() writes its parameters as flags
     if args.montage:
         _write_montage(args.montage, index, source, images, answers)
     print(json.dumps(answers) if args.json else _retrieval_table(answers))

@@ -264,3 +264,18 @@ def test_json_silences_progress_for_that_command_only(tmp_path, capsys):
     assert main(["knn", "--embeddings", str(tmp_path / "missing.npz"), "--json"]) == 2
     assert not ui.is_quiet()
     capsys.readouterr()
+
+
+def test_notes_name_this_command_s_flags_and_python_keeps_parameter_names(tmp_path, capsys):
+    """A note quoting a parameter reads as the command's flag on the command line (as errors
+    do), and as the parameter again for a Python caller after the command."""
+    from ssl_blood import ui
+    from tests.helpers import write_png
+
+    for i in range(4):
+        write_png(tmp_path / "cells" / f"c{i}.png", np.full((20, 20, 3), 50 * i, np.uint8))
+    assert main(["embed", "--baseline", "pixels", "--image-dir", str(tmp_path / "cells"), "--cache-dir",
+                 "none", "--out", str(tmp_path / "e.npz")]) == 0
+    assert "--size chooses another" in capsys.readouterr().err
+    ui.note("`size` chooses another")
+    assert "`size` chooses another" in capsys.readouterr().err
