@@ -29,7 +29,7 @@ import numpy as np
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.calibration import (expected_calibration_error, negative_log_likelihood,
                                             softmax)
-from ssl_blood.classify.classifier import Classifier, _pool_rows
+from ssl_blood.classify.classifier import Classifier, _pool_rows, review_at_rate  # review_score.py imports it from here too
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json, write_text
 
@@ -40,17 +40,6 @@ BUDGETS = (40, 120, 1196)
 SEEDS = (0, 1, 2)
 VIEWS = (1, 8)
 REVIEW_RATES = (0.15, 0.20)
-
-
-def review_at_rate(scores: np.ndarray, correct: np.ndarray, rate: float) -> dict[str, float]:
-    """Send the `rate` cells of lowest score (least sure) to review: accepted accuracy and error
-    enrichment."""
-    order = np.argsort(scores, kind="stable")
-    flagged = np.zeros(len(correct), bool)
-    flagged[order[:int(round(rate * len(correct)))]] = True
-    err_flagged, err_accepted = 1 - correct[flagged].mean(), 1 - correct[~flagged].mean()
-    return {"accepted_accuracy": float(correct[~flagged].mean()),
-            "error_enrichment": float(err_flagged / max(err_accepted, 1e-9))}
 
 
 def evaluate(model: Classifier, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:

@@ -31,10 +31,10 @@ def review_order(prediction: Prediction, max_cells: int = MAX_REVIEW_CELLS) -> n
     first within a class (by the review score); the `max_cells` least sure overall when more are
     flagged."""
     flagged = np.flatnonzero(prediction.review)
-    top = prediction.review_scores
+    scores = prediction.review_scores
     if len(flagged) > max_cells:
-        flagged = flagged[np.argsort(top[flagged], kind="stable")[:max_cells]]
-    return flagged[np.lexsort((top[flagged], prediction.predicted[flagged]))]
+        flagged = flagged[np.argsort(scores[flagged], kind="stable")[:max_cells]]
+    return flagged[np.lexsort((scores[flagged], prediction.predicted[flagged]))]
 
 
 def review_html(prediction: Prediction, cells: CellData, title: str,

@@ -1278,15 +1278,23 @@ def _chosen_review_score(head: LinearHead, asked: str, oof: np.ndarray, labels: 
         return "smoothed", None
     correct = oof.argmax(1) == labels
     rate = max(review_rate, DEFAULT_REVIEW_RATE)
-    compared = {name: _accepted_at_rate(scores, correct, rate) for name, scores in
+    compared = {name: review_at_rate(scores, correct, rate)["accepted_accuracy"] for name, scores in
                 (("top", oof.max(1)), ("smoothed", head.review_scores(oof, features)))}
     return ("smoothed" if compared["smoothed"] > compared["top"] else "top"), compared
 
 
-def _accepted_at_rate(scores: np.ndarray, correct: np.ndarray, rate: float) -> float:
-    """Accuracy of the cells left when the `rate` of lowest score go to review."""
-    keep = np.argsort(scores, kind="stable")[int(round(rate * len(scores))):]
-    return float(correct[keep].mean()) if len(keep) else 0.0
+def review_at_rate(scores: np.ndarray, correct: np.ndarray, rate: float) -> dict[str, float]:
+    """Send the `rate` cells of lowest score (least sure) to review: the accuracy of the cells
+    left (0 when none is) and the error enrichment (error rate of the flagged cells over that of
+    the accepted ones). How a review score is judged, here and in the experiments."""
+    order = np.argsort(scores, kind="stable")
+    flagged = np.zeros(len(correct), bool)
+    flagged[order[:int(round(rate * len(correct)))]] = True
+    if flagged.all():
+        return {"accepted_accuracy": 0.0, "error_enrichment": float("nan")}
+    err_flagged, err_accepted = 1 - correct[flagged].mean(), 1 - correct[~flagged].mean()
+    return {"accepted_accuracy": float(correct[~flagged].mean()),
+            "error_enrichment": float(err_flagged / max(err_accepted, 1e-9))}
 
 
 def _review_score_card(head: LinearHead, pool: int, asked: str,
