@@ -330,7 +330,7 @@ def document(results: dict) -> str:
              "cross-fitting: the training runs again on 3 folds of the labelled cells, each fold judged by a "
              "model that never saw its labels, as their own cross-validation is optimistic, and the "
              "temperature brings the trained model to the average of itself and the fold models on the "
-             "folder's unlabelled cells, `--calibration-folds`); `ssl-blood predict "
+             "folder's unlabelled cells, `--calibration-folds`; `--ensemble` keeps the fold models and predicts with the average of all of them, see the section on it below); `ssl-blood predict "
              "--classifier clf --image-dir NEW_SLIDE --out slide.csv --review review.html` writes one row per "
              "cell (class, calibrated probability, margin, OOD score, review flag), slide.counts.json (the "
              "differential count with 95 % Wilson intervals) and the review page of the flagged cells, whose "

@@ -67,7 +67,7 @@ def member_logits(checkpoint: str, head: str, seed: int, steps: int, path: Path,
                                     len(train.class_names), seed)
     members = [_fit_logits(fit, trained(val.images, views=DEFAULT_VIEWS))]
     # the fold models score val's cells, which stand in for the lab's unlabelled cells
-    oof, fold_val = _cross_fitted_logits(head, embedder, cells, folds, seed, cfg, None, None,
+    oof, fold_val, _ = _cross_fitted_logits(head, embedder, cells, folds, seed, cfg, None, None,
                                          DEFAULT_VIEWS, pool=val.images)
     out = {"members": np.concatenate([np.stack(members), fold_val]), "oof": oof, "labels": labels,
            "folds": folds, "val_labels": val.labels.numpy()}

@@ -225,6 +225,9 @@ def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys
     (("--stain", "0.2"), "--minutes, --steps and --stain set the training of heads fixmatch"),
     (("--head", "fine-tune", "--stain", "1.5"), r"--stain 1.5 must be in \[0, 1\)"),
     (("--head", "fine-tune", "--calibration-folds", "-1"), "--calibration-folds -1 must be 0 or more"),
+    (("--ensemble",), "--ensemble keeps the models a trained head's calibration reruns make: give "
+                      "--head fine-tune or fixmatch with --calibration-folds >= 2 .head logistic"),
+    (("--head", "fine-tune", "--ensemble", "--calibration-folds", "0"), "--calibration-folds >= 2 .head fine-tune, 0"),
 ])
 def test_fixmatch_bad_input_is_one_line_and_writes_nothing(pool, capsys, extra, pattern):
     run, tmp_path, _ = pool
@@ -267,6 +270,53 @@ def test_fine_tune_head_needs_no_unlabelled_cells(tiny_run, tmp_path, capsys):
     assert "cross-fitted" in card_md and not list((tmp_path / "clf").glob("consistency-state*"))
 
 
+def test_an_ensemble_keeps_its_fold_models_and_predicts_with_their_average(pool, capsys):
+    """--ensemble: the folder holds the fold models' backbones, predict's probabilities are the
+    average of the trained model's and theirs (each at temperature 1), the ONNX graph gives the
+    same, an altered member is refused, and labels added give a single model (said)."""
+    import onnxruntime
+
+    from ssl_blood.classify import Classifier
+    from ssl_blood.classify.calibration import softmax
+    from ssl_blood.cli import main
+    from ssl_blood.data import load_split, resolve_source
+
+    run, tmp_path, truth = pool
+    folder = ("--image-dir", tmp_path / "pool", "--size", "16", "--cache-dir", "none")
+    code, out, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt", *folder,
+                             "--labels", tmp_path / "labels.csv", "--head", "fine-tune", "--steps", "4",
+                             "--calibration-folds", "2", "--ensemble", "--out", tmp_path / "clf", "--json")
+    assert code == 0, err
+    card = json.loads(out)
+    assert card["ensemble"]["models"] == 3 and "calibration-fold models" in card["ensemble"]["note"]
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [
+        "backbone.pt", "card.json", "card.md", "classifier.json", "head.pt", "member0.pt", "member1.pt"]
+    assert "Ensemble of 3 models" in (tmp_path / "clf" / "card.md").read_text()
+    model = Classifier.load(tmp_path / "clf", "cpu")
+    cells = load_split(resolve_source(image_dir=str(tmp_path / "pool"), size=16), "train")
+    prediction = model.predict(cells, min_probability=0)
+    logits = [model.head.logits(model.features(cells.images))]
+    logits += [m.head.logits(m.embedder(cells.images, views=model.views)) for m in model.members]
+    assert np.abs(prediction.probabilities - np.mean([softmax(z) for z in logits], 0)).max() < 1e-5
+    assert not np.allclose(logits[0], logits[1], atol=1e-2)  # the members are other models
+    assert prediction.thresholds["min_probability"] == 0
+    assert model.predict(cells).thresholds["min_probability"] == model.ensemble["thresholds"]["min_probability"]
+    assert main(["export", "--classifier", str(tmp_path / "clf"), "--out", str(tmp_path / "clf.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "clf.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"images": cells.images.numpy()})[0]
+    assert np.abs(got - prediction.probabilities).max() < 1e-4
+    code, _, err = run_cli(capsys, "train-classifier", "--from", tmp_path / "clf", *folder,
+                           "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf2")
+    assert code == 0 and "labels added to an ensemble give a single model" in err and "--ensemble" in err
+    assert not list((tmp_path / "clf2").glob("member*"))
+    with open(tmp_path / "clf" / "member1.pt", "ab") as f:
+        f.write(b"\0")
+    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
+                           "--out", tmp_path / "p.csv")
+    assert_one_line_error(code, err, "member1.pt is missing or was altered")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(monkeypatch):
     """`_cross_fitted_logits` trains once per fold with that fold's labels hidden (its cells
     unlabelled) and scores exactly that fold's cells with the fold's model."""
@@ -293,14 +343,15 @@ def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(mon
     folds = module._calibration_folds(labels, 3, seed=0)
     assert sorted(np.bincount(folds)) == [6, 6, 6] and all(np.bincount(labels[folds == f]).tolist() == [2, 2, 2]
                                                            for f in range(3))
-    oof, pooled = module._cross_fitted_logits("fine-tune", None, cells, folds, 0, ConsistencyConfig(steps=3),
-                                              None, False, 1, pool=images[:2])
+    oof, pooled, models = module._cross_fitted_logits("fine-tune", None, cells, folds, 0,
+                                                      ConsistencyConfig(steps=3), None, False, 1, pool=images[:2])
     assert len(seen) == 3
     for f, hidden in enumerate(seen):
         assert (hidden[:18][folds == f] == -1).all() and (hidden[:18][folds != f] == labels[folds != f]).all()
         assert (hidden[18:] == -1).all()  # the unlabelled cells stay unlabelled
     assert oof.shape == (18, 3) and (oof.argmax(1) == labels).all()  # each fold scored, by its own model
     assert pooled.shape == (3, 2, 3)  # and each fold model scored the unlabelled cells
+    assert len(models) == 3 and all(fit["head"].out_features == 3 for _, _, fit in models)  # kept for an ensemble
     assert module._calibration_folds(np.array([0, 0, 1]), 3, seed=0) is None  # a class of one cell
 
 
