@@ -1539,7 +1539,8 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     state is kept in `out` until the classifier is written); `self_contained` copies the backbone
     into `out`. `views`: dihedral views averaged per cell (default DEFAULT_VIEWS; an added-to
     classifier keeps its own). `review_score`: what sends a cell to review (REVIEW_SCORES).
-    `shift_copies`, `ensemble`: see `Classifier.train`."""
+    `shift_copies`, `ensemble`: see `Classifier.train` (an added-to classifier keeps its
+    copies, and refuses others)."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -1564,6 +1565,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if base is not None and views not in (None, base.views):
         raise UserError(f"the classifier labels are added to averages {base.views} views per cell; "
                         f"its views stay (leave `views` out)", param="views")
+    if base is not None and shift_copies not in (0, base.shift_copies):
+        raise UserError(f"the classifier labels are added to learned from {base.shift_copies} shifted "
+                        f"copies per cell; its copies stay (leave `shift_copies` out)", param="shift_copies")
     embedder = base.embedder if base is not None else Embedder.from_checkpoint(checkpoint, device)
     source = embedder.spec.reads(source)
     cells = load_split(source, split or default_split(source, "train"))

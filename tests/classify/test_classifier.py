@@ -544,4 +544,7 @@ def test_shift_copies_train_the_head_are_kept_and_carried_by_from(slides, tmp_pa
         code, _, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt", *folder,
                                "--labels", tmp_path / "first.csv", *bad, "--out", tmp_path / "bad")
         assert_one_line_error(code, err, r"--shift-copies -?\d+: a whole number of copies, for head logistic")
+    code, _, err = run_cli(capsys, "train-classifier", "--from", tmp_path / "clf", *folder, "--labels",
+                           tmp_path / "more.csv", "--shift-copies", "4", "--out", tmp_path / "bad")
+    assert_one_line_error(code, err, "learned from 2 shifted copies per cell; its copies stay .leave --shift-copies out.")
     assert tree(tmp_path) == before
