@@ -1635,6 +1635,7 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                 f"{done}, or add labels from this slide with ssl-blood train-classifier --from")
     counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
               "adapt": adapt, "views": model.views if views is None else views,
+              "models": 1 + len(model.members),  # an ensemble's, averaged (adapt: the trained one alone)
               **prediction.differential()}
     prediction.to_csv(out)
     write_json(counts, counts_path)

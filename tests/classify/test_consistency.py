@@ -309,6 +309,11 @@ def test_an_ensemble_keeps_its_fold_models_and_predicts_with_their_average(pool,
                            "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf2")
     assert code == 0 and "labels added to an ensemble give a single model" in err and "--ensemble" in err
     assert not list((tmp_path / "clf2").glob("member*"))
+    code, out, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
+                             "--out", tmp_path / "p.csv", "--json")
+    assert code == 0 and json.loads(out)["models"] == 3, err
+    for written in ("p.csv", "p.counts.json"):
+        (tmp_path / written).unlink()
     with open(tmp_path / "clf" / "member1.pt", "ab") as f:
         f.write(b"\0")
     code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
