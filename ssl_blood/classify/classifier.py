@@ -632,8 +632,9 @@ class Classifier:
             "note": f"predictions average the probabilities of the trained model and its "
                     f"{len(kept)} calibration-fold models (temperature 1: an average of models "
                     f"trained on different labels is calibrated where each is over-confident); "
-                    f"the review threshold sends {review_rate:.0%} of {reviewed} to review; "
-                    f"AdaBN (adapt) applies the trained model alone"}
+                    f"its review threshold sends {review_rate:.0%} of {reviewed} to review. The "
+                    f"calibration and threshold figures above are the trained model's, which "
+                    f"AdaBN (adapt) applies alone"}
 
     def own_backbone(self) -> None:
         """Keep the backbone inside the classifier's folder (BACKBONE, weights only), so the
@@ -1495,8 +1496,9 @@ def card_markdown(card: dict) -> str:
                      if cv.get("cross_fitted") else
                      "The backbone learned from these labels, so the figures above are optimistic."), ""]
     if "ensemble" in card:
-        lines += [f"Ensemble of {card['ensemble']['models']} models: {card['ensemble']['note']} "
-                  f"(review below {card['ensemble']['thresholds']['min_probability']:.2f}).", ""]
+        ensemble = card["ensemble"]
+        lines += [f"Ensemble of {ensemble['models']} models (review below "
+                  f"{ensemble['thresholds']['min_probability']:.2f}): {ensemble['note']}.", ""]
     if "shift_copies" in card:
         sc = card["shift_copies"]
         lines += [f"The head also learned from {sc['per_cell']} shifted copies of each labelled cell "

@@ -291,7 +291,7 @@ def test_an_ensemble_keeps_its_fold_models_and_predicts_with_their_average(pool,
     assert card["ensemble"]["models"] == 3 and "calibration-fold models" in card["ensemble"]["note"]
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [
         "backbone.pt", "card.json", "card.md", "classifier.json", "head.pt", "member0.pt", "member1.pt"]
-    assert "Ensemble of 3 models" in (tmp_path / "clf" / "card.md").read_text()
+    assert "Ensemble of 3 models (review below " in (tmp_path / "clf" / "card.md").read_text()
     model = Classifier.load(tmp_path / "clf", "cpu")
     cells = load_split(resolve_source(image_dir=str(tmp_path / "pool"), size=16), "train")
     prediction = model.predict(cells, min_probability=0)
