@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.calibration import expected_calibration_error, negative_log_likelihood
 from ssl_blood.classify.classifier import Classifier, Prediction, remove_run_states, review_at_rate
 from ssl_blood.classify.consistency import ConsistencyConfig
@@ -33,6 +32,9 @@ from ssl_blood.data import load_split
 from ssl_blood.files import write_json
 
 from frozen_features import checkpoint_features, load_results, put_section, repo_relative
+from loop_classifier import picks
+
+LOOP_COLD, LOOP_SIZE = 40, 40  # the loop's cold start and round (its defaults)
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "ensemble"
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--heads", default="fine-tune", help="comma-separated: fine-tune, fixmatch")
     parser.add_argument("--labels", type=int, default=120)
+    parser.add_argument("--picks", choices=("typiclust", "loop"), default="typiclust",
+                        help="the labelled cells: typiclust all at once, or the labelling loop "
+                             "(40 typiclust, then margin rounds of 40: experiments/loop_classifier.py)")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--steps", type=int, default=500, help="training steps per run (the default's)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "ensemble.json"))
@@ -78,10 +83,12 @@ def main() -> None:
     truth = test.labels.numpy()
     for head in args.heads.split(","):
         for seed in map(int, args.seeds.split(",")):
-            key = f"{head}-{args.labels}-seed{seed}"
+            key = f"{head}-{args.labels}-seed{seed}" + ("-loop" if args.picks == "loop" else "")
             if key in results["entries"]:
                 continue
-            rows = np.sort([p["id"] for p in select_cells(emb, args.labels, "typiclust", seed=seed)["picks"]])
+            how = "loop: typiclust then margin" if args.picks == "loop" else "typiclust at once"
+            rows = picks(how, emb, embedder, np.asarray(emb.select("train")[0], dtype=np.float32), train,
+                         args.labels, LOOP_COLD, LOOP_SIZE, seed)
             labels = np.full(len(train), -1, dtype=np.int64)
             labels[rows] = train.labels.numpy()[rows]
             state = out.with_suffix("") / f"{key}.state.pt"  # to resume an interrupted run
@@ -93,7 +100,8 @@ def main() -> None:
             single = copy.copy(model)  # the trained model as train-classifier keeps it without --ensemble
             single.members, single.ensemble = [], None
             results["entries"][key] = {
-                "head": head, "labels": args.labels, "seed": seed, "models": 1 + len(model.members),
+                "head": head, "labels": args.labels, "picks": args.picks, "seed": seed,
+                "models": 1 + len(model.members),
                 "cpu_minutes_training": round(cpu_minutes, 1),
                 "single": scored(*timed_predict(single, test), truth),
                 "ensemble": scored(*timed_predict(model, test), truth)}
@@ -109,16 +117,17 @@ def document(results: dict) -> str:
     lines = [f"<!-- {TAG}:start -->", "## An ensemble of the calibration folds' models (`train-classifier --ensemble`)", "",
              f"Measured by `experiments/ensemble.py` on {results['device']} (results in "
              f"`experiments/results/{results['results_file']}`): checkpoint `{results['checkpoint']}` "
-             f"({results['checkpoint_sha256'][:19]}), typiclust labels, one training per draw with "
+             f"({results['checkpoint_sha256'][:19]}), labels chosen by typiclust all at once or by "
+             f"the labelling loop (its section above), one training per draw with "
              f"`ensemble` on; the trained model alone (as `train-classifier` keeps it without "
              f"--ensemble) and the ensemble (the average of it and its fold models) each classify "
              f"the test split once. Review scores and thresholds are each classifier's own.", "",
              "| head | labels | draws | models | test accuracy | ECE | NLL | own threshold: review rate, accepted accuracy "
              "| accepted accuracy at 15 % review | error enrichment at 20 % review | cells/s (8 views) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(e["head"], e["labels"]) for e in entries})
-    for head, labels in keys:
-        group = [e for e in entries if (e["head"], e["labels"]) == (head, labels)]
+    keys = sorted({(e["head"], e["labels"], e.get("picks", "typiclust")) for e in entries})
+    for head, labels, how in keys:
+        group = [e for e in entries if (e["head"], e["labels"], e.get("picks", "typiclust")) == (head, labels, how)]
         for which in ("single", "ensemble"):
             rows = [e[which] for e in group]
             models = 1 if which == "single" else group[0]["models"]
@@ -127,7 +136,7 @@ def document(results: dict) -> str:
                 values = [f(r) for r in rows]
                 return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
             lines.append(
-                f"| {head} | {labels} | {len(rows)} | {models} | {ms(lambda r: r['accuracy'])} | {ms(lambda r: r['ece'])} "
+                f"| {head} | {labels} ({how}) | {len(rows)} | {models} | {ms(lambda r: r['accuracy'])} | {ms(lambda r: r['ece'])} "
                 f"| {ms(lambda r: r['nll'])} | {np.mean([r['own_threshold']['review_rate'] for r in rows]):.1%}, "
                 f"{ms(lambda r: r['own_threshold']['accepted_accuracy'])} | {ms(lambda r: r['review_15']['accepted_accuracy'])} "
                 f"| {np.mean([r['review_20']['error_enrichment'] for r in rows]):.1f}x "
@@ -139,8 +148,8 @@ def document(results: dict) -> str:
 def _reading(entries: list[dict], keys: list[tuple]) -> str:
     """Per head: the ensemble's change in each figure, and in how many draws it helped."""
     parts = []
-    for head, labels in keys:
-        group = [e for e in entries if (e["head"], e["labels"]) == (head, labels)]
+    for head, labels, how in keys:
+        group = [e for e in entries if (e["head"], e["labels"], e.get("picks", "typiclust")) == (head, labels, how)]
 
         def change(f):
             return float(np.mean([f(e["ensemble"]) - f(e["single"]) for e in group]))
@@ -149,7 +158,7 @@ def _reading(entries: list[dict], keys: list[tuple]) -> str:
                          for e in group)
         ece = np.mean([e["ensemble"]["ece"] for e in group])
         parts.append(
-            f"{head} at {labels} labels: the ensemble changes accuracy by {100 * change(lambda r: r['accuracy']):+.1f} "
+            f"{head} at {labels} labels ({how}): the ensemble changes accuracy by {100 * change(lambda r: r['accuracy']):+.1f} "
             f"points, ECE by {change(lambda r: r['ece']):+.3f} (to {ece:.3f}: target ≤ 0.03 "
             f"{'met' if ece <= 0.03 else 'missed'}; lower in {better_ece} of {len(group)} draws), accepted accuracy "
             f"at 15 % review by {100 * change(lambda r: r['review_15']['accepted_accuracy']):+.1f} points (higher in "

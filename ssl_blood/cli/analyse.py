@@ -25,7 +25,7 @@ def class_list(text: str) -> list[str]:
 
 
 def _add_select(sub) -> None:
-    from ssl_blood.analysis.select import STRATEGIES
+    from ssl_blood.analysis.select import AUTO, STRATEGIES
 
     p = sub.add_parser("select", help=HELP["select"],
                        description="The --budget train cells to label next, chosen on the "
@@ -38,7 +38,10 @@ def _add_select(sub) -> None:
                                    "label them in.")
     p.add_argument("--embeddings", required=True, metavar="EMB.npz")
     p.add_argument("--budget", type=int, required=True)
-    p.add_argument("--strategy", choices=STRATEGIES, default="typiclust")
+    p.add_argument("--strategy", choices=(AUTO, *STRATEGIES), default=AUTO,
+                   help="auto (default): margin with --classifier, else typiclust; label in rounds "
+                        "of about 40 (docs/classifier.md: 120 cells in three rounds made a better "
+                        "classifier than 120 at once)")
     p.add_argument("--exclude", metavar="CELLS.csv",
                    help="cells already seen (a 'path' or 'id' column, e.g. an earlier picks.csv)")
     p.add_argument("--labels", metavar="LABELS.csv",
@@ -65,7 +68,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.json:
         return print_json(result)
     written = ", ".join(p for p in (args.montage, args.sheet) if p)
-    print(f"wrote {args.out}: {args.budget} cells to label next ({args.strategy}, "
+    print(f"wrote {args.out}: {args.budget} cells to label next ({result['strategy']}, "
           f"{result['excluded']} already seen)" + (f" and {written}" if written else ""))
     if args.sheet:
         print(f"open {args.sheet} in a browser, label the cells, download labels.csv and give it "

@@ -1,6 +1,8 @@
 """Choosing cells to label: deterministic, never an excluded or repeated cell, TypiClust covers
 well-separated clusters where random draws miss some."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from ssl_blood.cli import main
 from ssl_blood.features.embeddings import Embeddings, EmbedderSpec
 from ssl_blood.errors import UserError
 from ssl_blood.analysis.select import read_ids, select_cells, write_picks
+from tests.helpers import run_cli
 
 SPEC = EmbedderSpec(kind="pixels", identity="pixels:t", image_size=4, channels=1, num_classes=0,
                     source={"kind": "npz", "path": "/gone.npz", "size": 4})
@@ -88,6 +91,17 @@ def test_select_cli_with_montage(tiny_embeddings, tmp_path, capsys):
     assert main(["select", "--embeddings", str(tiny_embeddings), "--budget", "1000", "--out",
                  str(tmp_path / "x.csv")]) == 2
     assert "--budget 1000 must be between 1 and the 96" in capsys.readouterr().err
+
+
+def test_auto_is_typiclust_without_a_classifier_and_a_large_first_round_gets_a_note(tiny_embeddings,
+                                                                                    tmp_path, capsys):
+    code, out, err = run_cli(capsys, "select", "--embeddings", tiny_embeddings, "--budget", "41",
+                             "--out", tmp_path / "a.csv", "--json")
+    assert code == 0 and json.loads(out)["strategy"] == "typiclust"
+    assert "label 40 first, train a classifier, then select the rest 40 at a time with --classifier" in err
+    code, out, err = run_cli(capsys, "select", "--embeddings", tiny_embeddings, "--budget", "40",
+                             "--out", tmp_path / "b.csv", "--json")
+    assert code == 0 and json.loads(out)["strategy"] == "typiclust" and "typiclust suits" not in err
 
 
 def test_probcover_covers_every_cell_where_random_picks_do_not():

@@ -84,6 +84,14 @@ def test_select_fill_train_predict_round_trip(slides, tmp_path, capsys):
     right = np.mean([CELL_NAMES.index(r["predicted"]) == truth[("tomorrow", r["path"])] for r in out])
     assert right > 0.5  # 4 classes: chance is 0.25
     assert json.loads((tmp_path / "tomorrow.counts.json").read_text())["cells"] == 40
+    # the next round: given the classifier, select picks by its margin (auto), never a labelled cell
+    code, out, err = run_cli(capsys, "select", "--embeddings", tmp_path / "e.npz", "--budget", "8",
+                             "--labels", tmp_path / "picks.csv", "--classifier", tmp_path / "clf",
+                             "--out", tmp_path / "picks2.csv", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["strategy"] == "margin" and all("margin" in p for p in result["picks"])
+    assert len(result["picks"]) == 8 and not {p["path"] for p in result["picks"]} & set(given)
     # bad input: one line, exit 2, nothing written
     before = tree(tmp_path)
     code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", "--image-dir",
