@@ -118,7 +118,7 @@ def document(results: dict) -> str:
              f"Measured by `experiments/ensemble.py` on {results['device']} (results in "
              f"`experiments/results/{results['results_file']}`): checkpoint `{results['checkpoint']}` "
              f"({results['checkpoint_sha256'][:19]}), labels chosen by typiclust all at once or by "
-             f"the labelling loop (its section above), one training per draw with "
+             f"the labelling loop (section 'Which cells to label'), one training per draw with "
              f"`ensemble` on; the trained model alone (as `train-classifier` keeps it without "
              f"--ensemble) and the ensemble (the average of it and its fold models) each classify "
              f"the test split once. Review scores and thresholds are each classifier's own.", "",
