@@ -356,12 +356,6 @@ class Classifier:
         _check_ensemble(ensemble, head, calibration_folds)
         views = base.views if base is not None else views
         shift_copies = base.shift_copies if base is not None else shift_copies
-        if base is not None and base.members:
-            from ssl_blood import ui
-
-            ui.note(f"labels added to an ensemble give a single model on its trained backbone (its "
-                    f"{len(base.members)} fold models learned without these labels); for an "
-                    f"ensemble again, train anew from the checkpoint with `ensemble`")
         unlabelled = clean = None
         rest_rows = np.flatnonzero(cells.labels.numpy() < 0)
         if head in ("propagate", "fixmatch") and not len(rest_rows):
@@ -403,6 +397,12 @@ class Classifier:
                                        cells, head, seed, review_rate, labels_file, base, unlabelled,
                                        clean, pool_images, views, adapted, review_score, copies)
         classifier.backbone_file = base.backbone_file if base is not None else None
+        if base is not None and base.members:  # said once trained: a refusal stays one line
+            from ssl_blood import ui
+
+            ui.note(f"labels added to an ensemble give a single model on its trained backbone (its "
+                    f"{len(base.members)} fold models learned without these labels); for an "
+                    f"ensemble again, train anew from the checkpoint with `ensemble`")
         return classifier
 
     @classmethod

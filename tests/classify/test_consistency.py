@@ -168,6 +168,15 @@ def pool(tiny_run, tmp_path):
     return run, tmp_path, truth
 
 
+def _assert_altered_file_refused(capsys, classifier, name, folder, out):
+    """A byte appended to the classifier's file `name`: predict refuses in one line, writes nothing."""
+    with open(classifier / name, "ab") as f:
+        f.write(b"\0")
+    code, _, err = run_cli(capsys, "predict", "--classifier", classifier, *folder, "--out", out)
+    assert_one_line_error(code, err, f"{name} is missing or was altered")
+    assert not out.exists()
+
+
 def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys):
     run, tmp_path, truth = pool
     folder = ("--image-dir", tmp_path / "pool", "--size", "16", "--cache-dir", "none")
@@ -191,12 +200,7 @@ def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys
     code, out, err = run_cli(capsys, "predict", "--classifier", tmp_path / "moved", *folder,
                              "--out", tmp_path / "p.csv", "--json")
     assert code == 0, err and json.loads(out)["cells"] == len(truth)
-    with open(tmp_path / "moved" / "backbone.pt", "ab") as f:
-        f.write(b"\0")
-    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "moved", *folder,
-                           "--out", tmp_path / "q.csv")
-    assert_one_line_error(code, err, "backbone.pt is missing or was altered")
-    assert not (tmp_path / "q.csv").exists()
+    _assert_altered_file_refused(capsys, tmp_path / "moved", "backbone.pt", folder, tmp_path / "q.csv")
 
 
 def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys):
@@ -309,17 +313,15 @@ def test_an_ensemble_keeps_its_fold_models_and_predicts_with_their_average(pool,
                            "--labels", tmp_path / "labels.csv", "--out", tmp_path / "clf2")
     assert code == 0 and "labels added to an ensemble give a single model" in err and "--ensemble" in err
     assert not list((tmp_path / "clf2").glob("member*"))
+    code, _, err = run_cli(capsys, "train-classifier", "--from", tmp_path / "clf", *folder, "--labels",
+                           tmp_path / "labels.csv", "--head", "fine-tune", "--out", tmp_path / "clf3")
+    assert_one_line_error(code, err, "labels are added to a classifier with its own head")  # no note first
     code, out, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
                              "--out", tmp_path / "p.csv", "--json")
     assert code == 0 and json.loads(out)["models"] == 3, err
     for written in ("p.csv", "p.counts.json"):
         (tmp_path / written).unlink()
-    with open(tmp_path / "clf" / "member1.pt", "ab") as f:
-        f.write(b"\0")
-    code, _, err = run_cli(capsys, "predict", "--classifier", tmp_path / "clf", *folder,
-                           "--out", tmp_path / "p.csv")
-    assert_one_line_error(code, err, "member1.pt is missing or was altered")
-    assert not (tmp_path / "p.csv").exists()
+    _assert_altered_file_refused(capsys, tmp_path / "clf", "member1.pt", folder, tmp_path / "p.csv")
 
 
 def test_cross_fitting_judges_each_fold_by_a_model_that_never_saw_its_labels(monkeypatch):
