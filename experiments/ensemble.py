@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from ssl_blood.classify.calibration import expected_calibration_error, negative_log_likelihood
-from ssl_blood.classify.classifier import Classifier, Prediction, remove_run_states, review_at_rate
+from ssl_blood.classify.calibration import negative_log_likelihood
+from ssl_blood.classify.classifier import Classifier, Prediction, remove_run_states
 from ssl_blood.classify.consistency import ConsistencyConfig
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json
 
 from frozen_features import checkpoint_features, load_results, put_section, repo_relative
-from loop_classifier import picks
+from loop_classifier import picks, review_figures
 
 LOOP_COLD, LOOP_SIZE = 40, 40  # the loop's cold start and round (its defaults)
 
@@ -42,16 +42,10 @@ SEEDS = (0, 1, 2)
 
 
 def scored(prediction: Prediction, seconds: float, truth: np.ndarray) -> dict[str, Any]:
-    """What a lab sees of one classifier on the test split."""
-    p, correct = prediction.probabilities, prediction.predicted == truth
-    review = prediction.review
-    return {"accuracy": float(correct.mean()), "ece": expected_calibration_error(p, truth),
-            "nll": negative_log_likelihood(p, truth),
-            "own_threshold": {"review_rate": float(review.mean()),
-                              "accepted_accuracy": float(correct[~review].mean())},
-            "review_15": review_at_rate(prediction.review_scores, correct, 0.15),
-            "review_20": review_at_rate(prediction.review_scores, correct, 0.20),
-            "review_score": prediction.review_score,
+    """What a lab sees of one classifier on the test split, and how fast."""
+    p = prediction.probabilities
+    return {**review_figures(p, prediction.review_scores, prediction.review, truth),
+            "nll": negative_log_likelihood(p, truth), "review_score": prediction.review_score,
             "cells_per_s": float(len(truth) / seconds)}
 
 

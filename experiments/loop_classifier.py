@@ -53,16 +53,23 @@ def picks(how: str, emb, embedder, train_x: np.ndarray, train, budget: int, cold
     return np.sort(np.asarray(labelled))
 
 
-def scored(model: Classifier, x: np.ndarray, y: np.ndarray) -> dict:
-    probabilities = model.probabilities(x)
-    correct = probabilities.argmax(1) == y
-    scores = model.review_scores(probabilities, x)
-    review = model.review_flags(probabilities, model.ood_scores(x), scores=scores)
-    return {"accuracy": float(correct.mean()), "ece": expected_calibration_error(probabilities, y),
+def review_figures(probabilities: np.ndarray, scores: np.ndarray, review: np.ndarray,
+                   truth: np.ndarray) -> dict:
+    """Accuracy, ECE, the review at the classifier's own threshold (`review` flags) and at 15 % /
+    20 % by its review `scores`: what a lab sees of one classifier (experiments/ensemble.py too)."""
+    correct = probabilities.argmax(1) == truth
+    return {"accuracy": float(correct.mean()), "ece": expected_calibration_error(probabilities, truth),
             "own_threshold": {"review_rate": float(review.mean()),
                               "accepted_accuracy": float(correct[~review].mean())},
             "review_15": review_at_rate(scores, correct, 0.15),
-            "review_20": review_at_rate(scores, correct, 0.20),
+            "review_20": review_at_rate(scores, correct, 0.20)}
+
+
+def scored(model: Classifier, x: np.ndarray, y: np.ndarray) -> dict:
+    probabilities = model.probabilities(x)
+    scores = model.review_scores(probabilities, x)
+    review = model.review_flags(probabilities, model.ood_scores(x), scores=scores)
+    return {**review_figures(probabilities, scores, review, y),
             "labels_per_class": np.bincount(model.tensors["labels"].numpy(), minlength=len(model.class_names)).tolist()}
 
 
