@@ -35,7 +35,7 @@ from ssl_blood.data.cells import CellData
 from ssl_blood.data.sources import DataSource
 from ssl_blood.errors import UserError
 from ssl_blood.features.embeddings import Embedder, EmbedderSpec, l2_normalize
-from ssl_blood.files import check_writable, sha256_bytes, sha256_file, write_bytes, write_json, write_text
+from ssl_blood.files import check_writable, sha256_bytes, write_bytes, write_json, write_text
 
 FORMAT_VERSION = 2  # 2: dihedral views; AdaBN through a head of its own (1 mapped features into the head's)
 CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "card.md"
@@ -820,10 +820,11 @@ class Classifier:
             raise UserError(f"`classifier` {path} has format {version}, from {newer} ssl-blood "
                             f"(this one reads format {FORMAT_VERSION}); train it again with this "
                             f"version", param="classifier")
-        if sha256_file(path / WEIGHTS) != config.get("weights_sha256"):
+        weights = (path / WEIGHTS).read_bytes()  # read once: the bytes checked are the bytes loaded
+        if sha256_bytes(weights) != config.get("weights_sha256"):
             raise UserError(f"`classifier` {path / WEIGHTS} was altered since it was written "
                             f"(SHA-256 differs); train the classifier again", param="classifier")
-        tensors = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        tensors = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         spec, backbone_file = EmbedderSpec.from_dict(config["embedder"]), None
         if spec.checkpoint == BACKBONE:  # its own backbone, in the folder
             own = path / BACKBONE
@@ -832,8 +833,9 @@ class Classifier:
                 raise UserError(f"`classifier` {own} is missing or was altered since it was "
                                 f"written (SHA-256 differs); train the classifier again",
                                 param="classifier")
-            spec = dataclasses.replace(spec, checkpoint=str(own.resolve()))
-        embedder = Embedder.from_spec(spec, device)
+            embedder = Embedder.from_checkpoint(own, device, backbone_file)
+        else:
+            embedder = Embedder.from_spec(spec, device)
         if config.get("precision"):  # as its features were made, whatever "auto" says today
             embedder = embedder.in_precision(config["precision"])
         ensemble = config.get("ensemble")
@@ -854,7 +856,7 @@ def _load_members(path: Path, ensemble: dict[str, Any] | None, tensors: dict[str
         if sha256_bytes(data) != entry["sha256"]:
             raise UserError(f"`classifier` {file} is missing or was altered since it was written "
                             f"(SHA-256 differs); train the classifier again", param="classifier")
-        embedder = Embedder.from_checkpoint(file, device)
+        embedder = Embedder.from_checkpoint(file, device, data)
         if precision:
             embedder = embedder.in_precision(precision)
         members.append(Member(embedder, data, LinearHead(tensors, MEMBER_PREFIX.format(i), 1.0, {})))
@@ -1031,10 +1033,11 @@ def _pretrained_checkpoint(embedder: Embedder) -> dict[str, Any]:
     if embedder.spec.kind != "checkpoint" or not path.is_file():
         raise UserError("training a backbone or keeping a copy of it needs the pretrained "
                         "checkpoint file (`checkpoint`)", param="checkpoint")
-    if f"sha256:{sha256_file(path)}" != embedder.identity:
+    data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+    if f"sha256:{sha256_bytes(data)}" != embedder.identity:
         raise UserError(f"`checkpoint` {path} changed since it was loaded; give it again",
                         param="checkpoint")
-    return load_checkpoint(path)
+    return load_checkpoint(path, data)
 
 
 def _check_out(out: str | Path, overwrite: bool) -> Path:

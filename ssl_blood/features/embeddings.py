@@ -27,7 +27,7 @@ from ssl_blood.data import CellData, DataSource, channel_stats, load_split
 from ssl_blood.device import resolve_device, uses_bf16
 from ssl_blood.errors import RunFailed, UserError
 from ssl_blood.model.inference import frozen_for_inference
-from ssl_blood.files import atomic_write, sha256_bytes, sha256_file
+from ssl_blood.files import atomic_write, sha256_bytes
 
 if TYPE_CHECKING:
     from ssl_blood.model.checkpoint import TrainedBackbone
@@ -243,10 +243,12 @@ class Embedder:
     # -- constructors ---------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Embedder":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        data: bytes | None = None) -> "Embedder":
+        """The embedder of a checkpoint file (`data`: its bytes, if the caller read them)."""
         from ssl_blood.model.checkpoint import load_backbone
 
-        return cls.from_trained(load_backbone(path), str(Path(path).resolve()), device)
+        return cls.from_trained(load_backbone(path, data), str(Path(path).resolve()), device)
 
     @classmethod
     def from_trained(cls, trained: TrainedBackbone, checkpoint: str,
@@ -295,11 +297,12 @@ class Embedder:
             if not path.is_file():
                 raise UserError(f"the checkpoint {path} these embeddings were made with is gone; "
                                 f"put it back or embed again", param="checkpoint")
-            if f"sha256:{sha256_file(path)}" != spec.identity:
+            data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+            if f"sha256:{sha256_bytes(data)}" != spec.identity:
                 raise UserError(f"the checkpoint {path} changed since these embeddings were made "
                                 f"(SHA-256 differs); re-run ssl-blood embed and index",
                                 param="checkpoint")
-            return cls.from_checkpoint(path, device)
+            return cls.from_checkpoint(path, device, data)
         if spec.kind == "random-init":
             from ssl_blood.model.backbones import build_backbone
 

@@ -11,6 +11,7 @@ rng. Loading checks keys, types and that every weight is finite.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from ssl_blood import __version__
 from ssl_blood.errors import RunFailed, UserError
-from ssl_blood.files import refuse_existing, sha256_file, torch_save
+from ssl_blood.files import refuse_existing, sha256_bytes, torch_save
 
 FORMAT_VERSION = 2
 # A trained conv net's weights stay within about +-10; 1e6 is only reached by a run that diverged
@@ -100,14 +101,15 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     return torch_save(ckpt, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint written by ssl-blood (format 1 or 2)."""
+def load_checkpoint(path: str | Path, data: bytes | None = None) -> dict[str, Any]:
+    """Load and check a checkpoint written by ssl-blood (format 1 or 2); `data`: the file's
+    bytes when the caller has read (and hashed) them already, so what was checked is what loads."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"`checkpoint` {path}: no such file; give the checkpoint.pt of a run",
-                        param="checkpoint")
+    if data is None:
+        _require_file(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
+                          weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise UserError(f"cannot read `checkpoint` {path} ({type(exc).__name__}); it is truncated "
                         f"or not an ssl-blood checkpoint", param="checkpoint") from None
@@ -120,6 +122,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                         f"run: use an earlier checkpoint or train again with a lower learning "
                         f"rate", param="checkpoint")
     return ckpt
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"`checkpoint` {path}: no such file; give the checkpoint.pt of a run",
+                        param="checkpoint")
+    return path
 
 
 def _check_structure(ckpt: Any, path: Path) -> None:
@@ -202,9 +211,12 @@ def backbone_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def load_backbone(path: str | Path) -> TrainedBackbone:
-    """The evaluation backbone of a checkpoint file, in eval mode on the CPU."""
-    return trained_backbone(load_checkpoint(path), sha256_file(path))
+def load_backbone(path: str | Path, data: bytes | None = None) -> TrainedBackbone:
+    """The evaluation backbone of a checkpoint file, in eval mode on the CPU; the file is read
+    once, and its SHA-256 is that of the bytes loaded (`data`: those bytes, if already read)."""
+    if data is None:
+        data = _require_file(Path(path)).read_bytes()
+    return trained_backbone(load_checkpoint(path, data), sha256_bytes(data))
 
 
 def trained_backbone(ckpt: dict[str, Any], sha256: str) -> TrainedBackbone:

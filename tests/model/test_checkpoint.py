@@ -47,3 +47,23 @@ def test_malicious_pickles_are_refused(tmp_path):
     torch.save({"format_version": 2, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="cannot read `checkpoint`"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_a_checkpoint_is_read_once_and_hashed_as_loaded(tiny_run, tmp_path):
+    """The SHA-256 a backbone carries is that of the bytes it was built from, so a file changed
+    between a hash check and the load cannot slip in under the checked hash."""
+    from ssl_blood.files import sha256_bytes, sha256_file
+
+    run, _ = tiny_run
+    path = run / "checkpoint.pt"
+    assert load_backbone(path).sha256 == sha256_file(path)
+    ckpt = torch.load(path, weights_only=True)
+    for value in ckpt["backbone"].values():
+        if value.is_floating_point():
+            value.mul_(2.0)
+    torch.save(ckpt, tmp_path / "other.pt")
+    other = (tmp_path / "other.pt").read_bytes()
+    loaded = load_backbone(path, other)  # the bytes given are what loads, whatever is at `path`
+    assert loaded.sha256 == sha256_bytes(other) != sha256_file(path)
+    expected = load_backbone(tmp_path / "other.pt").model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.model.state_dict().items())
