@@ -344,3 +344,40 @@ def test_trained_head_temperature_runs_end_to_end_and_resumes(tiny_run, tmp_path
     assert kept.is_file() and "| fine-tune | 24 | 0 |" in doc.read_text()
     again = run_script("trained_head_temperature.py", *args)
     assert "the training runs again" not in again.stderr  # nothing trained twice
+
+
+def test_loop_classifier_tables_every_budget_and_reads_each_against_its_target():
+    """experiments/loop_classifier.py's page: a row per budget and picks, recalls where measured,
+    the best picks per budget by accepted accuracy, each budget against its own target."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import loop_classifier as experiment
+    finally:
+        sys.path.pop(0)
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    figures = experiment.review_figures(probabilities, probabilities.max(1), np.zeros(4, bool),
+                                        np.array([0, 1, 1, 2]))
+    assert figures["recall"] == [1.0, 0.5, 1.0] and figures["balanced_accuracy"] == pytest.approx(2.5 / 3)
+
+    def entry(picks, labels, seed, accuracy, accepted, recall=True):
+        e = {"picks": picks, "labels": labels, "seed": seed, "accuracy": accuracy, "ece": 0.03,
+             "own_threshold": {"review_rate": 0.15, "accepted_accuracy": accepted},
+             "review_15": {"accepted_accuracy": accepted}, "review_20": {"error_enrichment": 5.0},
+             "labels_per_class": [5, 6]}
+        return {**e, "balanced_accuracy": accuracy - 0.05, "recall": [0.4, 0.9]} if recall else e
+    loop, once = "loop: typiclust then margin", "typiclust at once"
+    entries = [entry(loop, 120, 0, 0.84, 0.91), entry(loop, 120, 1, 0.82, 0.89),
+               entry(once, 120, 0, 0.80, 0.85, recall=False), entry(loop, 40, 0, 0.86, 0.88)]
+    results = {"device": "CPU", "checkpoint": "c.pt", "checkpoint_sha256": "sha256:0123456789abcdef",
+               "class_names": ["basophil", "immature granulocytes"],
+               "entries": {f"{e['picks']}-{e['labels']}-seed{e['seed']}": e for e in entries}}
+    import argparse
+    page = experiment.document(results, argparse.Namespace(out="r/loop_classifier.json", cold=40, size=40, views=8))
+    assert f"| 40 | {loop} | 1 | 0.860 ± 0.000 | 0.810 | 0.900 | 0.400 | 0.030 ± 0.000 |" in page
+    assert f"| 120 | {loop} | 2 | 0.830 ± 0.010 | 0.780 | 0.900 | 0.400 |" in page
+    assert f"| 120 | {once} | 1 | 0.800 ± 0.000 | – | – | – |" in page  # measured before recalls were kept
+    assert page.index("| 40 |") < page.index("| 120 |")
+    assert "40 labels: **loop: typiclust then margin** (accuracy 86.0%, accepted accuracy at 15 % review " \
+           "88.0%; semi-supervised issue's 85% accuracy: met)" in page
+    assert "120 labels: **loop: typiclust then margin** (accuracy 83.0%, accepted accuracy at 15 % review " \
+           "90.0%; classifier issue's 90 % accepted: met)" in page
