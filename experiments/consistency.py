@@ -46,6 +46,7 @@ from ssl_blood.model.backbones import build_backbone
 from ssl_blood.model.checkpoint import backbone_only, load_checkpoint
 
 from frozen_features import checkpoint_features, load_results, put_section
+from loop_classifier import picks
 from semi_supervised import chosen_rows, measure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ VARIANTS = {"fixmatch": {"adaptive": False, "calibrated_start": False},
             "fixmatch-fast": {"adaptive": False, "lr": 3e-3, "calibrated_start": False},
             "flexmatch": {"adaptive": True, "calibrated_start": False},
             "fixmatch-calibrated": {"adaptive": False, "calibrated_start": True}}  # the library's default
+PICKS = {"random": "random", "loop": "loop: typiclust then margin"}  # --picks: loop_classifier.picks' names
 
 
 def scratch_checkpoint(checkpoint: Path, train: CellData, out: Path) -> Path:
@@ -100,8 +102,12 @@ def document(results: dict, tag: str = "consistency") -> str:
     entries = results["entries"].values()
     lines = [START, "## Training the backbone with the unlabelled cells: the fixmatch head "
              f"(`experiments/consistency.py`{', ' + str(results['steps']) + ' steps' if tag != 'consistency' else ''})", "",
-             f"Device: {results['device']}. Quick-preset SimCLR checkpoint; random labelled train "
-             f"cells; every other train cell unlabelled; {results.get('steps', '?')} steps of "
+             f"Device: {results['device']}. Quick-preset SimCLR checkpoint; "
+             + ("random labelled train cells" if results.get("picks", "random") == "random" else
+                "labelled train cells chosen as the labelling loop does (40 typiclust, then rounds of "
+                "40 `select --strategy margin` picks of the logistic classifier so far; the same cells "
+                "for every head of a seed)")
+             + f"; every other train cell unlabelled; {results.get('steps', '?')} steps of "
              f"consistency training per run (32 labelled + 96 unlabelled cells a step). "
              + ("The recipe was chosen on val with seed 0: " if len(results.get("val", {})) != 1 else
                 "One recipe, the one the 600-step run below chose on val: ")
@@ -166,6 +172,9 @@ def main() -> None:
                         help="recipes to choose from on val (one: that recipe, e.g. a longer run "
                              "of the one an earlier run chose)")
     parser.add_argument("--tag", default="consistency", help="the doc section's name (one per run)")
+    parser.add_argument("--picks", choices=PICKS, default="random",
+                        help="the labelled cells: random, or as the labelling loop picks them (40 "
+                             "typiclust, then margin rounds of 40: experiments/loop_classifier.py)")
     args = parser.parse_args()
     out = Path(args.out)
     variants = args.variants.split(",")
@@ -175,7 +184,7 @@ def main() -> None:
     results = load_results(out)
     if args.doc_only:
         return put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
-    results["steps"] = args.steps
+    results["steps"], results["picks"] = args.steps, args.picks
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, val = load_split(source, "train"), load_split(source, "val")
     test_y = emb.select("test")[1]
@@ -193,6 +202,7 @@ def main() -> None:
             results["entries"][key] = {
                 "head": kind if kind != "fixmatch" else variant, "budget": budget, "seed": seed,
                 "start": "scratch" if start is scratch else "pretrained", "reported": reported,
+                "labelled_cells": int((cells.labels.numpy() >= 0).sum()),
                 "cpu_minutes": round((time.process_time() - started) / 60, 1),
                 "steps": model.card.get("consistency", {}).get("steps", 0),
                 "val_accuracy": val_accuracy(model, val), **measure(model, features, test_y)}
@@ -201,9 +211,15 @@ def main() -> None:
             print(key, f"val {e['val_accuracy']:.4f} test {e['accuracy']:.4f} steps {e['steps']}", flush=True)
         return results["entries"][key]
 
+    def labelled_rows(budget: int, seed: int) -> np.ndarray:
+        if args.picks == "random":
+            return chosen_rows(emb, budget, "random", seed, len(train))
+        train_x = np.asarray(emb.select("train")[0], dtype=np.float32)
+        return picks(PICKS[args.picks], emb, embedder, train_x, train, budget, 40, 40, seed)
+
     budgets = [int(b) for b in args.budgets.split(",")]
     for budget in budgets:  # seed 0 chooses the threshold rule on val
-        rows = chosen_rows(emb, budget, "random", 0, len(train))
+        rows = labelled_rows(budget, 0)
         cells = _with_labels(train, rows)
         entry(f"logistic-{budget}-seed0", "logistic", "", embedder, cells, 0, budget, True)
         for variant in variants:
@@ -215,7 +231,7 @@ def main() -> None:
     write_json(results, out)
     for seed in range(args.seeds):
         for budget in budgets:
-            rows = chosen_rows(emb, budget, "random", seed, len(train))
+            rows = labelled_rows(budget, seed)
             cells = _with_labels(train, rows)
             entry(f"logistic-{budget}-seed{seed}", "logistic", "", embedder, cells, seed, budget, True)
             entry(f"{chosen}-{budget}-seed{seed}", "fixmatch", chosen, embedder, cells, seed, budget, True)

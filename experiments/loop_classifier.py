@@ -48,11 +48,13 @@ def picks(how: str, emb, embedder, train_x: np.ndarray, train, budget: int, cold
         return np.sort(np.random.default_rng(seed).choice(len(train_x), budget, replace=False))
     if how == "typiclust at once":
         return np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
-    labelled = [p["id"] for p in select_cells(emb, cold, "typiclust", seed=seed)["picks"]]
-    for r in range((budget - cold) // size):  # as experiments/label_loop.py runs a round
+    labelled = [p["id"] for p in select_cells(emb, min(cold, budget), "typiclust", seed=seed)["picks"]]
+    r = 0
+    while len(labelled) < budget:  # rounds as experiments/label_loop.py runs them; the last may be smaller
+        r += 1
         rows = np.sort(np.asarray(labelled))
         model = Classifier.from_features(embedder, train_x[rows], train.subset(rows), seed=seed)
-        chosen = select_cells(emb, size, "margin", labelled, seed=seed + 100 * (r + 1),
+        chosen = select_cells(emb, min(size, budget - len(labelled)), "margin", labelled, seed=seed + 100 * r,
                               probabilities=model.probabilities(train_x))["picks"]
         labelled += [p["id"] for p in chosen]
     return np.sort(np.asarray(labelled))

@@ -273,6 +273,20 @@ def test_consistency_tiny(tiny_run, tmp_path):
     assert "consistency:start" in text and f"At 8 labels: {chosen}" in text
 
 
+def test_consistency_on_loop_picked_labels_tiny(tiny_run, tmp_path):
+    """--picks loop: the labelling loop's cells (typiclust, then a margin round filling the budget)
+    train every head, and the doc says which cells they were."""
+    run, _ = tiny_run
+    out, doc = tmp_path / "consistency.json", tmp_path / "doc.md"
+    run_script("consistency.py", "--checkpoint", str(run / "checkpoint.pt"), "--steps", "2", "--seeds", "1",
+               "--budgets", "48", "--variants", "fixmatch-calibrated", "--picks", "loop", "--out", str(out),
+               "--doc", str(doc))
+    result = json.loads(out.read_text())
+    assert result["picks"] == "loop"
+    assert {e["labelled_cells"] for e in result["entries"].values()} == {48}
+    assert "chosen as the labelling loop does" in doc.read_text()
+
+
 def test_robustness_tiny(tiny_run, tmp_path):
     run, _ = tiny_run
     out, doc = tmp_path / "robustness.json", tmp_path / "robustness.md"
