@@ -395,3 +395,29 @@ def test_loop_classifier_tables_every_budget_and_reads_each_against_its_target()
            "88.0%; semi-supervised issue's 85% accuracy: met)" in page
     assert "120 labels: **loop: typiclust then margin** (accuracy 83.0%, accepted accuracy at 15 % review " \
            "90.0%; classifier issue's 90 % accepted: met)" in page
+
+
+def test_ensemble_page_reads_the_ensemble_against_the_120_label_targets():
+    """experiments/ensemble.py's reading: the ensemble's change per head, and at 120 labels its
+    accepted accuracy and enrichment against the classifier issue's targets, draw by draw."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import ensemble as experiment
+    finally:
+        sys.path.pop(0)
+
+    def model(accuracy, accepted, enrichment, ece, cells_per_s):
+        return {"accuracy": accuracy, "ece": ece, "nll": 0.5, "cells_per_s": cells_per_s,
+                "own_threshold": {"review_rate": 0.15, "accepted_accuracy": accepted},
+                "review_15": {"accepted_accuracy": accepted}, "review_20": {"error_enrichment": enrichment}}
+    entries = {f"fixmatch-120-seed{s}-loop": {
+        "head": "fixmatch", "labels": 120, "picks": "loop", "seed": s, "models": 4,
+        "single": model(0.84, single, 5.0, 0.06, 300.0), "ensemble": model(0.85, ens, enr, 0.03, 75.0)}
+        for s, (single, ens, enr) in enumerate([(0.89, 0.93, 7.0), (0.88, 0.88, 5.0)])}
+    page = experiment.document({"device": "CPU", "results_file": "ensemble.json", "checkpoint": "c.pt",
+                                "checkpoint_sha256": "sha256:0123456789abcdef0123", "entries": entries})
+    assert "| fixmatch | 120 (loop) | 2 | 4 | 0.850 ± 0.000 | 0.030 ± 0.000 |" in page
+    assert ("the ensemble changes accuracy by +1.0 points, ECE by -0.030 (to 0.030: target ≤ 0.03 met; "
+            "lower in 2 of 2 draws), accepted accuracy at 15 % review by +2.0 points (higher in 1 of 2)") in page
+    assert ("(ensemble's accepted accuracy 90.5%: target ≥ 90 % met, reached in 1 of 2 draws; "
+            "enrichment 6.0x: target ≥ 6x met, reached in 1 of 2)") in page
