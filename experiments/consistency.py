@@ -101,7 +101,8 @@ def document(results: dict, tag: str = "consistency") -> str:
     START, END = markers(tag)
     entries = results["entries"].values()
     lines = [START, "## Training the backbone with the unlabelled cells: the fixmatch head "
-             f"(`experiments/consistency.py`{', ' + str(results['steps']) + ' steps' if tag != 'consistency' else ''})", "",
+             f"(`experiments/consistency.py`{', ' + str(results['steps']) + ' steps' if tag != 'consistency' else ''})"
+             + (", on cells chosen in rounds" if results.get("picks", "random") == "loop" else ""), "",
              f"Device: {results['device']}. Quick-preset SimCLR checkpoint; "
              + ("random labelled train cells" if results.get("picks", "random") == "random" else
                 "labelled train cells chosen as the labelling loop does (40 typiclust, then rounds of "

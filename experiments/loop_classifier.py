@@ -182,7 +182,8 @@ def document(results: dict, args: argparse.Namespace) -> str:
             line += f"; semi-supervised issue's {target:.0%} accuracy: {'met' if accuracy >= target else 'missed'}"
         reading.append(line + ")")
     lines += ["", "Best cells per budget, by accepted accuracy at 15 % review: " + "; ".join(reading) + ".",
-              f"<!-- {TAG}:end -->"]
+              f"At {args.cold} labels or fewer the loop is its typiclust cold start: the same cells as "
+              f"typiclust at once (a tie is read as typiclust at once).", f"<!-- {TAG}:end -->"]
     return "\n".join(lines) + "\n"
 
 
