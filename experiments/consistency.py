@@ -93,8 +93,10 @@ def run_entry(kind: str, variant: str, embedder: Embedder, cells: CellData, seed
     if kind == "logistic":
         return Classifier.train(embedder, cells, "logistic", seed)
     cfg = ConsistencyConfig(seed=seed, steps=steps, **VARIANTS[variant])
+    # No calibration folds: every figure measured here is of the argmax, which the folds' reruns
+    # (3 more trainings) would not change, only the temperature and review threshold.
     return Classifier.train(embedder, cells, "fixmatch", seed, consistency=cfg, state_path=state,
-                            progress=None)
+                            progress=None, calibration_folds=0)
 
 
 def document(results: dict, tag: str = "consistency") -> str:
