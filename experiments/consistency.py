@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_blood.classify.classifier import Classifier
+from ssl_blood.classify.classifier import Classifier, remove_run_states
 from ssl_blood.classify.consistency import ConsistencyConfig
 from ssl_blood.data import CellData, load_split
 from ssl_blood.features.embeddings import Embedder
@@ -210,6 +210,7 @@ def main() -> None:
                 "steps": model.card.get("consistency", {}).get("steps", 0),
                 "val_accuracy": val_accuracy(model, val), **measure(model, features, test_y)}
             write_json(results, out)
+            remove_run_states(work / f"{key}.state.pt")  # done: a rerun of a removed entry trains afresh
             e = results["entries"][key]
             print(key, f"val {e['val_accuracy']:.4f} test {e['accuracy']:.4f} steps {e['steps']}", flush=True)
         return results["entries"][key]

@@ -285,6 +285,7 @@ def test_consistency_on_loop_picked_labels_tiny(tiny_run, tmp_path):
     assert result["picks"] == "loop"
     assert {e["labelled_cells"] for e in result["entries"].values()} == {48}
     assert "chosen as the labelling loop does" in doc.read_text()
+    assert not list((tmp_path / "consistency").glob("*.state*.pt")), "a finished entry keeps no resume state"
 
 
 def test_robustness_tiny(tiny_run, tmp_path):
