@@ -218,13 +218,12 @@ def main() -> None:
     def labelled_rows(budget: int, seed: int) -> np.ndarray:
         if args.picks == "random":
             return chosen_rows(emb, budget, "random", seed, len(train))
-        train_x = np.asarray(emb.select("train")[0], dtype=np.float32)
-        return picks(PICKS[args.picks], emb, embedder, train_x, train, budget, 40, 40, seed)
+        return picks(PICKS[args.picks], emb, embedder, train, budget, seed)
 
     budgets = [int(b) for b in args.budgets.split(",")]
     for budget in budgets:  # seed 0 chooses the threshold rule on val
         rows = labelled_rows(budget, 0)
-        cells = _with_labels(train, rows)
+        cells = train.labelled_only_at(rows)
         entry(f"logistic-{budget}-seed0", "logistic", "", embedder, cells, 0, budget, True)
         for variant in variants:
             entry(f"{variant}-{budget}-seed0", "fixmatch", variant, embedder, cells, 0, budget, False)
@@ -236,7 +235,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for budget in budgets:
             rows = labelled_rows(budget, seed)
-            cells = _with_labels(train, rows)
+            cells = train.labelled_only_at(rows)
             entry(f"logistic-{budget}-seed{seed}", "logistic", "", embedder, cells, seed, budget, True)
             entry(f"{chosen}-{budget}-seed{seed}", "fixmatch", chosen, embedder, cells, seed, budget, True)
             entry(f"scratch-{chosen}-{budget}-seed{seed}", "fixmatch", chosen, scratch, cells, seed,
@@ -244,13 +243,6 @@ def main() -> None:
             results["entries"][f"scratch-{chosen}-{budget}-seed{seed}"]["head"] = f"{chosen} from scratch"
             write_json(results, out)
     put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
-
-
-def _with_labels(train: CellData, rows: np.ndarray) -> CellData:
-    """Every train cell; labels only on `rows`."""
-    labels = np.full(len(train), -1, dtype=np.int64)
-    labels[rows] = train.labels.numpy()[rows]
-    return train.with_labels(labels, train.class_names)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ from ssl_blood.files import write_json
 from frozen_features import checkpoint_features, load_results, put_section, repo_relative
 from loop_classifier import picks, review_figures
 
-LOOP_COLD, LOOP_SIZE = 40, 40  # the loop's cold start and round (its defaults)
-
 REPO = Path(__file__).resolve().parents[1]
 TAG = "ensemble"
 SEEDS = (0, 1, 2)
@@ -81,13 +79,10 @@ def main() -> None:
             if key in results["entries"]:
                 continue
             how = "loop: typiclust then margin" if args.picks == "loop" else "typiclust at once"
-            rows = picks(how, emb, embedder, np.asarray(emb.select("train")[0], dtype=np.float32), train,
-                         args.labels, LOOP_COLD, LOOP_SIZE, seed)
-            labels = np.full(len(train), -1, dtype=np.int64)
-            labels[rows] = train.labels.numpy()[rows]
+            rows = picks(how, emb, embedder, train, args.labels, seed)
             state = out.with_suffix("") / f"{key}.state.pt"  # to resume an interrupted run
             started = time.process_time()
-            model = Classifier.train(embedder, train.with_labels(labels, train.class_names), head, seed,
+            model = Classifier.train(embedder, train.labelled_only_at(rows), head, seed,
                                      consistency=ConsistencyConfig(seed=seed, steps=args.steps),
                                      state_path=state, ensemble=True)
             cpu_minutes = (time.process_time() - started) / 60
@@ -119,9 +114,8 @@ def document(results: dict) -> str:
              "| head | labels | draws | models | test accuracy | ECE | NLL | own threshold: review rate, accepted accuracy "
              "| accepted accuracy at 15 % review | error enrichment at 20 % review | cells/s (8 views) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(e["head"], e["labels"], e.get("picks", "typiclust")) for e in entries})
-    for head, labels, how in keys:
-        group = [e for e in entries if (e["head"], e["labels"], e.get("picks", "typiclust")) == (head, labels, how)]
+    groups = _groups(entries)
+    for (head, labels, how), group in groups.items():
         for which in ("single", "ensemble"):
             rows = [e[which] for e in group]
             models = 1 if which == "single" else group[0]["models"]
@@ -135,15 +129,22 @@ def document(results: dict) -> str:
                 f"{ms(lambda r: r['own_threshold']['accepted_accuracy'])} | {ms(lambda r: r['review_15']['accepted_accuracy'])} "
                 f"| {np.mean([r['review_20']['error_enrichment'] for r in rows]):.1f}x "
                 f"| {np.mean([r['cells_per_s'] for r in rows]):.0f} |")
-    lines += ["", _reading(entries, keys), f"<!-- {TAG}:end -->"]
+    lines += ["", _reading(groups), f"<!-- {TAG}:end -->"]
     return "\n".join(lines) + "\n"
 
 
-def _reading(entries: list[dict], keys: list[tuple]) -> str:
+def _groups(entries: list[dict]) -> dict[tuple, list[dict]]:
+    """The draws of each (head, labels, picks), in sorted order (entries before picks had typiclust)."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["head"], e["labels"], e.get("picks", "typiclust")), []).append(e)
+    return dict(sorted(groups.items()))
+
+
+def _reading(groups: dict[tuple, list[dict]]) -> str:
     """Per head: the ensemble's change in each figure, and in how many draws it helped."""
     parts = []
-    for head, labels, how in keys:
-        group = [e for e in entries if (e["head"], e["labels"], e.get("picks", "typiclust")) == (head, labels, how)]
+    for (head, labels, how), group in groups.items():
 
         def change(f):
             return float(np.mean([f(e["ensemble"]) - f(e["single"]) for e in group]))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from ssl_blood.analysis.select import select_cells
+from ssl_blood.analysis.select import COLD_START, select_cells
 from ssl_blood.classify.calibration import expected_calibration_error
 from ssl_blood.classify.classifier import Classifier, _pool_rows, review_at_rate
 from ssl_blood.data import load_split
@@ -38,12 +38,15 @@ REPO = Path(__file__).resolve().parents[1]
 TAG = "loop-classifier"
 SEEDS = (0, 1, 2)
 PICKS = ("typiclust at once", "loop: typiclust then margin", "random")
+ROUND_SIZE = 40  # cells per round after the cold start, as README and your-own-slide.md say
 SEMI_SUPERVISED_TARGETS = {40: 0.85, 80: 0.89, 160: 0.92, 400: 0.94}  # accuracy, best head
 
 
-def picks(how: str, emb, embedder, train_x: np.ndarray, train, budget: int, cold: int, size: int,
-          seed: int) -> np.ndarray:
-    """Rows of the train cells labelled by `how` (PICKS)."""
+def picks(how: str, emb, embedder, train, budget: int, seed: int, cold: int = COLD_START,
+          size: int = ROUND_SIZE) -> np.ndarray:
+    """Rows of the train cells labelled by `how` (PICKS); the loop starts with `cold` typiclust
+    cells and adds rounds of `size`."""
+    train_x = np.asarray(emb.select("train")[0], dtype=np.float32)  # what select and the loop read
     if how == "random":
         return np.sort(np.random.default_rng(seed).choice(len(train_x), budget, replace=False))
     if how == "typiclust at once":
@@ -89,8 +92,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--labels", default="120", help="labelled cells per classifier, comma-separated "
                                                           "(the loop's rounds fill each budget)")
-    parser.add_argument("--cold", type=int, default=40, help="cold-start typiclust cells of the loop")
-    parser.add_argument("--size", type=int, default=40, help="cells per round of the loop")
+    parser.add_argument("--cold", type=int, default=COLD_START, help="cold-start typiclust cells of the loop")
+    parser.add_argument("--size", type=int, default=ROUND_SIZE, help="cells per round of the loop")
     parser.add_argument("--views", type=int, default=8, help="the classifier's (train-classifier's default)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "loop_classifier.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
@@ -100,18 +103,15 @@ def main() -> None:
     embedder, source, emb = checkpoint_features(args.checkpoint)
     results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity)
     train = load_split(source, "train")
-    train_x1 = np.asarray(emb.select("train")[0], dtype=np.float32)  # what select and the loop read
-    train_y, test_y = emb.select("train")[1], emb.select("test")[1]
+    test_y = emb.select("test")[1]
     features = view_features(args.checkpoint, embedder, source, args.views)
     results["class_names"] = list(train.class_names)
     for budget, how, seed in itertools.product(map(int, args.labels.split(",")), PICKS, SEEDS):
         key = f"{how}-{budget}-seed{seed}"
         if "recall" in results["entries"].get(key, {}):  # done (older entries lack the recalls)
             continue
-        rows = picks(how, emb, embedder, train_x1, train, budget, args.cold, args.size, seed)
-        hidden = np.full(len(train_y), -1, dtype=np.int64)
-        hidden[rows] = train_y[rows]
-        pool = _pool_rows(train.with_labels(hidden, train.class_names), seed)  # as train-classifier draws it
+        rows = picks(how, emb, embedder, train, budget, seed, args.cold, args.size)
+        pool = _pool_rows(train.labelled_only_at(rows), seed)  # as train-classifier draws it
         model = Classifier.from_features(embedder, features["train"][rows], train.subset(rows), seed=seed,
                                          views=args.views, clean=features["train"][pool],
                                          clean_images=train.subset(pool).images)

@@ -1582,9 +1582,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
         from ssl_blood.evaluation.supervised import labelled_subset
 
         rows = labelled_subset(cells.labels.numpy(), cells.num_classes, seed, fraction, shots)
-        kept = np.full(len(cells), -1, dtype=np.int64)  # the other cells stay, unlabelled
-        kept[rows] = cells.labels.numpy()[rows]
-        cells = cells.with_labels(kept, cells.class_names)
+        cells = cells.labelled_only_at(rows)  # the other cells stay, unlabelled
     labels_file = {"path": table.path, "sha256": table.sha256} if table is not None else None
     consistency = state_path = None
     if head in TRAINED_BACKBONE_HEADS:

@@ -83,6 +83,13 @@ class CellData:
                         self.split, tuple(class_names), self.source, self.metadata,
                         self.image_file, self.row_offset)
 
+    def labelled_only_at(self, rows: np.ndarray | Sequence[int]) -> "CellData":
+        """Every cell, its label kept only at `rows` (the others unlabelled): a few labels among
+        cells that stay, as heads that learn from unlabelled cells need them."""
+        labels = np.full(len(self), -1, dtype=np.int64)
+        labels[rows] = self.labels.numpy()[rows]
+        return self.with_labels(labels, self.class_names)
+
     def subset(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> "CellData":
         index = np.asarray(index, dtype=np.int64)
         rows = torch.as_tensor(index)
