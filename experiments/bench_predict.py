@@ -63,10 +63,8 @@ def main() -> None:
     embedder = Embedder.from_checkpoint(args.checkpoint, "cpu")
     source = embedder.spec.data_source()
     train, test = load_split(source, "train"), load_split(source, "test")
-    labels = np.full(len(train), -1)
     rows = np.random.default_rng(0).choice(len(train), 120, replace=False)
-    labels[rows] = train.labels.numpy()[rows]
-    model = Classifier.train(embedder, train.with_labels(labels, train.class_names), "logistic")
+    model = Classifier.train(embedder, train.labelled_only_at(rows), "logistic")
     fp32 = Embedder(dataclasses.replace(embedder.spec, precision="fp32"), embedder.model, embedder.device,
                     embedder.trained)
     n, repeats = len(test), args.repeats

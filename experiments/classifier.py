@@ -115,9 +115,7 @@ def main() -> None:
                 continue
             rows = (np.arange(len(train_y)) if budget == "all" else  # the same picks for both views
                     np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]]))
-            hidden = np.full(len(train_y), -1, dtype=np.int64)
-            hidden[rows] = train_y[rows]
-            pool = _pool_rows(train.with_labels(hidden, train.class_names), seed)  # as train-classifier draws it
+            pool = _pool_rows(train.labelled_only_at(rows), seed)  # as train-classifier draws it
             model = Classifier.from_features(embedder, features["train"][rows], train.subset(rows),
                                              seed=seed, views=views, clean=features["train"][pool],
                                              clean_images=train.subset(pool).images if len(pool) else None)
@@ -150,11 +148,9 @@ def other_heads(args: argparse.Namespace, results: dict, heads: list[str], embed
             if key in results["entries"]:
                 continue
             rows = np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
-            labels = np.full(len(train), -1, dtype=np.int64)
-            labels[rows] = train.labels.numpy()[rows]
             started = time.process_time()
             state = out.with_suffix("") / f"{key}.state.pt"  # to resume an interrupted run
-            model = Classifier.train(embedder, train.with_labels(labels, train.class_names), head, seed,
+            model = Classifier.train(embedder, train.labelled_only_at(rows), head, seed,
                                      consistency=ConsistencyConfig(seed=seed, steps=args.steps),
                                      state_path=state, progress=None)
             results["entries"][key] = {"labels": budget, "seed": seed, "views": model.views, "head": head,

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ssl_blood.training.recipe import build_config
-from ssl_blood.data import DataSource, available_splits, load_split, medmnist_info, resolve_source
+from ssl_blood.data import available_splits, medmnist_info, resolve_source
 from ssl_blood.device import describe_device
 from ssl_blood.features.embeddings import embed_checkpoint
 from ssl_blood.evaluation.frozen import knn_embeddings, probe_embeddings

@@ -68,7 +68,7 @@ def main() -> int:
         add_pixel_differences(found["list"], images)
         mad = np.array([p["pixel_mad"] for p in found["list"]])
         sweep.append((fixed, found["pairs"], int((mad == 0).sum()), float(np.median(mad)) if len(mad) else 0.0))
-    top = top_suspects_montage(result, emb, work / "top_suspects.png")
+    top_suspects_montage(result, emb, work / "top_suspects.png")
     figures = Path(args.figures)
     for name in ("duplicates.png", "outliers.png", "top_suspects.png"):
         if (work / name).exists():
@@ -122,7 +122,7 @@ def main() -> int:
     for name, part in sus["by_class"].items():
         said = ", ".join(f"{k} {v}" for k, v in sorted(part["neighbours_say"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {name} | {part['labelled']} | {part['suspects']} | {said or '–'} |")
-    lines += ["", f"![the 50 most confident suspects](figures/qc_top_suspects.png)", ""]
+    lines += ["", "![the 50 most confident suspects](figures/qc_top_suspects.png)", ""]
     if judgement:
         lines += [f"Looked at by eye at 28 px (by the developer who wrote this page, not a haematologist): "
                   f"of the top {judgement['top']} suspects, **{judgement['mislabelled']} look mislabelled**, "

@@ -124,9 +124,7 @@ def main() -> None:
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, test = load_split(source, "train"), load_split(source, "test")
     rows = np.sort([p["id"] for p in select_cells(emb, args.labels, "typiclust", seed=0)["picks"]])
-    labels = np.full(len(train), -1, dtype=np.int64)
-    labels[rows] = train.labels.numpy()[rows]
-    model = Classifier.train(embedder, train.with_labels(labels, train.class_names), "logistic", seed=0,
+    model = Classifier.train(embedder, train.labelled_only_at(rows), "logistic", seed=0,
                              views=args.views)
     corruptions = args.corruptions.split(",") if args.corruptions else None
     result = run_robustness(model, test, corruptions, adapt=ADAPTATIONS, progress=True)

@@ -62,14 +62,13 @@ def main() -> None:
                    labels=args.labels, views=DEFAULT_VIEWS, results_file=out.name)
     for seed in map(int, args.seeds.split(",")):
         rows = np.sort([p["id"] for p in select_cells(emb, args.labels, "typiclust", seed=seed)["picks"]])
-        labels = np.full(len(train), -1, dtype=np.int64)
-        labels[rows] = train.labels.numpy()[rows]
+        cells = train.labelled_only_at(rows)
         for copies in (0, args.copies):
             key = f"seed{seed}-copies{copies}"
             if key in results["entries"]:
                 continue
             started = time.monotonic()
-            model = Classifier.train(embedder, train.with_labels(labels, train.class_names), "logistic",
+            model = Classifier.train(embedder, cells, "logistic",
                                      seed=seed, shift_copies=copies)
             result = run_robustness(model, test, args.corruptions.split(",") if args.corruptions else None,
                                     severities=(REPORTED_SEVERITY,), progress=True)

@@ -27,7 +27,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.calibration import (calibration_report, expected_calibration_error,
@@ -57,9 +56,8 @@ def member_logits(checkpoint: str, head: str, seed: int, steps: int, path: Path,
     embedder, source, emb = checkpoint_features(checkpoint)
     train, val = load_split(source, "train"), load_split(source, "val")
     rows = np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
-    all_labels = np.full(len(train), -1, dtype=np.int64)
-    all_labels[rows] = train.labels.numpy()[rows]
-    cells, labels = train.with_labels(all_labels, train.class_names), all_labels[rows]
+    cells = train.labelled_only_at(rows)
+    labels = cells.labels.numpy()[rows]
     cfg = ConsistencyConfig(seed=seed, steps=steps)
     folds = _calibration_folds(labels, CALIBRATION_FOLDS, seed)
     _, trained, _, _ = _trained_backbone(head, embedder, cells, seed, cfg, None, None)

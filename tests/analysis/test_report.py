@@ -6,7 +6,6 @@ import shutil
 import pytest
 
 from ssl_blood.cli import main
-from ssl_blood.errors import UserError
 from ssl_blood.analysis.report import build_report
 from tests.helpers import CHROMEDRIVER, CHROMIUM, chrome, console_errors, requested_urls, tree
 

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from ssl_blood.model.augment import (AugmentConfig, BatchAugment, ViewGroup, color_jitter,
