@@ -45,7 +45,7 @@ from ssl_blood.model.augment import eval_preprocess
 from ssl_blood.model.backbones import build_backbone
 from ssl_blood.model.checkpoint import backbone_only, load_checkpoint
 
-from frozen_features import checkpoint_features, load_results, put_section
+from frozen_features import checkpoint_features, load_results, put_section, repo_relative
 from loop_classifier import picks
 from semi_supervised import chosen_rows, measure
 
@@ -105,7 +105,7 @@ def document(results: dict, tag: str = "consistency") -> str:
     lines = [START, "## Training the backbone with the unlabelled cells: the fixmatch head "
              f"(`experiments/consistency.py`{', ' + str(results['steps']) + ' steps' if tag != 'consistency' else ''})"
              + (", on cells chosen in rounds" if results.get("picks", "random") == "loop" else ""), "",
-             f"Device: {results['device']}. Quick-preset SimCLR checkpoint; "
+             f"Device: {results['device']}. {_checkpoint_named(results)}; "
              + ("random labelled train cells" if results.get("picks", "random") == "random" else
                 "labelled train cells chosen as the labelling loop does (40 typiclust, then rounds of "
                 "40 `select --strategy margin` picks of the logistic classifier so far; the same cells "
@@ -138,6 +138,14 @@ def document(results: dict, tag: str = "consistency") -> str:
         for e in entries if e.get("reported")), ""]
     lines += _verdict(groups, results.get("chosen"))
     return "\n".join(lines + ["", END]) + "\n"
+
+
+def _checkpoint_named(results: dict) -> str:
+    """The checkpoint as the page names it (results written before the field existed used the
+    quick preset's)."""
+    if "checkpoint" not in results:
+        return "Quick-preset SimCLR checkpoint"
+    return f"Checkpoint `{results['checkpoint']}` ({results['checkpoint_sha256'][:19]})"
 
 
 def _verdict(groups: dict, chosen: str | None) -> list[str]:
@@ -189,6 +197,9 @@ def main() -> None:
         return put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
     results["steps"], results["picks"] = args.steps, args.picks
     embedder, source, emb = checkpoint_features(args.checkpoint)
+    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
+        parser.error(f"{out} holds results of another checkpoint; give a new --out")
+    results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity)
     train, val = load_split(source, "train"), load_split(source, "val")
     test_y = emb.select("test")[1]
     test = load_split(source, "test")

@@ -275,7 +275,7 @@ def test_consistency_tiny(tiny_run, tmp_path):
 
 def test_consistency_on_loop_picked_labels_tiny(tiny_run, tmp_path):
     """--picks loop: the labelling loop's cells (typiclust, then a margin round filling the budget)
-    train every head, and the doc says which cells they were."""
+    train every head, and the doc says which cells and which checkpoint they were."""
     run, _ = tiny_run
     out, doc = tmp_path / "consistency.json", tmp_path / "doc.md"
     run_script("consistency.py", "--checkpoint", str(run / "checkpoint.pt"), "--steps", "2", "--seeds", "1",
@@ -285,6 +285,7 @@ def test_consistency_on_loop_picked_labels_tiny(tiny_run, tmp_path):
     assert result["picks"] == "loop"
     assert {e["labelled_cells"] for e in result["entries"].values()} == {48}
     assert "chosen as the labelling loop does" in doc.read_text()
+    assert f"Checkpoint `{run / 'checkpoint.pt'}` ({result['checkpoint_sha256'][:19]})" in doc.read_text()
     assert not list((tmp_path / "consistency").glob("*.state*.pt")), "a finished entry keeps no resume state"
 
 
