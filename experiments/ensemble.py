@@ -65,10 +65,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500, help="training steps per run (the default's)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "ensemble.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
+    parser.add_argument("--tag", default=TAG, help="the doc section's name (one per results file)")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
     embedder, source, emb = checkpoint_features(args.checkpoint)
+    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
+        parser.error(f"{out} holds results of another checkpoint; give a new --out and --tag")
     results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity,
                    results_file=out.name)
     train, test = load_split(source, "train"), load_split(source, "test")
@@ -97,13 +100,14 @@ def main() -> None:
             write_json(results, out)
             remove_run_states(state)
             print(key, {k: round(results["entries"][key][k]["accuracy"], 4) for k in ("single", "ensemble")})
-    put_section(Path(args.doc), f"<!-- {TAG}:start -->", f"<!-- {TAG}:end -->", document(results))
+    put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->", document(results, args.tag))
 
 
-def document(results: dict) -> str:
+def document(results: dict, tag: str = TAG) -> str:
     """The doc section: one row per (head, which model), mean ± SD over draws, and the reading."""
     entries = list(results["entries"].values())
-    lines = [f"<!-- {TAG}:start -->", "## An ensemble of the calibration folds' models (`train-classifier --ensemble`)", "",
+    title = "## An ensemble of the calibration folds' models (`train-classifier --ensemble`)"
+    lines = [f"<!-- {tag}:start -->", title + (f", checkpoint `{results['checkpoint']}`" if tag != TAG else ""), "",
              f"Measured by `experiments/ensemble.py` on {results['device']} (results in "
              f"`experiments/results/{results['results_file']}`): checkpoint `{results['checkpoint']}` "
              f"({results['checkpoint_sha256'][:19]}), labels chosen by typiclust all at once or by "
@@ -129,7 +133,7 @@ def document(results: dict) -> str:
                 f"{ms(lambda r: r['own_threshold']['accepted_accuracy'])} | {ms(lambda r: r['review_15']['accepted_accuracy'])} "
                 f"| {np.mean([r['review_20']['error_enrichment'] for r in rows]):.1f}x "
                 f"| {np.mean([r['cells_per_s'] for r in rows]):.0f} |")
-    lines += ["", _reading(groups), f"<!-- {TAG}:end -->"]
+    lines += ["", _reading(groups), f"<!-- {tag}:end -->"]
     return "\n".join(lines) + "\n"
 
 
