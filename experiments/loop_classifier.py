@@ -97,10 +97,13 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=8, help="the classifier's (train-classifier's default)")
     parser.add_argument("--out", default=str(REPO / "experiments" / "results" / "loop_classifier.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "classifier.md"))
+    parser.add_argument("--tag", default=TAG, help="the doc section's name (one per results file)")
     args = parser.parse_args()
     out = Path(args.out)
     results = load_results(out)
     embedder, source, emb = checkpoint_features(args.checkpoint)
+    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
+        parser.error(f"{out} holds results of another checkpoint; give a new --out and --tag")
     results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity)
     train = load_split(source, "train")
     test_y = emb.select("test")[1]
@@ -120,7 +123,7 @@ def main() -> None:
         write_json(results, out)
         print(key, round(results["entries"][key]["accuracy"], 4),
               round(results["entries"][key]["review_15"]["accepted_accuracy"], 4), flush=True)
-    put_section(Path(args.doc), f"<!-- {TAG}:start -->", f"<!-- {TAG}:end -->", document(results, args))
+    put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->", document(results, args))
 
 
 def document(results: dict, args: argparse.Namespace) -> str:
@@ -130,7 +133,9 @@ def document(results: dict, args: argparse.Namespace) -> str:
     entries = list(results["entries"].values())
     names = results.get("class_names", [])
     ig, basophil = (names.index(n) if n in names else None for n in ("immature granulocytes", "basophil"))
-    lines = [f"<!-- {TAG}:start -->", "## Which cells to label: all at once, or round by round", "",
+    tag = getattr(args, "tag", TAG)
+    title = "## Which cells to label: all at once, or round by round"
+    lines = [f"<!-- {tag}:start -->", title + (f", checkpoint `{results['checkpoint']}`" if tag != TAG else ""), "",
              f"Measured by `experiments/loop_classifier.py` on {results['device']} (results in "
              f"`experiments/results/{Path(args.out).name}`): checkpoint `{results['checkpoint']}` "
              f"({results['checkpoint_sha256'][:19]}). Train cells labelled three ways: "
@@ -183,7 +188,7 @@ def document(results: dict, args: argparse.Namespace) -> str:
         reading.append(line + ")")
     lines += ["", "Best cells per budget, by accepted accuracy at 15 % review: " + "; ".join(reading) + ".",
               f"At {args.cold} labels or fewer the loop is its typiclust cold start: the same cells as "
-              f"typiclust at once (a tie is read as typiclust at once).", f"<!-- {TAG}:end -->"]
+              f"typiclust at once (a tie is read as typiclust at once).", f"<!-- {tag}:end -->"]
     return "\n".join(lines) + "\n"
 
 

@@ -397,6 +397,10 @@ def test_loop_classifier_tables_every_budget_and_reads_each_against_its_target()
            "88.0%; semi-supervised issue's 85% accuracy: met)" in page
     assert "120 labels: **loop: typiclust then margin** (accuracy 83.0%, accepted accuracy at 15 % review " \
            "90.0%; classifier issue's 90 % accepted: met)" in page
+    assert page.startswith("<!-- loop-classifier:start -->\n## Which cells to label: all at once, or round by round\n")
+    tagged = experiment.document(results, argparse.Namespace(out="r/l.json", cold=40, size=40, views=8, tag="loop-standard"))
+    assert tagged.startswith(f"<!-- loop-standard:start -->\n## Which cells to label: all at once, or round by round, "
+                             f"checkpoint `{results['checkpoint']}`\n") and tagged.endswith("<!-- loop-standard:end -->\n")
 
 
 def test_ensemble_page_reads_the_ensemble_against_the_120_label_targets():
