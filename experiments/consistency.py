@@ -113,7 +113,8 @@ def document(results: dict, tag: str = "consistency") -> str:
              + f"; every other train cell unlabelled; {results.get('steps', '?')} steps of "
              f"consistency training per run (32 labelled + 96 unlabelled cells a step). "
              + ("The recipe was chosen on val with seed 0: " if len(results.get("val", {})) != 1 else
-                "One recipe, the one the 600-step run below chose on val: ")
+                "One recipe, the one the random-label run (section 'Training the backbone with the unlabelled "
+                "cells: the fixmatch head', quick preset) chose on val: ")
              + f"**{results.get('chosen', '?')}** (val accuracy "
              + ", ".join(f"{k} {v:.1%}" for k, v in results.get("val", {}).items())
              + "; `train-classifier --head fixmatch` starts from the head divided by its "
