@@ -45,7 +45,7 @@ from ssl_blood.model.augment import eval_preprocess
 from ssl_blood.model.backbones import build_backbone
 from ssl_blood.model.checkpoint import backbone_only, load_checkpoint
 
-from frozen_features import checkpoint_features, load_results, put_section, repo_relative
+from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
 from loop_classifier import picks
 from semi_supervised import chosen_rows, measure
 
@@ -198,9 +198,7 @@ def main() -> None:
         return put_section(Path(args.doc), *markers(args.tag), document(results, args.tag))
     results["steps"], results["picks"] = args.steps, args.picks
     embedder, source, emb = checkpoint_features(args.checkpoint)
-    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
-        parser.error(f"{out} holds results of another checkpoint; give a new --out")
-    results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity)
+    record_checkpoint(results, args.checkpoint, embedder, out)
     train, val = load_split(source, "train"), load_split(source, "val")
     test_y = emb.select("test")[1]
     test = load_split(source, "test")

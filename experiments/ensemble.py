@@ -31,7 +31,7 @@ from ssl_blood.classify.consistency import ConsistencyConfig
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json
 
-from frozen_features import checkpoint_features, load_results, put_section, repo_relative
+from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
 from loop_classifier import picks, review_figures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +70,8 @@ def main() -> None:
     out = Path(args.out)
     results = load_results(out)
     embedder, source, emb = checkpoint_features(args.checkpoint)
-    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
-        parser.error(f"{out} holds results of another checkpoint; give a new --out and --tag")
-    results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity,
-                   results_file=out.name)
+    record_checkpoint(results, args.checkpoint, embedder, out)
+    results["results_file"] = out.name
     train, test = load_split(source, "train"), load_split(source, "test")
     truth = test.labels.numpy()
     for head in args.heads.split(","):

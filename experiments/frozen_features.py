@@ -57,6 +57,14 @@ def load_results(out: Path) -> dict:
     return json.loads(out.read_text()) if out.exists() else {"device": describe_device("cpu"), "entries": {}}
 
 
+def record_checkpoint(results: dict, checkpoint: str | Path, embedder: Embedder, out: Path) -> None:
+    """Name the checkpoint (path as the docs say it, SHA-256) in `results`; results written from
+    another checkpoint are refused, as a resumed run would mix two checkpoints' numbers."""
+    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
+        raise SystemExit(f"{out} holds results of another checkpoint; give a new --out (and --tag)")
+    results.update(checkpoint=repo_relative(checkpoint), checkpoint_sha256=embedder.identity)
+
+
 def put_section(doc: Path, start: str, end: str, section: str) -> None:
     """`section` (which begins with `start` and ends with `end`) in place of the old one in
     `doc`, or appended; the rest of the page is kept."""

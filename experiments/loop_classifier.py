@@ -32,7 +32,7 @@ from ssl_blood.classify.classifier import Classifier, _pool_rows, review_at_rate
 from ssl_blood.data import load_split
 from ssl_blood.files import write_json
 
-from frozen_features import checkpoint_features, load_results, put_section, repo_relative, view_features
+from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint, view_features
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "loop-classifier"
@@ -102,9 +102,7 @@ def main() -> None:
     out = Path(args.out)
     results = load_results(out)
     embedder, source, emb = checkpoint_features(args.checkpoint)
-    if results.get("checkpoint_sha256", embedder.identity) != embedder.identity:
-        parser.error(f"{out} holds results of another checkpoint; give a new --out and --tag")
-    results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity)
+    record_checkpoint(results, args.checkpoint, embedder, out)
     train = load_split(source, "train")
     test_y = emb.select("test")[1]
     features = view_features(args.checkpoint, embedder, source, args.views)

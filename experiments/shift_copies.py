@@ -30,7 +30,7 @@ from ssl_blood.data import load_split
 from ssl_blood.data.shifts import SHIFTS
 from ssl_blood.files import write_json
 
-from frozen_features import checkpoint_features, load_results, put_section, repo_relative
+from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
@@ -58,8 +58,8 @@ def main() -> None:
                            document(results, args.tag))
     embedder, source, emb = checkpoint_features(args.checkpoint)
     train, test = load_split(source, "train"), load_split(source, "test")
-    results.update(checkpoint=repo_relative(args.checkpoint), checkpoint_sha256=embedder.identity,
-                   labels=args.labels, views=DEFAULT_VIEWS, results_file=out.name)
+    record_checkpoint(results, args.checkpoint, embedder, out)
+    results.update(labels=args.labels, views=DEFAULT_VIEWS, results_file=out.name)
     for seed in map(int, args.seeds.split(",")):
         rows = np.sort([p["id"] for p in select_cells(emb, args.labels, "typiclust", seed=seed)["picks"]])
         cells = train.labelled_only_at(rows)

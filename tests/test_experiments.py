@@ -432,3 +432,21 @@ def test_ensemble_page_reads_the_ensemble_against_the_120_label_targets():
                                  "checkpoint_sha256": "sha256:0123456789abcdef0123", "entries": entries}, "ensemble-standard")
     assert other.startswith("<!-- ensemble-standard:start -->\n## An ensemble") and other.endswith("<!-- ensemble-standard:end -->\n")
     assert ", checkpoint `runs/standard/checkpoint.pt`\n" in other
+
+
+def test_record_checkpoint_names_it_and_refuses_results_of_another(tmp_path):
+    """A resumed experiment never mixes two checkpoints' numbers in one results file."""
+    import types
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from frozen_features import record_checkpoint
+    finally:
+        sys.path.pop(0)
+    first, second = (types.SimpleNamespace(identity=f"sha256:{c * 64}") for c in "ab")
+    results = {"entries": {"done": {}}}
+    record_checkpoint(results, "runs/standard/checkpoint.pt", first, tmp_path / "r.json")
+    assert results["checkpoint"] == "runs/standard/checkpoint.pt" and results["checkpoint_sha256"] == first.identity
+    record_checkpoint(results, "runs/standard/checkpoint.pt", first, tmp_path / "r.json")  # the same one resumes
+    with pytest.raises(SystemExit, match=r"r\.json holds results of another checkpoint; give a new --out"):
+        record_checkpoint(results, "runs/quick/checkpoint.pt", second, tmp_path / "r.json")
+    assert results["checkpoint_sha256"] == first.identity, "the refused checkpoint is not recorded"
