@@ -167,7 +167,8 @@ def _verdict(groups: dict, chosen: str | None) -> list[str]:
         if budget in targets:
             line += (f"; target >= {targets[budget]:.0%}: "
                      f"{'met' if mean[chosen] >= targets[budget] else 'missed'}")
-        out.append(line + ".")
+        seeds = len(groups[(budget, chosen)])
+        out.append(line + f" ({seeds} seed{'s' if seeds > 1 else ''}).")
     return out
 
 
