@@ -293,7 +293,8 @@ def test_robustness_tiny(tiny_run, tmp_path):
     run, _ = tiny_run
     out, doc = tmp_path / "robustness.json", tmp_path / "robustness.md"
     run_script("robustness.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "24",
-               "--corruptions", "stain,blur", "--views", "2", "--out", str(out), "--doc", str(doc))
+               "--corruptions", "stain,blur", "--views", "2", "--out", str(out), "--doc", str(doc),
+               "--keep", str(tmp_path / "kept"))
     result = json.loads(out.read_text())
     assert len(result["rows"]) == (1 + 2 * 5) * 3 and set(result["summary"]) == {"none", "adabn", "auto"}
     assert result["views"] == 2
@@ -301,6 +302,32 @@ def test_robustness_tiny(tiny_run, tmp_path):
         assert row["adapted"] == {"none": "none", "adabn": "adabn",
                                   "auto": "adabn" if row["shift_warning"] else "none"}[row["adapt"]]
     assert "robustness:start" in doc.read_text() and "| blur |" in doc.read_text()
+
+
+def test_robustness_of_a_consistency_trained_classifier_keeps_it_for_a_rerun(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "fixmatch.json", tmp_path / "robustness.md"
+    args = ("--checkpoint", str(run / "checkpoint.pt"), "--labels", "24", "--corruptions", "blur",
+            "--views", "1", "--head", "fixmatch", "--steps", "3", "--calibration-folds", "0",
+            "--shift-augment", "0.5", "--severities", "3", "--out", str(out), "--doc", str(doc),
+            "--tag", "robustness-fixmatch", "--keep", str(tmp_path / "kept"))
+    first = run_script("robustness.py", *args)
+    assert "measuring the classifier kept" not in first.stdout
+    card = json.loads((tmp_path / "kept" / "fixmatch" / "card.json").read_text())
+    assert card["head"] == "fixmatch" and card["consistency"]["config"]["shift_augment"] == 0.5
+    result = json.loads(out.read_text())
+    assert result["head"] == "fixmatch" and result["severities"] == [3] and result["shift_augment"] == 0.5
+    assert result["checkpoint_sha256"].startswith("sha256:")
+    assert [(r["corruption"], r["severity"]) for r in result["rows"]] == [("clean", 0)] * 3 + [("blur", 3)] * 3
+    assert "head fixmatch: the backbone consistency-trained for 3 steps" in doc.read_text()
+    again = run_script("robustness.py", *args)  # the same settings: measured again, not retrained
+    assert "measuring the classifier kept" in again.stdout
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    run_script("robustness.py", "--compare", str(out), f"{out},{out}", "--doc", str(doc), "--tag", "compared")
+    section = doc.read_text().split("<!-- compared:start -->")[1]
+    assert "| blur | " in section and "| clean | " in section
+    assert section.count("+0.0") >= 4  # the same results against themselves (two draws' mean of one)
+    assert "changes clean accuracy by +0.0 points" in section
 
 
 def test_shift_copies_tiny_compares_the_heads_and_resumes(tiny_run, tmp_path):

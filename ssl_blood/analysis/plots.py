@@ -89,14 +89,14 @@ def robustness_heat_map_png(result: dict, path: str | Path) -> Path:
                                                       1.0 + 0.4 * len(names)), squeeze=False)
     for ax, a in zip(axes[0], adapt):
         clean = next(r["accuracy"] for r in result["rows"] if r["corruption"] == "clean" and r["adapt"] == a)
-        grid = np.array([[clean] + [next(r["accuracy"] for r in result["rows"] if r["corruption"] == n
-                                         and r["severity"] == s and r["adapt"] == a) for s in severities]
-                         for n in names])
+        grid = np.array([[clean] + [next((r["accuracy"] for r in result["rows"] if r["corruption"] == n
+                                          and r["severity"] == s and r["adapt"] == a), np.nan)
+                                    for s in severities] for n in names])  # nan: left out there
         ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
-                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7,
-                        color="black" if grid[i, j] > 0.6 else "white")
+                ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}", ha="center",
+                        va="center", fontsize=7, color="black" if grid[i, j] > 0.6 else "white")
         ax.set_xticks(range(len(severities) + 1), ["clean"] + [str(s) for s in severities], fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel("severity")

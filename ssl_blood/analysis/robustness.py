@@ -126,7 +126,9 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
                    severities: Sequence[int] = SEVERITIES, adapt: Sequence[str] = ("none",),
                    seed: int = 0, progress: bool | None = False) -> dict[str, Any]:
     """Every corruption x severity x adaptation on the labelled `cells` (see the module
-    docstring), the clean rows first; returns the rows and a summary per adaptation."""
+    docstring), the clean rows first; returns the rows and a summary per adaptation. A
+    corruption is left out at the severities it cannot apply at (`left_out`: name -> severities;
+    `skipped`: name -> the reason)."""
     names = check_request(corruptions, severities, adapt)
     if not classifier.has_shift_reference:
         raise UserError("this classifier has no calibration data for the shift score (saved by an "
@@ -139,14 +141,21 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
     classifier.embedder.check_images(cells.images, "the images")
     rows = [{"corruption": "clean", "severity": 0, **row} for row in score(classifier, cells, adapt)]
     bar = ui.bar(total=len(names) * len(severities), desc="robustness", unit="shift", enabled=progress)
-    done, skipped = [], {}
+    done, skipped, left_out = [], {}, {}
     for name in names:
-        try:
-            shifted = {s: _corrupt(name, cells.images.numpy(), s, seed) for s in severities}
-        except _CannotApply as exc:  # a MedMNIST-C corruption these images do not admit
-            skipped[name] = str(exc)
-            ui.note(f"left out {name}: {exc}")
-            bar.update(len(severities))
+        shifted, failed = {}, {}
+        for s in severities:
+            try:
+                shifted[s] = _corrupt(name, cells.images.numpy(), s, seed)
+            except _CannotApply as exc:  # a MedMNIST-C corruption these images do not admit
+                failed[s] = str(exc)
+        if failed:  # only the severities it cannot apply at are left out
+            where = f"at severity {', '.join(map(str, failed))}: " if shifted else ""
+            skipped[name] = where + next(iter(failed.values()))
+            left_out[name] = list(failed)
+            ui.note(f"left out {name} {skipped[name]}")
+            bar.update(len(failed))
+        if not shifted:
             continue
         for severity, images in shifted.items():
             moved = dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)),
@@ -155,7 +164,8 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
             bar.update(1)
         done.append(name)
     bar.close()
-    return {"cells": len(cells), "corruptions": done, "skipped": skipped, "severities": list(severities),
+    return {"cells": len(cells), "corruptions": done, "skipped": skipped, "left_out": left_out,
+            "severities": list(severities),
             "adapt": list(adapt), "rows": rows, "summary": summarise(rows, adapt)}
 
 

@@ -1491,6 +1491,9 @@ def card_markdown(card: dict) -> str:
         run = card["consistency"]
         how = "consistency-trained with the unlabelled cells" if card["head"] == "fixmatch" else \
             "trained on the labelled cells"
+        shifted = run.get("config", {}).get("shift_augment", 0)
+        if shifted:
+            how += f" ({shifted:.0%} of their views under a random stain or scanner shift)"
         lines += [f"Head {card['head']}: the backbone was {how} for {run['steps']} steps "
                   f"({run['seconds'] / 60:.1f} min); the frozen features' head "
                   f"cross-validated at {run['frozen_head_cv_accuracy']:.1%}. "
@@ -1534,7 +1537,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
                      stain: float = 0.0, views: int | None = None,
                      calibration_folds: int = CALIBRATION_FOLDS,
                      review_score: str = DEFAULT_REVIEW_SCORE, shift_copies: int = 0,
-                     ensemble: bool = False) -> Classifier:
+                     ensemble: bool = False, shift_augment: float = 0.0) -> Classifier:
     """`ssl-blood train-classifier`: the labelled cells of `split` (default train, or the only
     split) of `source` (default: the checkpoint's data), labelled by the `labels` CSV (overriding
     the source's labels) or by the source itself (optionally a `fraction` / `shots` subset),
@@ -1545,7 +1548,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     into `out`. `views`: dihedral views averaged per cell (default DEFAULT_VIEWS; an added-to
     classifier keeps its own). `review_score`: what sends a cell to review (REVIEW_SCORES).
     `shift_copies`, `ensemble`: see `Classifier.train` (an added-to classifier keeps its
-    copies, and refuses others)."""
+    copies, and refuses others). `stain`, `shift_augment`: see `ConsistencyConfig`."""
     from ssl_blood.classify.labels import apply_labels, read_labels
     from ssl_blood.data import default_split, load_split
 
@@ -1561,6 +1564,9 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if (minutes is not None or steps is not None or stain) and head not in TRAINED_BACKBONE_HEADS:
         raise UserError("`minutes`, `steps` and `stain` set the training of heads fixmatch and "
                         "fine-tune; the other heads take seconds", param=("minutes", "head"))
+    if shift_augment and head != "fixmatch":
+        raise UserError("`shift_augment` shifts the unlabelled cells' training views, which only head "
+                        "fixmatch learns from; give `head` fixmatch", param=("shift_augment", "head"))
     from ssl_blood.model.inference import VIEWS
 
     if views is not None and views not in VIEWS:
@@ -1588,7 +1594,7 @@ def train_classifier(checkpoint: str | Path | None, out: str | Path, source: Any
     if head in TRAINED_BACKBONE_HEADS:
         from ssl_blood.classify.consistency import ConsistencyConfig
 
-        consistency = ConsistencyConfig(seed=seed, minutes=minutes, stain=stain,
+        consistency = ConsistencyConfig(seed=seed, minutes=minutes, stain=stain, shift_augment=shift_augment,
                                         **({"steps": steps} if steps is not None else {}))
         consistency.check()  # before minutes of embedding
         state_path = out / CONSISTENCY_STATE

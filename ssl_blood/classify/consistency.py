@@ -73,6 +73,10 @@ class ConsistencyConfig:
     ema_decay: float = 0.99  # ~100-step horizon: runs here are hundreds of steps, not 2**20
     cutout: float = 0.5  # side of the cut-out square as a share of the view's side
     stain: float = 0.0  # HED stain jitter of both views (augment.stain_jitter): another lab's stain
+    # share of unlabelled cells whose strong view is first put under a random stain, blur,
+    # resampling or brightness shift (data.shifts, severity 1-5) while the pseudo-label comes
+    # from the clean weak view: the backbone learns to call a cell the same on another scanner
+    shift_augment: float = 0.0
     # start from the head divided by its cross-validated temperature (see classifier): chosen on
     # BloodMNIST val over plain FixMatch, FlexMatch and a 3x learning rate (experiments/consistency.py)
     calibrated_start: bool = True
@@ -93,6 +97,8 @@ class ConsistencyConfig:
         for name in ("threshold", "threshold_floor", "ema_decay", "cutout", "stain"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"`{name}` {getattr(self, name)} must be in [0, 1)", param=name)
+        if not 0 <= self.shift_augment <= 1:
+            raise UserError(f"`shift_augment` {self.shift_augment} must be in [0, 1]", param="shift_augment")
 
 
 class HeadedBackbone(nn.Module):
@@ -153,9 +159,10 @@ def _fingerprint(cfg: ConsistencyConfig, labels: np.ndarray, n_unlabelled: int,
     a timing at process start decides (device.cpu_has_fast_bf16), so two processes may start
     from slightly different heads (seen: the same command in a later process refused a
     500-step run's state); a resumed run loads the state's weights anyway."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(cfg).items()
-                                        if k not in ("minutes", "steps", "save_every")},
-                                       sort_keys=True).encode())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("minutes", "steps", "save_every")}
+    if not settings["shift_augment"]:  # added later: a state saved before it still resumes
+        del settings["shift_augment"]
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     digest.update(str(n_unlabelled).encode())
     for tensor in model.backbone.state_dict().values():
@@ -299,7 +306,8 @@ def _step(state: _State, cfg: ConsistencyConfig, labelled: torch.Tensor, y_all: 
             pseudo, mask = _pseudo_labels(state, cfg, x_u, rows, weak, size, num_classes)
         views = weak.view(x_l, gen, size, WEAK.crop_scale)
         if rows is not None:
-            views = torch.cat([views, cutout(strong.view(x_u, gen, size, STRONG.crop_scale), cfg.cutout, gen)])
+            x_s = _shifted(unlabelled[rows], cfg.shift_augment, state.order_gen).to(device)
+            views = torch.cat([views, cutout(strong.view(x_s, gen, size, STRONG.crop_scale), cfg.cutout, gen)])
         logits = model(views).float()
     loss_l = F.cross_entropy(logits[:len(li)], y)
     loss_u = torch.zeros((), device=device)
@@ -317,6 +325,23 @@ def _step(state: _State, cfg: ConsistencyConfig, labelled: torch.Tensor, y_all: 
     update_momentum(state.model, state.ema, cfg.ema_decay)
     return {"loss": loss.item(), "loss_l": loss_l.item(), "loss_u": loss_u.item(),
             "mask": float(mask.mean()) if rows is not None else 0.0}
+
+
+def _shifted(images: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 `images` with a `share` of them under one random shift each (`cfg.shift_augment`);
+    the draws come from `gen`, so a resumed run repeats them."""
+    if share <= 0:
+        return images
+    from ssl_blood.data.shifts import shifted_copies
+
+    chosen = (torch.rand(len(images), generator=gen) < share).nonzero().flatten()
+    if not len(chosen):
+        return images
+    seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+    moved, _ = shifted_copies(images[chosen].numpy(), 1, seed)
+    out = images.clone()
+    out[chosen] = torch.from_numpy(moved)
+    return out
 
 
 def _pseudo_labels(state: _State, cfg: ConsistencyConfig, x_u: torch.Tensor, rows: torch.Tensor,

@@ -138,7 +138,7 @@ def test_medmnistc_corruptions_join_when_installed_and_are_skipped_cleanly_other
     assert code == 0, err
 
 
-def test_a_corruption_that_cannot_apply_to_these_images_is_left_out_and_said(classifier, monkeypatch):
+def test_a_corruption_that_cannot_apply_to_these_images_is_left_out_and_said(classifier, monkeypatch, tmp_path):
     import ssl_blood.analysis.robustness as robustness
     from ssl_blood.classify.classifier import Classifier
     from ssl_blood.data import load_split, resolve_source
@@ -153,3 +153,18 @@ def test_a_corruption_that_cannot_apply_to_these_images_is_left_out_and_said(cla
     result = robustness.run_robustness(Classifier.load(clf, "cpu"), cells, ["blur", "medmnistc-bubble"], [2])
     assert result["corruptions"] == ["blur"] and "randrange" in result["skipped"]["medmnistc-bubble"]
     assert [r["corruption"] for r in result["rows"]] == ["clean", "blur"]
+
+    def too_small_at_5(images, severity, seed=0):  # medmnistc's bubble on 28-px images
+        if severity == 5:
+            raise ValueError("empty range for randrange() (15, 14, -1)")
+        return images[:, :, ::-1].copy()
+
+    monkeypatch.setattr(robustness, "available_corruptions", lambda: {**SHIFTS, "medmnistc-bubble": too_small_at_5})
+    result = robustness.run_robustness(Classifier.load(clf, "cpu"), cells, ["medmnistc-bubble"], [3, 5])
+    assert result["corruptions"] == ["medmnistc-bubble"]  # kept where it applies
+    assert result["skipped"]["medmnistc-bubble"].startswith("at severity 5: medmnistc cannot apply")
+    assert result["left_out"] == {"medmnistc-bubble": [5]}
+    assert [(r["corruption"], r["severity"]) for r in result["rows"]] == [("clean", 0), ("medmnistc-bubble", 3)]
+    from ssl_blood.analysis.plots import robustness_heat_map_png
+
+    assert robustness_heat_map_png(result, tmp_path / "map.png").stat().st_size > 0  # the gap drawn as n/a

@@ -102,14 +102,15 @@ def test_consistency_training_improves_over_its_initial_head(disc_data):
     assert accuracy["labelled only"] > accuracy["initial"], accuracy  # the labels alone help too
 
 
-def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shift_augment", [0.0, 0.5])
+def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch, shift_augment):
     """Interrupted after its step-4 state, a rerun continues from there and ends with the same
-    weights as a run that never stopped."""
+    weights as a run that never stopped (with shifted views too: their draws resume)."""
     import ssl_blood.classify.consistency as consistency
 
     labelled, labels, unlabelled, _, _, mean, std = disc_data
     cfg = ConsistencyConfig(steps=10, labelled_batch=8, unlabelled_ratio=2, save_every=4,
-                            precision="fp32")
+                            precision="fp32", shift_augment=shift_augment)
     straight, _ = train_consistency(_start(labelled, labels, mean, std, unlabelled), labelled, labels,
                                     unlabelled, mean, std, 16, cfg, torch.device("cpu"))
     real_step, calls = consistency._step, []
@@ -153,6 +154,19 @@ def test_flexmatch_thresholds_scale_with_each_class_learning_effect():
     assert class_thresholds(selected, 3, 0.95, adaptive=False).tolist() == pytest.approx([0.95] * 3)
 
 
+def test_shifted_views_shift_the_share_asked_and_repeat_from_the_same_generator():
+    from ssl_blood.classify.consistency import _shifted
+
+    images = torch.randint(20, 200, (400, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert _shifted(images, 0.0, torch.Generator().manual_seed(1)) is images
+    once = _shifted(images, 0.5, torch.Generator().manual_seed(1))
+    moved = (once != images).flatten(1).any(1).float().mean().item()
+    assert 0.4 < moved < 0.6, moved  # about half, each under one shift
+    assert torch.equal(once, _shifted(images, 0.5, torch.Generator().manual_seed(1)))
+    assert (_shifted(images, 1.0, torch.Generator().manual_seed(2)) != images).flatten(1).any(1).all()
+    assert once.dtype == torch.uint8 and once.shape == images.shape
+
+
 def test_cutout_blanks_one_square_per_image():
     x = torch.ones(64, 3, 16, 16)
     out = cutout(x, 0.5, torch.Generator().manual_seed(0))
@@ -182,10 +196,11 @@ def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys
     folder = ("--image-dir", tmp_path / "pool", "--size", "16", "--cache-dir", "none")
     code, out, err = run_cli(capsys, "train-classifier", "--checkpoint", run / "checkpoint.pt",
                              *folder, "--labels", tmp_path / "labels.csv", "--head", "fixmatch",
-                             "--steps", "6", "--out", tmp_path / "clf", "--json")
+                             "--steps", "6", "--shift-augment", "0.5", "--out", tmp_path / "clf", "--json")
     assert code == 0, err
     card = json.loads(out)
     assert card["head"] == "fixmatch" and card["consistency"]["steps"] == 6
+    assert card["consistency"]["config"]["shift_augment"] == 0.5
     assert card["consistency"]["pretrained"]["checkpoint"].endswith("checkpoint.pt")
     # the temperature matched to the trained model and its fold models on the folder's own cells
     calibration = card["calibration"]
@@ -195,7 +210,8 @@ def test_train_classifier_fixmatch_keeps_its_own_backbone_and_moves(pool, capsys
         (tmp_path / "clf" / "card.md").read_text()
     assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == [
         "backbone.pt", "card.json", "card.md", "classifier.json", "head.pt"]  # no state left
-    assert "consistency-trained with the unlabelled cells for 6 steps" in (tmp_path / "clf" / "card.md").read_text()
+    assert ("consistency-trained with the unlabelled cells (50% of their views under a random stain or "
+            "scanner shift) for 6 steps") in (tmp_path / "clf" / "card.md").read_text()
     shutil.move(tmp_path / "clf", tmp_path / "moved")  # the folder runs wherever it is
     code, out, err = run_cli(capsys, "predict", "--classifier", tmp_path / "moved", *folder,
                              "--out", tmp_path / "p.csv", "--json")
@@ -229,6 +245,9 @@ def test_self_contained_classifier_runs_without_the_pretraining_run(pool, capsys
     (("--stain", "0.2"), "--minutes, --steps and --stain set the training of heads fixmatch"),
     (("--head", "fine-tune", "--stain", "1.5"), r"--stain 1.5 must be in \[0, 1\)"),
     (("--head", "fine-tune", "--calibration-folds", "-1"), "--calibration-folds -1 must be 0 or more"),
+    (("--head", "fine-tune", "--shift-augment", "0.5"), "--shift-augment shifts the unlabelled cells' training "
+                                                       "views, which only head fixmatch learns from"),
+    (("--head", "fixmatch", "--shift-augment", "1.5"), r"--shift-augment 1.5 must be in \[0, 1\]"),
     (("--ensemble",), "--ensemble keeps the models a trained head's calibration reruns make: give "
                       "--head fine-tune or fixmatch with --calibration-folds >= 2 .head logistic"),
     (("--head", "fine-tune", "--ensemble", "--calibration-folds", "0"), "--calibration-folds >= 2 .head fine-tune, 0"),
