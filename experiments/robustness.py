@@ -187,12 +187,16 @@ def comparison(base: list[dict], variant: list[dict], tag: str) -> str:
                 for a in ("none", "auto") for i in (0, 1)) + " |")
     lines.append("| clean ECE | " + " | ".join(f"{arms[(i, a)]['clean']['ece']:.3f}"
                                               for a in ("none", "auto") for i in (0, 1)) + " |")
+    by_seed = [{r.get("seed", 0): r for r in rs} for rs in (base, variant)]
+    per_draw = [np.mean([_arm_means([by_seed[1][d]], "none")[n]["accuracy"]
+                         - _arm_means([by_seed[0][d]], "none")[n]["accuracy"] for n in shifted]) for d in draws]
     overall = {i: np.mean([arms[(i, "none")][n]["accuracy"] for n in shifted]) for i in (0, 1)}
     clean = {i: arms[(i, "none")]["clean"]["accuracy"] for i in (0, 1)}
     lines += ["", f"What it says: {label(variant)} changes clean accuracy by "
               f"{100 * (clean[1] - clean[0]):+.1f} points and the mean over all shifts at severity {s} by "
               f"{100 * (overall[1] - overall[0]):+.1f} (without adaptation), over {len(draws)} label "
-              f"draw(s)" + (": the same labels for both, but one training run each, whose own noise "
+              f"draw(s)" + (f" (by draw: {' / '.join(f'{100 * x:+.1f}' for x in per_draw)})" if len(draws) > 1 else "")
+              + (": the same labels for both, but one training run each, whose own noise "
                             "is not measured here: a change of a point or so is no evidence either way"
                             if len(draws) < 2 else "") + ".", "",
               f"<!-- {tag}:end -->"]
