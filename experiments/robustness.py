@@ -1,7 +1,8 @@
 """What each stain, scanner and imaging shift costs a classifier, with and without AdaBN: the
 library's `ssl-blood robustness` on BloodMNIST test.
 
-The classifier of experiments/shift.py: 120 typiclust-chosen train cells (seed 0), the logistic
+The classifier of experiments/shift.py: 120 typiclust-chosen train cells (seed 0; `--picks loop`:
+chosen in rounds as the labelling loop does), the logistic
 head on a checkpoint's frozen features (the quick preset's SimCLR by default) or `--head fixmatch`
 (the backbone consistency-trained with the unlabelled train cells, classify.consistency), trained
 with `Classifier.train` exactly as `train-classifier` does (every other train cell unlabelled:
@@ -31,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from ssl_blood.analysis.robustness import REPORTED_SEVERITY, run_robustness, summarise
-from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.classifier import ADAPTATIONS, CALIBRATION_FOLDS, DEFAULT_VIEWS, Classifier
 from ssl_blood.data import load_split
 from ssl_blood.data.shifts import SHIFTS
@@ -40,6 +40,9 @@ from ssl_blood.files import write_json
 from ssl_blood.model.checkpoint import load_checkpoint
 
 from frozen_features import checkpoint_features, put_section, record_checkpoint
+from loop_classifier import picks
+
+PICKS = {"typiclust": "typiclust at once", "loop": "loop: typiclust then margin"}  # loop_classifier.picks' names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,14 +52,15 @@ def document(r: dict, tag: str) -> str:
     rows = {(x["corruption"], x["severity"], x["adapt"]): x for x in r["rows"]}
     s = REPORTED_SEVERITY
     stained = f", pretrained with stain augmentation (augment.stain = {r['stain']:g})" if r["stain"] else ""
-    trained = f", {_classifier_name(r)}" if r.get("head", "logistic") != "logistic" else ""
+    trained = (f", {_classifier_name(r)}" if r.get("head", "logistic") != "logistic" or r.get("picks") == "loop"
+               else "")
     lines = [f"<!-- {tag}:start -->",
              f"## What a shift costs, and what AdaBN gives back{stained}{trained} (`experiments/robustness.py`)", "",
              f"Measured on {r['device']} in {r['minutes']:.1f} min with `ssl-blood robustness`'s library "
              f"code: checkpoint `{r['checkpoint']}`"
              + (f" ({r['checkpoint_sha256'][:19]})" if r.get("checkpoint_sha256") else "")
              + f"{stained}; a classifier from {r['labels']} "
-             f"typiclust-chosen labels ({_head_words(r)}); the whole test split ({r['cells']} cells) under each shift, "
+             f"{_picks_words(r)} labels ({_head_words(r)}); the whole test split ({r['cells']} cells) under each shift, "
              f"severities {', '.join(map(str, r['severities']))}. "
              f"Each cell's features are averaged over {r.get('views', 1)} dihedral view(s). "
              f"`adabn` = `predict --adapt adabn`: the backbone's BatchNorm statistics re-estimated on the "
@@ -126,6 +130,7 @@ def document(r: dict, tag: str) -> str:
 def _classifier_name(r: dict) -> str:
     """A measured classifier's short name, as headings and comparison columns give it."""
     extra = f" + shift augmentation {r['shift_augment']:g}" if r.get("shift_augment") else ""
+    extra += ", loop-chosen labels" if r.get("picks") == "loop" else ""
     return f"{r.get('head', 'logistic')}{extra}"
 
 
@@ -210,6 +215,14 @@ def comparison(base: list[dict], variant: list[dict], tag: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _picks_words(r: dict) -> str:
+    """How the labelled cells were chosen, for the doc."""
+    if r.get("picks", "typiclust") == "typiclust":
+        return "typiclust-chosen"
+    return ("loop-chosen (40 typiclust, then rounds of 40 `select --strategy margin` picks of the logistic "
+            "classifier so far, as experiments/loop_classifier.py)")
+
+
 def _head_words(r: dict) -> str:
     """How the measured classifier was trained, for the doc."""
     if r.get("head", "logistic") == "logistic":
@@ -236,13 +249,13 @@ def _classifier(args: argparse.Namespace, embedder, train, emb: np.ndarray) -> C
     settings = {"checkpoint_sha256": embedder.identity, "labels": args.labels, "head": args.head,
                 "views": args.views, "steps": args.steps, "calibration_folds": args.calibration_folds,
                 "stain": args.stain, "shift_augment": args.shift_augment,
-                **({"seed": args.seed} if args.seed else {})}
+                **({"seed": args.seed} if args.seed else {}),
+                **({"picks": args.picks} if args.picks != "typiclust" else {})}
     kept = folder / "experiment-settings.json"
     if kept.exists() and json.loads(kept.read_text()) == settings:
         print(f"measuring the classifier kept in {folder}")
         return Classifier.load(folder, "cpu")
-    rows = np.sort([p["id"] for p in select_cells(emb, args.labels,
-                                                  "typiclust", seed=args.seed)["picks"]])
+    rows = picks(PICKS[args.picks], emb, embedder, train, args.labels, args.seed)
     extra = {}
     if args.head != "logistic":
         extra = dict(consistency=ConsistencyConfig(seed=args.seed, steps=args.steps, stain=args.stain,
@@ -278,6 +291,9 @@ def main() -> None:
     parser.add_argument("--keep", default=str(REPO / "runs" / "experiments"),
                         help="where the trained classifier is kept (git ignores runs/)")
     parser.add_argument("--seed", type=int, default=0, help="the label draw's and the training's")
+    parser.add_argument("--picks", choices=PICKS, default="typiclust",
+                        help="the labelled cells: typiclust at once, or as the labelling loop picks them "
+                             "(40 typiclust, then margin rounds of 40: experiments/loop_classifier.py)")
     parser.add_argument("--doc-only", action="store_true", help="rewrite the doc section from --out")
     parser.add_argument("--compare", nargs=2, metavar=("BASE", "VARIANT"),
                         help="write a doc section (--tag) comparing two sets of results at severity 3: "
@@ -307,7 +323,8 @@ def main() -> None:
     result.update(device=describe_device("cpu"), labels=args.labels, views=args.views,
                   stain=stain, results_file=Path(args.out).name, minutes=(time.monotonic() - started) / 60,
                   head=args.head, steps=args.steps, calibration_folds=args.calibration_folds,
-                  consistency_stain=args.stain, shift_augment=args.shift_augment, seed=args.seed)
+                  consistency_stain=args.stain, shift_augment=args.shift_augment, seed=args.seed,
+                  picks=args.picks)
     write_json(result, args.out)
     put_section(Path(args.doc), f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->",
                 document(result, args.tag))

@@ -292,12 +292,15 @@ def test_consistency_on_loop_picked_labels_tiny(tiny_run, tmp_path):
 def test_robustness_tiny(tiny_run, tmp_path):
     run, _ = tiny_run
     out, doc = tmp_path / "robustness.json", tmp_path / "robustness.md"
-    run_script("robustness.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "24",
-               "--corruptions", "stain,blur", "--views", "2", "--out", str(out), "--doc", str(doc),
-               "--keep", str(tmp_path / "kept"))
+    run_script("robustness.py", "--checkpoint", str(run / "checkpoint.pt"), "--labels", "48",
+               "--picks", "loop", "--corruptions", "stain,blur", "--views", "2", "--out", str(out),
+               "--doc", str(doc), "--keep", str(tmp_path / "kept"))
     result = json.loads(out.read_text())
     assert len(result["rows"]) == (1 + 2 * 5) * 3 and set(result["summary"]) == {"none", "adabn", "auto"}
-    assert result["views"] == 2
+    assert result["views"] == 2 and result["picks"] == "loop"
+    kept = json.loads((tmp_path / "kept" / "robustness" / "card.json").read_text())
+    assert sum(kept["labels_per_class"].values()) == 48  # 40 typiclust + a margin round of 8
+    assert "loop-chosen (40 typiclust, then rounds of 40" in doc.read_text()
     for row in result["rows"]:  # auto adapts exactly the rows the shift check warned on
         assert row["adapted"] == {"none": "none", "adabn": "adabn",
                                   "auto": "adabn" if row["shift_warning"] else "none"}[row["adapt"]]
