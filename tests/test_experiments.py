@@ -482,3 +482,26 @@ def test_record_checkpoint_names_it_and_refuses_results_of_another(tmp_path):
     with pytest.raises(SystemExit, match=r"r\.json holds results of another checkpoint; give a new --out"):
         record_checkpoint(results, "runs/quick/checkpoint.pt", second, tmp_path / "r.json")
     assert results["checkpoint_sha256"] == first.identity, "the refused checkpoint is not recorded"
+
+
+def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out, doc = tmp_path / "new_lab.json", tmp_path / "robustness.md"
+    args = ("--checkpoint", str(run / "checkpoint.pt"), "--labels", "24", "--shifts", "stain,blur",
+            "--ks", "4,16", "--draws", "1", "--views", "1", "--out", str(out), "--doc", str(doc))
+    run_script("new_lab.py", *args)
+    result = json.loads(out.read_text())
+    rows = [r for r in result["rows"] if r["adapt"] != "refused"]
+    assert {(r["shift"], r["arm"], r["k"]) for r in rows} >= {
+        ("clean", "clean", 0), ("stain", "as it is", 0), ("blur", "added", 4), ("blur", "added", 16)}
+    assert {r["adapt"] for r in rows if r["arm"] in ("clean", "as it is")} == {"none", "auto"}
+    for r in result["rows"]:
+        if r["arm"] in ("added", "alone"):  # the new lab's labels: k of its (shifted val) cells
+            assert sum(r.get("new_labels_per_class", [])) == r["k"] or r["adapt"] == "refused"
+    refused = [r for r in result["rows"] if r["adapt"] == "refused"]
+    assert all(r["arm"] == "alone" and r["reason"] for r in refused)  # 4 labels cannot cover every class
+    assert ("stain", "alone", 4) in {(r["shift"], r["arm"], r["k"]) for r in refused}
+    section = doc.read_text().split("<!-- new-lab:start -->")[1]
+    assert "| stain | " in section and "+16 new-lab labels" in section
+    run_script("new_lab.py", *args)  # resumes: every entry done, nothing measured twice
+    assert len(json.loads(out.read_text())["rows"]) == len(result["rows"])
