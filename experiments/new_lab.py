@@ -44,7 +44,7 @@ from ssl_blood.files import write_json
 from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-ADAPTS = ("none", "auto")
+ADAPTS = ("none", "adabn", "auto")
 SHIFTS = "stain,medmnistc-jpeg_compression,medmnistc-defocus_blur"
 
 
@@ -84,7 +84,8 @@ def document(r: dict, tag: str) -> str:
     ks = r["ks"]
     header = ["shift", "as it is", *(f"+{k} new-lab labels" for k in ks), *(f"{k} new-lab labels alone" for k in ks)]
     lines = [f"<!-- {tag}:start -->",
-             "## A new lab's own labels (`train-classifier --from`, `experiments/new_lab.py`)", "",
+             f"## A new lab's own labels{', ' + r['heading'] if r.get('heading') else ''} (`train-classifier --from`, "
+             "`experiments/new_lab.py`)", "",
              f"Measured on {r['device']} in {r['minutes']:.1f} min: checkpoint `{r['checkpoint']}` "
              f"({r['checkpoint_sha256'][:19]}); the classifier from {r['labels']} typiclust-chosen train labels "
              f"(logistic head, {r['views']} views); a new lab = val and test under one fixed shift at severity "
@@ -92,7 +93,8 @@ def document(r: dict, tag: str) -> str:
              + ("(the ones the classifier is least sure of under `--adapt auto`: the first a technologist "
                 "corrects)" if r["picks"] == "review" else "(at random)")
              + f" among its {r['pool']} val cells, the rest its unlabelled cells; accuracy on its "
-             f"{r['cells']} test cells, mean over {r['draws']} draw(s) (label draw and stain draw).", ""]
+             f"{r['cells']} test cells, mean over {r['draws']} draw(s) (label draw and stain draw)."
+             + (f" {r['note']}" if r.get("note") else ""), ""]
     for adapt in ADAPTS:
         lines += [f"`predict --adapt {adapt}`:", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
@@ -107,20 +109,25 @@ def document(r: dict, tag: str) -> str:
 
 
 def _verdict(r: dict) -> str:
-    """What adding the new lab's labels did, per shift, at the largest k, with `auto`."""
+    """Per shift, at the largest k: the classifier as it is (with `auto`) against the new lab's
+    labels added (without and with AdaBN) and alone."""
     k, parts = max(r["ks"]), []
+
+    def acc(shift: str, arm: str, kk: int, adapt: str) -> float | None:
+        hit = [x["accuracy"] for x in r["rows"] if (x["shift"], x["arm"], x["k"], x["adapt"]) == (shift, arm, kk, adapt)]
+        return float(np.mean(hit)) if hit else None
+
     for shift in r["shifts"]:
-        def acc(arm: str, kk: int, adapt: str = "auto") -> float | None:
-            hit = [x["accuracy"] for x in r["rows"] if (x["shift"], x["arm"], x["k"], x["adapt"]) == (shift, arm, kk, adapt)]
-            return float(np.mean(hit)) if hit else None
-        base, added, alone = acc("as it is", 0), acc("added", k), acc("alone", k)
-        if base is None or added is None:
+        base, none, adabn = acc(shift, "as it is", 0, "auto"), acc(shift, "added", k, "none"), acc(shift, "added", k, "adabn")
+        if None in (base, none, adabn):
             continue
-        alone_words = f", alone {100 * alone:.1f} %" if alone is not None else ""
-        parts.append(f"{shift} {100 * base:.1f} → {100 * added:.1f} % ({100 * (added - base):+.1f}{alone_words})")
+        alone = acc(shift, "alone", k, "none")
+        parts.append(f"{shift}: {100 * base:.1f} % as it is, {100 * none:.1f} % with them added "
+                     f"({100 * (none - base):+.1f}), {100 * adabn:.1f} % added and `--adapt adabn` "
+                     f"({100 * (adabn - base):+.1f})" + (f", {100 * alone:.1f} % from them alone" if alone is not None else ""))
     clean = [x["accuracy"] for x in r["rows"] if x["arm"] == "clean" and x["adapt"] == "none"]
-    return (f"With {k} of the new lab's labels added and `--adapt auto`: " + "; ".join(parts)
-            + (f". The classifier on clean test cells: {100 * np.mean(clean):.1f} %." if clean else "."))
+    return (f"With {k} of the new lab's labels, against the classifier as it is with `--adapt auto`: "
+            + "; ".join(parts) + (f". On clean test cells the classifier scores {100 * np.mean(clean):.1f} %." if clean else "."))
 
 
 def main() -> None:
@@ -137,10 +144,14 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
     parser.add_argument("--tag", default="new-lab")
     parser.add_argument("--doc-only", action="store_true")
+    parser.add_argument("--note", help="a sentence for the doc section (kept in the results), e.g. what code measured")
+    parser.add_argument("--heading", help="the doc section's heading's ending (kept in the results)")
     args = parser.parse_args()
     out, doc = Path(args.out), Path(args.doc)
     results = load_results(out)
+    results.update({k: v for k, v in (("note", args.note), ("heading", args.heading)) if v})
     if args.doc_only:
+        write_json(results, out)
         return put_section(doc, f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->", document(results, args.tag))
     if not args.checkpoint:
         parser.error("--checkpoint is needed to measure (only --doc-only goes without)")

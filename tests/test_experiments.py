@@ -494,7 +494,7 @@ def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
     rows = [r for r in result["rows"] if r["adapt"] != "refused"]
     assert {(r["shift"], r["arm"], r["k"]) for r in rows} >= {
         ("clean", "clean", 0), ("stain", "as it is", 0), ("blur", "added", 4), ("blur", "added", 16)}
-    assert {r["adapt"] for r in rows if r["arm"] in ("clean", "as it is")} == {"none", "auto"}
+    assert {r["adapt"] for r in rows if r["arm"] in ("clean", "as it is")} == {"none", "adabn", "auto"}
     for r in result["rows"]:
         if r["arm"] in ("added", "alone"):  # the new lab's labels: k of its (shifted val) cells
             assert sum(r.get("new_labels_per_class", [])) == r["k"] or r["adapt"] == "refused"

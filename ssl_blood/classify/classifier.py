@@ -1073,9 +1073,11 @@ def _adapted_features(embedder: Embedder, labelled: torch.Tensor, pool: torch.Te
                       base: "Classifier | None", views: int,
                       progress: bool | None) -> tuple[np.ndarray, dict[str, torch.Tensor]] | None:
     """The labelled cells' features under BatchNorm statistics re-estimated on the lab's own
-    cells (its unlabelled `pool`, else the labelled cells themselves), and those statistics;
-    with `base`, under the statistics `base` kept. None where there is nothing to re-estimate
-    (no trained backbone with BatchNorm, too few cells, a base without an AdaBN head).
+    cells (its unlabelled `pool`, else the labelled cells themselves), and those statistics.
+    With `base` (labels added), under statistics re-estimated on the added cells' own `pool`
+    where it has ADABN_MIN_CELLS cells, else under the statistics `base` kept. None where there
+    is nothing to re-estimate (no trained backbone with BatchNorm, too few cells, a base
+    without an AdaBN head).
 
     Why a head of its own for AdaBN: pretraining's statistics come from augmented views, so
     re-estimating them on any cells, even the lab's own clean ones, moves every feature
@@ -1085,13 +1087,19 @@ def _adapted_features(embedder: Embedder, labelled: torch.Tensor, pool: torch.Te
     under shifts at severity 3, 73.3 % on average against 71.2 % unadapted; BloodMNIST val)."""
     from ssl_blood.features.embeddings import ADABN_MIN_CELLS
 
+    has_pool = pool is not None and len(pool) >= ADABN_MIN_CELLS
     if base is not None:
         kept = {k[len(SOURCE_BATCHNORM):]: v for k, v in base.tensors.items() if k.startswith(SOURCE_BATCHNORM)}
         if not kept or base.adapted is None:
             return None
-        source = base.embedder.with_batchnorm(kept)
-        return source(labelled, progress=progress, views=views), kept
-    cells = pool if pool is not None and len(pool) >= ADABN_MIN_CELLS else labelled
+        if not has_pool:
+            source = base.embedder.with_batchnorm(kept)
+            return source(labelled, progress=progress, views=views), kept
+        # Why the added cells' own statistics: predict --adapt adabn normalises each slide by its
+        # own, so a new lab's labelled cells must sit where its re-estimated slides will (on
+        # BloodMNIST under a stain shift, 40 such labels: 78.9 % under the first lab's statistics,
+        # docs/robustness.md, section "A new lab's own labels").
+    cells = pool if has_pool else labelled
     if embedder.trained is None or len(cells) < ADABN_MIN_CELLS:
         return None
     try:

@@ -11,7 +11,7 @@ import torch
 from ssl_blood.classify import shift
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data.shifts import apply_shift
-from tests.helpers import npz_slide, run_cli, write_png
+from tests.helpers import CELL_NAMES, npz_slide, run_cli, write_png
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,31 @@ def test_the_adabn_head_is_fitted_under_the_labs_own_statistics(lab):
     first = today.subset(np.arange(40))
     np.testing.assert_allclose(labelled(first.images, views=model.views)[:5],
                                model.tensors["adabn/features"].numpy()[:5], atol=1e-4)
+
+
+def test_a_new_labs_added_labels_sit_under_its_own_statistics(lab, tiny_run, tmp_path):
+    """Labels added from another lab's slide (`--from`): the AdaBN head learns the new cells'
+    features under BatchNorm statistics re-estimated on that slide's own cells, as predict
+    --adapt adabn will re-estimate its slides; the first lab's cells keep theirs."""
+    import csv
+
+    from ssl_blood.cli import main
+    from ssl_blood.data import load_split, resolve_source
+
+    truth = dict(enumerate(np.load(tiny_run[1])["test_labels"][:, 0]))  # the stain slide: test, shifted
+    labels = tmp_path / "stain-labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *[[f"c{i:03d}.png", CELL_NAMES[int(truth[i])]] for i in range(8)]])
+    assert main(["train-classifier", "--from", str(lab / "clf"), "--image-dir", str(lab / "stain"), "--size", "16",
+                 "--cache-dir", "none", "--labels", str(labels), "--out", str(tmp_path / "clf2")]) == 0
+    first, added = Classifier.load(lab / "clf"), Classifier.load(tmp_path / "clf2")
+    old = first.tensors["adabn/features"].numpy()
+    np.testing.assert_array_equal(added.tensors["adabn/features"].numpy()[:len(old)], old)
+    slide = load_split(resolve_source(image_dir=str(lab / "stain"), size=16, cache_dir=""), "train")
+    own = first.embedder.adapted(slide.subset(np.arange(8, len(slide))).images)  # the slide's 32 unlabelled cells
+    np.testing.assert_allclose(added.tensors["adabn/features"].numpy()[len(old):],
+                               own(slide.subset(np.arange(8)).images, views=added.views), atol=1e-4)
+    under_first = first.embedder.with_batchnorm({k[len("adabn/batchnorm/"):]: v for k, v in first.tensors.items()
+                                                 if k.startswith("adabn/batchnorm/")})
+    assert not np.allclose(under_first(slide.subset(np.arange(8)).images, views=added.views),
+                           added.tensors["adabn/features"].numpy()[len(old):], atol=1e-3)
