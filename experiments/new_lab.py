@@ -169,9 +169,13 @@ def main() -> None:
                    cells=len(test), results_file=out.name)
     done = {(x["shift"], x["arm"], x["k"], x["draw"]) for x in results["rows"]}
 
+    clock = [started]
+
     def keep(rows: list[dict]) -> None:
         results["rows"] += rows
-        results["minutes"] = results.get("minutes", 0) + (time.monotonic() - started) / 60
+        now = time.monotonic()
+        results["minutes"] = results.get("minutes", 0) + (now - clock[0]) / 60  # a resumed run adds its own
+        clock[0] = now
         write_json(results, out)
 
     for draw in range(args.draws):
