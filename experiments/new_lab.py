@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_blood.analysis.robustness import _corrupt, available_corruptions, score
+from ssl_blood.analysis.robustness import available_corruptions, score
 from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify.classifier import Classifier
 from ssl_blood.data import CellData, load_split
@@ -50,7 +50,7 @@ SHIFTS = "stain,medmnistc-jpeg_compression,medmnistc-defocus_blur"
 
 def shifted(cells: CellData, name: str, severity: int, seed: int) -> CellData:
     """`cells` under shift `name` (one draw of its parameters for all of them)."""
-    images = _corrupt(name, cells.images.numpy(), severity, seed)
+    images = available_corruptions()[name](cells.images.numpy(), severity, seed)
     return dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)), image_file=None)
 
 

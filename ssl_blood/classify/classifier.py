@@ -44,7 +44,7 @@ TRAINED_BACKBONE_HEADS = ("fine-tune", "fixmatch")  # heads that train the backb
 BACKBONE = "backbone.pt"  # a classifier's own backbone (trained heads, or `self_contained`)
 ADAPTATIONS = ("none", "adabn", "auto")  # what predict may do to a new slide first (auto: adabn where the shift check warns)
 ADAPTED = "adabn/"  # prefix of the AdaBN head's tensors (see _adapted_head)
-SOURCE_BATCHNORM = "adabn/batchnorm/"  # the backbone's BatchNorm statistics re-estimated on the lab's own cells
+SOURCE_BATCHNORM = "adabn/batchnorm/"  # the backbone's BatchNorm statistics re-estimated on the lab's own cells (the last added ones')
 # Dihedral views averaged per cell (model.inference.DIHEDRAL): measured on BloodMNIST val (quick
 # features, 3 label draws), 8 views lift the logistic head from 69.0/79.1/83.3 % to 70.4/80.7/85.6 %
 # at 40/120/400 labels for 8x the embedding time; 2 views (a half turn) give about half the gain.
