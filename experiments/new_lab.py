@@ -71,15 +71,17 @@ def measured(model: Classifier, test: CellData, arm: str, k: int, extra: dict) -
     return [{"arm": arm, "k": k, **extra, **row} for row in score(model, test, adapts)]
 
 
-def document(r: dict, tag: str) -> str:
-    rows = r["rows"]
+def _accuracies(r: dict, shift: str, arm: str, k: int, adapt: str) -> list[float]:
+    """Test accuracy of every draw of one setting (the doc's tables and verdict read these)."""
+    return [x["accuracy"] for x in r["rows"] if (x["shift"], x["arm"], x["k"], x["adapt"]) == (shift, arm, k, adapt)]
 
+
+def document(r: dict, tag: str) -> str:
     def cell(shift: str, arm: str, k: int, adapt: str) -> str:
-        hit = [x for x in rows if (x["shift"], x["arm"], x["k"], x["adapt"]) == (shift, arm, k, adapt)]
+        hit = _accuracies(r, shift, arm, k, adapt)
         if not hit:
             return "–"
-        acc = np.mean([x["accuracy"] for x in hit])
-        return f"{100 * acc:.1f}" + (f" (n={len(hit)})" if len(hit) != r["draws"] else "")
+        return f"{100 * np.mean(hit):.1f}" + (f" (n={len(hit)})" if len(hit) != r["draws"] else "")
 
     ks = r["ks"]
     header = ["shift", "as it is", *(f"+{k} new-lab labels" for k in ks), *(f"{k} new-lab labels alone" for k in ks)]
@@ -114,7 +116,7 @@ def _verdict(r: dict) -> str:
     k, parts = max(r["ks"]), []
 
     def acc(shift: str, arm: str, kk: int, adapt: str) -> float | None:
-        hit = [x["accuracy"] for x in r["rows"] if (x["shift"], x["arm"], x["k"], x["adapt"]) == (shift, arm, kk, adapt)]
+        hit = _accuracies(r, shift, arm, kk, adapt)
         return float(np.mean(hit)) if hit else None
 
     for shift in r["shifts"]:
