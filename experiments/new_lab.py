@@ -12,7 +12,11 @@ the new lab's test cells, per shift and k:
 
 - the classifier as it is (`predict --adapt none` and `auto`);
 - the new lab's k labels added (`train-classifier --from clf --labels new-lab.csv`), both ways;
-- a classifier from the new lab's k labels alone (none where a class has too few of them).
+- a classifier from the new lab's k labels alone (none where a class has too few of them);
+- and, on the first lab's own clean test cells, the classifier with the new lab's labels added
+  (what it now does with the slides it was first trained for).
+
+`--arms` measures some of these only (e.g. `added` after a change to what `--from` keeps).
 
 No setting is chosen on val here (its cells are the new lab's pool); test is touched once per
 reported number.
@@ -45,6 +49,8 @@ from frozen_features import checkpoint_features, load_results, put_section, reco
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTS = ("none", "adabn", "auto")
+ARMS = {"asis": "as it is", "added": "added", "alone": "alone"}  # --arms: the rows' arm names
+FIRST_LAB = "added, first lab's slides"  # the added classifier on the first lab's clean test cells
 SHIFTS = "stain,medmnistc-jpeg_compression,medmnistc-defocus_blur"
 
 
@@ -68,7 +74,7 @@ def measured(model: Classifier, test: CellData, arm: str, k: int, extra: dict) -
     """`model` on the new lab's test cells, with each adaptation it has (an AdaBN head needs at
     least 32 of the lab's own unlabelled cells: a tiny test's pool has fewer)."""
     adapts = ADAPTS if model.adapted_head is not None else ("none",)
-    return [{"arm": arm, "k": k, **extra, **row} for row in score(model, test, adapts)]
+    return [{"arm": arm, "k": k, **extra, "cells": len(test), **row} for row in score(model, test, adapts)]
 
 
 def _accuracies(r: dict, shift: str, arm: str, k: int, adapt: str) -> list[float]:
@@ -84,7 +90,11 @@ def document(r: dict, tag: str) -> str:
         return f"{100 * np.mean(hit):.1f}" + (f" (n={len(hit)})" if len(hit) != r["draws"] else "")
 
     ks = r["ks"]
-    header = ["shift", "as it is", *(f"+{k} new-lab labels" for k in ks), *(f"{k} new-lab labels alone" for k in ks)]
+    measured_arms = {x["arm"] for x in r["rows"]}
+    columns = ([("as it is", 0, "as it is")] if "as it is" in measured_arms else []) \
+        + [("added", k, f"+{k} new-lab labels") for k in ks if "added" in measured_arms] \
+        + [("alone", k, f"{k} new-lab labels alone") for k in ks if "alone" in measured_arms]
+    header = ["shift", *(name for _, _, name in columns)]
     lines = [f"<!-- {tag}:start -->",
              f"## A new lab's own labels{', ' + r['heading'] if r.get('heading') else ''} (`train-classifier --from`, "
              "`experiments/new_lab.py`)", "",
@@ -101,9 +111,20 @@ def document(r: dict, tag: str) -> str:
         lines += [f"`predict --adapt {adapt}`:", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         for shift in r["shifts"]:
-            lines.append("| " + " | ".join([shift, cell(shift, "as it is", 0, adapt),
-                                            *(cell(shift, "added", k, adapt) for k in ks),
-                                            *(cell(shift, "alone", k, adapt) for k in ks)]) + " |")
+            lines.append("| " + " | ".join([shift, *(cell(shift, arm, k, adapt) for arm, k, _ in columns)]) + " |")
+        lines.append("")
+    first = [(shift, k) for shift in r["shifts"] for k in ks if _accuracies(r, shift, FIRST_LAB, k, "none")]
+    if first:
+        lines += ["The first lab's own clean test cells, classified by the classifier with the new lab's labels "
+                  "added (accuracy with `--adapt none` / `auto`; the share of draws whose whole test split "
+                  "warned, and was adapted by `auto`):", "",
+                  "| new lab | labels added | none | auto | warned | adapted by auto |", "|---|---|---|---|---|---|"]
+        for shift, k in first:
+            rows = [x for x in r["rows"] if (x["shift"], x["arm"], x["k"]) == (shift, FIRST_LAB, k)]
+            auto = [x for x in rows if x["adapt"] == "auto"]
+            lines.append(f"| {shift} | {k} | {cell(shift, FIRST_LAB, k, 'none')} | {cell(shift, FIRST_LAB, k, 'auto')} | "
+                         f"{np.mean([bool(x['shift_warning']) for x in auto]):.0%} | "
+                         f"{np.mean([x['adapted'] == 'adabn' for x in auto]):.0%} |")
         lines.append("")
     lines += [_verdict(r), "", f"Every row (balanced accuracy, per-class recall, ECE, review share, shift "
               f"warning): `experiments/results/{r['results_file']}`.", "", f"<!-- {tag}:end -->"]
@@ -121,15 +142,24 @@ def _verdict(r: dict) -> str:
 
     for shift in r["shifts"]:
         base, none, adabn = acc(shift, "as it is", 0, "auto"), acc(shift, "added", k, "none"), acc(shift, "added", k, "adabn")
-        if None in (base, none, adabn):
+        if None in (none, adabn):
             continue
-        alone = acc(shift, "alone", k, "none")
-        parts.append(f"{shift}: {100 * base:.1f} % as it is, {100 * none:.1f} % with them added "
-                     f"({100 * (none - base):+.1f}), {100 * adabn:.1f} % added and `--adapt adabn` "
-                     f"({100 * (adabn - base):+.1f})" + (f", {100 * alone:.1f} % from them alone" if alone is not None else ""))
+        alone, auto, first = acc(shift, "alone", k, "none"), acc(shift, "added", k, "auto"), acc(shift, FIRST_LAB, k, "auto")
+
+        def vs_base(x: float) -> str:
+            return f" ({100 * (x - base):+.1f})" if base is not None else ""
+
+        parts.append(f"{shift}: " + (f"{100 * base:.1f} % as it is, " if base is not None else "")
+                     + f"{100 * none:.1f} % with them added{vs_base(none)}, {100 * adabn:.1f} % added and "
+                     f"`--adapt adabn`{vs_base(adabn)}"
+                     + (f", {100 * auto:.1f} % added and `--adapt auto`{vs_base(auto)}" if auto is not None else "")
+                     + (f", {100 * alone:.1f} % from them alone" if alone is not None else "")
+                     + (f"; the first lab's clean cells {100 * first:.1f} % with `auto`" if first is not None else ""))
     clean = [x["accuracy"] for x in r["rows"] if x["arm"] == "clean" and x["adapt"] == "none"]
-    return (f"With {k} of the new lab's labels, against the classifier as it is with `--adapt auto`: "
-            + "; ".join(parts) + (f". On clean test cells the classifier scores {100 * np.mean(clean):.1f} %." if clean else "."))
+    return (f"With {k} of the new lab's labels"
+            + (", against the classifier as it is with `--adapt auto`" if "as it is" in {x["arm"] for x in r["rows"]} else "")
+            + ": " + "; ".join(parts)
+            + (f". On clean test cells the classifier as it is scores {100 * np.mean(clean):.1f} %." if clean else "."))
 
 
 def main() -> None:
@@ -146,6 +176,9 @@ def main() -> None:
     parser.add_argument("--doc", default=str(REPO / "docs" / "robustness.md"))
     parser.add_argument("--tag", default="new-lab")
     parser.add_argument("--doc-only", action="store_true")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"what to measure, comma-separated: {', '.join(ARMS)} (added also measures the "
+                             "added classifier on the first lab's clean test cells)")
     parser.add_argument("--note", help="a sentence for the doc section (kept in the results), e.g. what code measured")
     parser.add_argument("--heading", help="the doc section's heading's ending (kept in the results)")
     args = parser.parse_args()
@@ -157,7 +190,9 @@ def main() -> None:
         return put_section(doc, f"<!-- {args.tag}:start -->", f"<!-- {args.tag}:end -->", document(results, args.tag))
     if not args.checkpoint:
         parser.error("--checkpoint is needed to measure (only --doc-only goes without)")
-    shifts, ks = args.shifts.split(","), [int(k) for k in args.ks.split(",")]
+    shifts, ks, arms = args.shifts.split(","), [int(k) for k in args.ks.split(",")], args.arms.split(",")
+    if set(arms) - set(ARMS):
+        parser.error(f"unknown --arms entry {sorted(set(arms) - set(ARMS))[0]}; choose from {', '.join(ARMS)}")
     unknown = [s for s in shifts if s not in available_corruptions()]
     if unknown:
         parser.error(f"unknown --shifts entry {unknown[0]}; choose from {', '.join(available_corruptions())}")
@@ -188,16 +223,17 @@ def main() -> None:
         for shift in shifts:
             pool, new_test = shifted(val, shift, args.severity, draw), shifted(test, shift, args.severity, draw)
             info = {"shift": shift, "draw": draw}
-            if (shift, "as it is", 0, draw) not in done:
+            if "asis" in arms and (shift, "as it is", 0, draw) not in done:
                 keep(measured(base, new_test, "as it is", 0, info))
             order = labelling_order(base, pool, args.picks, draw)
             for k in ks:
                 rows = np.sort(order[:k])
                 labels = np.bincount(pool.labels.numpy()[rows], minlength=len(base.class_names)).tolist()
-                if (shift, "added", k, draw) not in done:
+                if "added" in arms and {(shift, "added", k, draw), (shift, FIRST_LAB, k, draw)} - done:
                     added = Classifier.train(embedder, pool.labelled_only_at(rows), "logistic", seed=draw, base=base)
-                    keep(measured(added, new_test, "added", k, {**info, "new_labels_per_class": labels}))
-                if (shift, "alone", k, draw) not in done:
+                    extra = {**info, "new_labels_per_class": labels}
+                    keep(measured(added, new_test, "added", k, extra) + measured(added, test, FIRST_LAB, k, extra))
+                if "alone" in arms and (shift, "alone", k, draw) not in done:
                     try:
                         alone = Classifier.train(embedder, pool.labelled_only_at(rows), "logistic", seed=draw,
                                                  views=args.views)

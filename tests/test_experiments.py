@@ -493,7 +493,10 @@ def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
     result = json.loads(out.read_text())
     rows = [r for r in result["rows"] if r["adapt"] != "refused"]
     assert {(r["shift"], r["arm"], r["k"]) for r in rows} >= {
-        ("clean", "clean", 0), ("stain", "as it is", 0), ("blur", "added", 4), ("blur", "added", 16)}
+        ("clean", "clean", 0), ("stain", "as it is", 0), ("blur", "added", 4), ("blur", "added", 16),
+        ("blur", "added, first lab's slides", 16)}
+    first_lab = [r for r in rows if r["arm"] == "added, first lab's slides"]
+    assert first_lab and all(r["cells"] == result["cells"] for r in first_lab)  # the clean test split
     assert {r["adapt"] for r in rows if r["arm"] in ("clean", "as it is")} == {"none", "adabn", "auto"}
     for r in result["rows"]:
         if r["arm"] in ("added", "alone"):  # the new lab's labels: k of its (shifted val) cells
@@ -502,6 +505,9 @@ def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
     assert all(r["arm"] == "alone" and r["reason"] for r in refused)  # 4 labels cannot cover every class
     assert ("stain", "alone", 4) in {(r["shift"], r["arm"], r["k"]) for r in refused}
     section = doc.read_text().split("<!-- new-lab:start -->")[1]
-    assert "| stain | " in section and "+16 new-lab labels" in section
+    assert "| stain | " in section and "+16 new-lab labels" in section and "| blur | 16 | " in section
     run_script("new_lab.py", *args)  # resumes: every entry done, nothing measured twice
     assert len(json.loads(out.read_text())["rows"]) == len(result["rows"])
+    only = tmp_path / "added_only.json"
+    run_script("new_lab.py", *args[:-4], "--arms", "added", "--out", str(only), "--doc", str(doc))
+    assert {r["arm"] for r in json.loads(only.read_text())["rows"]} == {"clean", "added", "added, first lab's slides"}

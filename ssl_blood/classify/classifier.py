@@ -281,7 +281,7 @@ class Classifier:
         self.review_score = review_score  # REVIEW_SCORES; the AdaBN head reviews by the top probability
         self.members = list(members)  # an ensemble's fold models (MEMBER_FILE), else none
         self.ensemble = ensemble  # the ensemble's thresholds (its review pool: tensors under ENSEMBLE)
-        self._shift: shift.ShiftCheck | None = None  # set up on first use
+        self._shift: shift.KnownLabs | None = None  # set up on first use
 
     @property
     def head(self) -> LinearHead:
@@ -454,6 +454,8 @@ class Classifier:
         # the training lab's own cells: what a clean batch looks like
         tensors.update(shift.reference(clean, clean_images) if has_pool
                        else shift.reference(features[-len(cells):], cells.images))
+        if base is not None:  # the labs it knew stay known: their slides are not a shift
+            tensors.update(shift.kept_references(base.tensors))
         main = LinearHead(tensors, "", calibration["temperature"], thresholds, "smoothed")
         if has_pool:  # the head's calls on the lab's own cells: the neighbours a review may lean on
             tensors[POOL_LOGITS] = torch.as_tensor(main.logits(clean))
@@ -474,6 +476,11 @@ class Classifier:
                                else f"the {len(cells)} labelled cells",
                                "false_alarm_rate": shift.FALSE_ALARM,
                                "test": "local two-sample test of features and image statistics (classify.shift)"}
+        if base is not None:
+            card["shift_check"]["known_labs"] = 1 + len(shift.earlier_references(tensors))
+            card["shift_check"]["note"] = (
+                "a batch like any known lab (the first, or one whose labels were added) does not "
+                "warn; predict --adapt auto re-estimates BatchNorm for a batch unlike the first lab")
         if "propagation" in fit:
             card["propagation"] = fit["propagation"]
         if base is not None:
@@ -678,13 +685,13 @@ class Classifier:
         return self.embedder(images, progress=progress, views=self.views if views is None else views)
 
     def shift_check(self, features: np.ndarray, images: torch.Tensor | np.ndarray) -> dict[str, Any] | None:
-        """Is this batch (its unadapted `features` and its `images`) unlike the training lab's
-        own cells? See classify.shift. None for a classifier saved without that reference (an
-        earlier ssl-blood)."""
+        """Is this batch (its unadapted `features` and its `images`) unlike the cells of every
+        lab the classifier learned from? See classify.shift. None for a classifier saved without
+        that reference (an earlier ssl-blood)."""
         if not self.has_shift_reference or not len(features):
             return None
         if self._shift is None:
-            self._shift = shift.ShiftCheck(self.tensors)
+            self._shift = shift.KnownLabs(self.tensors)
         return self._shift(features, images)
 
     @property
@@ -707,8 +714,10 @@ class Classifier:
         probabilities, OOD score, review flag (probability below `min_probability` or OOD score
         above `max_ood`; defaults: the head's own). `adapt` 'adabn': the backbone's BatchNorm
         statistics re-estimated on these cells and the AdaBN head applied (`adapted_head`);
-        'auto': so only where the batch shift check warns (the check always measures the cells
-        as the classifier sees them unadapted). `views`: fewer dihedral views than the
+        'auto': so only where the batch is unlike the first lab the classifier learned from,
+        whose cells set the backbone's statistics (the batch shift check; it always measures the
+        cells as the classifier sees them unadapted; a batch like a lab whose labels were added
+        with `base` is adapted without a warning). `views`: fewer dihedral views than the
         classifier's, for speed."""
         if isinstance(cells, DataSource):
             from ssl_blood.data import default_split, load_split
@@ -742,7 +751,9 @@ class Classifier:
         views = self.views if views is None else views
         features = {"none": self.features(cells.images, progress, views)}
         batch_shift = self.shift_check(features["none"], cells.images)
-        warned = bool(batch_shift and batch_shift["shift_warning"])
+        # auto re-estimates where the backbone's statistics (the first lab's) do not fit the
+        # batch, even when labels added from a lab like it keep it from warning
+        unlike_first = bool(batch_shift and shift.unlike_first_lab(batch_shift))
         if "path" in cells.metadata:
             names, column = np.asarray(cells.metadata["path"]).astype(str), "path"
         else:
@@ -750,7 +761,7 @@ class Classifier:
         out = {}
         for adapt in adapts:
             applied = "adabn" if adapt == "adabn" or (
-                adapt == "auto" and warned and len(cells) >= ADABN_MIN_CELLS) else "none"
+                adapt == "auto" and unlike_first and len(cells) >= ADABN_MIN_CELLS) else "none"
             if applied not in features:
                 slide = self.embedder.adapted(cells.images, progress)
                 features[applied] = slide(cells.images, progress=progress, views=views)
@@ -1523,6 +1534,11 @@ def card_markdown(card: dict) -> str:
                   f"slides from another stain or scanner (predict --adapt adabn / auto), a second "
                   f"head on features with BatchNorm re-estimated on the lab's own cells: "
                   f"cross-validated accuracy {adabn['accuracy']:.1%}.", ""]
+    if "added_to" in card:
+        added, labs = card["added_to"], card.get("shift_check", {}).get("known_labs", 1)
+        lines += [f"{added['added_labels']} labels added to a classifier of {added['classifier_labels']} "
+                  f"(train-classifier --from); slides like any of the {labs} labs it learned from do not "
+                  f"warn, and predict --adapt auto re-estimates BatchNorm for slides unlike the first.", ""]
     recall = cv.get("recall", {})
     lines += ["| class | labelled cells | cross-validated recall |", "|---|---|---|"]
     lines += [f"| {name.replace('|', '/')} | {n} | "
@@ -1650,6 +1666,12 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                 f"{batch_shift['shift_threshold']:.2f}): "
                 f"another stain, scanner or focus (or a class mix far from the training lab's)? "
                 f"{done}, or add labels from this slide with ssl-blood train-classifier --from")
+    elif batch_shift and prediction.adapted == "adabn" and "shift_nearest_lab" in batch_shift:
+        from ssl_blood import ui
+
+        ui.note(f"these {len(cells)} cells look like those of a lab whose labels were added "
+                f"(train-classifier --from), not the first lab's: BatchNorm was re-estimated on "
+                f"them (AdaBN), as for that lab's labelled cells")
     counts = {"classifier": str(classifier), "data": source.to_dict(), "split": cells.split,
               "adapt": adapt, "views": model.views if views is None else views,
               "models": 1 + len(model.members),  # an ensemble's, averaged (adapt: the trained one alone)

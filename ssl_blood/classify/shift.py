@@ -13,6 +13,9 @@ Without a shift the residuals average to about zero whatever cells the slide hol
 blur or lamp moves every cell the same way. Per view the statistic is Hotelling's T² of the
 mean residual (per dimension), against a threshold bootstrapped from the pool's own residuals
 (leave-self-out) at the batch's size, each view at half of `FALSE_ALARM` (Bonferroni).
+A classifier that labels were added to from another lab (`train-classifier --from`) knows every
+lab it learned from (`KnownLabs`): a batch like any of them is not a shift, and a batch unlike
+the first lab, whose cells set the backbone's BatchNorm statistics, is what AdaBN corrects.
 Measured in docs/robustness.md. Hand-written: scipy/sklearn have no local two-sample test
 calibrated on an unlabelled reference, and this one is a few lines of numpy around faiss.
 """
@@ -31,7 +34,8 @@ FEATURE_DIMS = 16  # leading principal directions of the pool's features tested
 FALSE_ALARM = 0.01  # a clean batch warns this often (both views together)
 BOOTSTRAP_DRAWS = 1000
 BOOTSTRAP_MAX_CELLS = 2000  # T² per dimension is about chi²_d/d at any size; larger draws add little
-KEYS = ("shift_pool_features", "shift_pool_images")  # what a classifier keeps (tensors)
+KEYS = ("shift_pool_features", "shift_pool_images")  # what a classifier keeps (tensors): its latest lab's
+EARLIER = "shift_earlier/{}/"  # prefix of the same for the labs known before the latest (0: the first)
 VIEWS = ("features", "image_statistics")
 
 
@@ -54,6 +58,47 @@ def reference(features: np.ndarray, images: torch.Tensor | np.ndarray) -> dict[s
     image statistics."""
     return {"shift_pool_features": torch.as_tensor(l2_normalize(features)),
             "shift_pool_images": torch.as_tensor(image_statistics(images), dtype=torch.float64)}
+
+
+def earlier_references(tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The references of the labs a classifier knew before its latest one, oldest first."""
+    labs: list[dict[str, torch.Tensor]] = []
+    while all(EARLIER.format(len(labs)) + k in tensors for k in KEYS):
+        labs.append({k: tensors[EARLIER.format(len(labs)) + k] for k in KEYS})
+    return labs
+
+
+def kept_references(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors`' every known lab (its earlier ones, then its latest) as the earlier labs of a
+    classifier that adds another lab's labels to it."""
+    labs = earlier_references(tensors) + ([{k: tensors[k] for k in KEYS}] if all(k in tensors for k in KEYS) else [])
+    return {EARLIER.format(i) + k: v for i, lab in enumerate(labs) for k, v in lab.items()}
+
+
+class KnownLabs:
+    """The check against every lab a classifier knows (one, unless labels were added from
+    another lab): a batch is flagged when it is unlike each of them (the lowest score), and it
+    is unlike the first lab (`unlike_first_lab`) when its own check against that lab warns."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.checks = [ShiftCheck(lab) for lab in earlier_references(tensors)] + [ShiftCheck(tensors)]
+
+    def __call__(self, features: np.ndarray, images: torch.Tensor | np.ndarray) -> dict[str, Any]:
+        """ShiftCheck's fields of the lab the batch is most like; with several labs also
+        `shift_nearest_lab` (0: the first), `shift_lab_scores` and `shift_unlike_first_lab`."""
+        results = [check(features, images) for check in self.checks]
+        nearest = int(np.argmin([r["shift_score"] for r in results]))
+        out = dict(results[nearest])
+        if len(results) > 1:
+            out.update(shift_nearest_lab=nearest, shift_lab_scores=[r["shift_score"] for r in results],
+                       shift_unlike_first_lab=results[0]["shift_warning"])
+        return out
+
+
+def unlike_first_lab(result: dict[str, Any]) -> bool:
+    """Does a `KnownLabs` result say the batch is unlike the lab whose cells set the backbone's
+    BatchNorm statistics (what `predict --adapt auto` re-estimates for)?"""
+    return bool(result.get("shift_unlike_first_lab", result["shift_warning"]))
 
 
 class ShiftCheck:

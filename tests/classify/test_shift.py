@@ -3,6 +3,7 @@ unlabelled cells, quiet on a clean slide whatever its class mix, loud on a slide
 stain, blur or exposure."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,22 +138,34 @@ def test_the_adabn_head_is_fitted_under_the_labs_own_statistics(lab):
                                model.tensors["adabn/features"].numpy()[:5], atol=1e-4)
 
 
-def test_a_new_labs_added_labels_sit_under_its_own_statistics(lab, tiny_run, tmp_path):
-    """Labels added from another lab's slide (`--from`): the AdaBN head learns the new cells'
-    features under BatchNorm statistics re-estimated on that slide's own cells, as predict
-    --adapt adabn will re-estimate its slides; the first lab's cells keep theirs."""
+def add_labels(lab: Path, tiny_run, slide: str, base: Path, out: Path) -> Path:
+    """`train-classifier --from base` with 8 labels of `slide` (a test-split slide of `lab`)."""
     import csv
 
     from ssl_blood.cli import main
-    from ssl_blood.data import load_split, resolve_source
 
-    truth = dict(enumerate(np.load(tiny_run[1])["test_labels"][:, 0]))  # the stain slide: test, shifted
-    labels = tmp_path / "stain-labels.csv"
+    truth = dict(enumerate(np.load(tiny_run[1])["test_labels"][:, 0]))  # the slides are the test split
+    labels = out.parent / f"{out.name}-labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows([["path", "label"], *[[f"c{i:03d}.png", CELL_NAMES[int(truth[i])]] for i in range(8)]])
-    assert main(["train-classifier", "--from", str(lab / "clf"), "--image-dir", str(lab / "stain"), "--size", "16",
-                 "--cache-dir", "none", "--labels", str(labels), "--out", str(tmp_path / "clf2")]) == 0
-    first, added = Classifier.load(lab / "clf"), Classifier.load(tmp_path / "clf2")
+    assert main(["train-classifier", "--from", str(base), "--image-dir", str(lab / slide), "--size", "16",
+                 "--cache-dir", "none", "--labels", str(labels), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def stain_added(lab, tiny_run, tmp_path_factory) -> Path:
+    """The lab's classifier with 8 labels of the stained slide added (`--from`)."""
+    return add_labels(lab, tiny_run, "stain", lab / "clf", tmp_path_factory.mktemp("added") / "clf2")
+
+
+def test_a_new_labs_added_labels_sit_under_its_own_statistics(lab, stain_added):
+    """Labels added from another lab's slide (`--from`): the AdaBN head learns the new cells'
+    features under BatchNorm statistics re-estimated on that slide's own cells, as predict
+    --adapt adabn will re-estimate its slides; the first lab's cells keep theirs."""
+    from ssl_blood.data import load_split, resolve_source
+
+    first, added = Classifier.load(lab / "clf"), Classifier.load(stain_added)
     old = first.tensors["adabn/features"].numpy()
     np.testing.assert_array_equal(added.tensors["adabn/features"].numpy()[:len(old)], old)
     slide = load_split(resolve_source(image_dir=str(lab / "stain"), size=16, cache_dir=""), "train")
@@ -163,3 +176,68 @@ def test_a_new_labs_added_labels_sit_under_its_own_statistics(lab, tiny_run, tmp
                                                  if k.startswith("adabn/batchnorm/")})
     assert not np.allclose(under_first(slide.subset(np.arange(8)).images, views=added.views),
                            added.tensors["adabn/features"].numpy()[len(old):], atol=1e-3)
+
+
+@pytest.mark.parametrize("slide, warned, nearest, adapted", [
+    ("clean", False, 0, "none"),  # the first lab's: known, its statistics the backbone's
+    ("stain", None, 1, "adabn"),  # the added lab's: nearer it than the first, so re-estimated
+    ("brightness", True, None, "adabn")])  # neither's
+def test_an_added_classifier_knows_both_labs_and_adapts_the_new_ones_slides(lab, stain_added, tmp_path, capsys,
+                                                                             slide, warned, nearest, adapted):
+    """After `--from` the first lab's slides do not warn (before, the added lab's cells became
+    the only reference and they did), the added lab's slides are still re-estimated by
+    --adapt auto (before, auto never adapted them), and a third lab's warn. Whether the added
+    lab's own slide warns is left to the synthetic test below: its 32-cell pool here is too
+    small to calibrate the check."""
+    code, out, err = run_cli(capsys, "predict", "--classifier", stain_added, "--image-dir", lab / slide,
+                             "--size", "16", "--cache-dir", "none", "--adapt", "auto", "--out", tmp_path / "p.csv", "--json")
+    assert code == 0, err
+    counts = json.loads(out)
+    assert counts["adapted"] == adapted and len(counts["shift_lab_scores"]) == 2
+    assert counts["shift_unlike_first_lab"] is (slide != "clean")
+    if warned is not None:
+        assert counts["shift_warning"] is warned
+        assert ("look unlike the cells the classifier knows" in err) is warned
+    if nearest is not None:
+        assert counts["shift_nearest_lab"] == nearest
+    quiet_yet_adapted = not counts["shift_warning"] and adapted == "adabn"  # said why
+    assert ("look like those of a lab whose labels were added" in err) is quiet_yet_adapted
+
+
+def test_a_batch_like_any_known_lab_does_not_warn():
+    """KnownLabs on two synthetic labs (the second darker and moved in feature space): a
+    batch of either is quiet and named by its lab, only the second's is unlike the first,
+    and a third lab's warns."""
+    rng = np.random.default_rng(5)
+    first = synthetic_lab(1000, rng.integers(0, 4, 1000), rng)
+    offset = 0.5 * np.random.default_rng(6).normal(size=32).astype(np.float32)
+
+    def second_lab(n: int) -> tuple[np.ndarray, np.ndarray]:
+        features, images = synthetic_lab(n, rng.integers(0, 4, n), rng)
+        return features + offset, (images * 0.8).astype(np.uint8)
+
+    tensors = {shift.EARLIER.format(0) + k: v for k, v in shift.reference(*first).items()}
+    tensors.update(shift.reference(*second_lab(1000)))
+    labs = shift.KnownLabs(tensors)
+    for batch, nearest in ((synthetic_lab(200, rng.integers(0, 4, 200), rng), 0), (second_lab(200), 1)):
+        result = labs(*batch)
+        assert not result["shift_warning"] and result["shift_nearest_lab"] == nearest
+        assert shift.unlike_first_lab(result) is (nearest == 1)
+    features, images = synthetic_lab(200, rng.integers(0, 4, 200), rng)
+    third = labs(features - offset, np.clip(images * 1.3, 0, 255).astype(np.uint8))
+    assert third["shift_warning"] and shift.unlike_first_lab(third)
+
+
+def test_labs_added_twice_are_all_kept_oldest_first(lab, tiny_run, stain_added, tmp_path):
+    """A second `--from` keeps both labs the classifier knew, the first lab first (its pool is
+    the backbone's statistics' lab, what auto compares with), and the card counts them."""
+    twice = Classifier.load(add_labels(lab, tiny_run, "brightness", stain_added, tmp_path / "clf3"))
+    first, once = Classifier.load(lab / "clf"), Classifier.load(stain_added)
+    earlier = shift.earlier_references(twice.tensors)
+    assert len(earlier) == 2
+    for kept, known in zip(earlier, (first.tensors, once.tensors)):
+        for key in shift.KEYS:
+            torch.testing.assert_close(kept[key], known[key])
+    assert twice.card["shift_check"]["known_labs"] == 3
+    assert "slides like any of the 3 labs it learned from do not warn" in (tmp_path / "clf3" / "card.md").read_text()
+    assert shift.earlier_references(first.tensors) == [] and "known_labs" not in first.card["shift_check"]
