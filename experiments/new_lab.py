@@ -30,12 +30,10 @@ docs/robustness.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ssl_blood.analysis.robustness import available_corruptions, score
 from ssl_blood.analysis.select import select_cells
@@ -57,7 +55,7 @@ SHIFTS = "stain,medmnistc-jpeg_compression,medmnistc-defocus_blur"
 def shifted(cells: CellData, name: str, severity: int, seed: int) -> CellData:
     """`cells` under shift `name` (one draw of its parameters for all of them)."""
     images = available_corruptions()[name](cells.images.numpy(), severity, seed)
-    return dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)), image_file=None)
+    return cells.with_images(images)
 
 
 def labelling_order(base: Classifier, pool: CellData, how: str, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ OUT/robustness.png (accuracy heat map, corruption x severity, one panel per adap
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import io
 import random
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
 from ssl_blood import ui
 from ssl_blood.analysis.plots import robustness_heat_map_png
@@ -158,9 +156,8 @@ def run_robustness(classifier: Classifier, cells: CellData, corruptions: Sequenc
         if not shifted:
             continue
         for severity, images in shifted.items():
-            moved = dataclasses.replace(cells, images=torch.from_numpy(np.ascontiguousarray(images)),
-                                        image_file=None)
-            rows += [{"corruption": name, "severity": severity, **row} for row in score(classifier, moved, adapt)]
+            rows += [{"corruption": name, "severity": severity, **row}
+                     for row in score(classifier, cells.with_images(images), adapt)]
             bar.update(1)
         done.append(name)
     bar.close()

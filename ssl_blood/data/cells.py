@@ -10,6 +10,8 @@ holds. Commands never branch on the source kind.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -82,6 +84,14 @@ class CellData:
         return CellData(self.images, torch.as_tensor(np.asarray(labels, dtype=np.int64)), self.ids,
                         self.split, tuple(class_names), self.source, self.metadata,
                         self.image_file, self.row_offset)
+
+    def with_images(self, images: torch.Tensor | np.ndarray) -> "CellData":
+        """The same cells with other pixels (e.g. under a stain or scanner shift): labels, ids
+        and names kept; no decode cache lies behind them."""
+        images = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        if tuple(images.shape) != tuple(self.images.shape):
+            raise ValueError(f"`images` of shape {tuple(images.shape)}: the cells' are {tuple(self.images.shape)}")
+        return dataclasses.replace(self, images=images, image_file=None, row_offset=0)
 
     def labelled_only_at(self, rows: np.ndarray | Sequence[int]) -> "CellData":
         """Every cell, its label kept only at `rows` (the others unlabelled): a few labels among
