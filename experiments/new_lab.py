@@ -229,8 +229,9 @@ def main() -> None:
                 labels = np.bincount(pool.labels.numpy()[rows], minlength=len(base.class_names)).tolist()
                 if "added" in arms and {(shift, "added", k, draw), (shift, FIRST_LAB, k, draw)} - done:
                     added = Classifier.train(embedder, pool.labelled_only_at(rows), "logistic", seed=draw, base=base)
-                    extra = {**info, "new_labels_per_class": labels}
-                    keep(measured(added, new_test, "added", k, extra) + measured(added, test, FIRST_LAB, k, extra))
+                    extra = {**info, "new_labels_per_class": labels}  # each measured once (a resumed run)
+                    keep([row for arm, cells in (("added", new_test), (FIRST_LAB, test)) if (shift, arm, k, draw) not in done
+                          for row in measured(added, cells, arm, k, extra)])
                 if "alone" in arms and (shift, "alone", k, draw) not in done:
                     try:
                         alone = Classifier.train(embedder, pool.labelled_only_at(rows), "logistic", seed=draw,

@@ -508,6 +508,13 @@ def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
     assert "| stain | " in section and "+16 new-lab labels" in section and "| blur | 16 | " in section
     run_script("new_lab.py", *args)  # resumes: every entry done, nothing measured twice
     assert len(json.loads(out.read_text())["rows"]) == len(result["rows"])
+    earlier = {**result, "rows": [r for r in result["rows"] if r["arm"] != "added, first lab's slides"]}
+    out.write_text(json.dumps(earlier))  # results of before the first lab's arm: only that is measured
+    run_script("new_lab.py", *args)
+    again = json.loads(out.read_text())["rows"]
+    assert sorted(map(json.dumps, again)) != sorted(map(json.dumps, earlier["rows"]))
+    assert len(again) == len(result["rows"]) and [r for r in again if r["arm"] == "added"] == \
+        [r for r in result["rows"] if r["arm"] == "added"]
     only = tmp_path / "added_only.json"
     run_script("new_lab.py", *args[:-4], "--arms", "added", "--out", str(only), "--doc", str(doc))
     assert {r["arm"] for r in json.loads(only.read_text())["rows"]} == {"clean", "added", "added, first lab's slides"}

@@ -1666,7 +1666,7 @@ def predict_cells(classifier: str | Path, source: Any, out: str | Path, split: s
                 f"{batch_shift['shift_threshold']:.2f}): "
                 f"another stain, scanner or focus (or a class mix far from the training lab's)? "
                 f"{done}, or add labels from this slide with ssl-blood train-classifier --from")
-    elif batch_shift and prediction.adapted == "adabn" and "shift_nearest_lab" in batch_shift:
+    elif batch_shift and prediction.adapted == "adabn" and batch_shift.get("shift_nearest_lab", 0) > 0:
         from ssl_blood import ui
 
         ui.note(f"these {len(cells)} cells look like those of a lab whose labels were added "

@@ -204,6 +204,16 @@ def test_an_added_classifier_knows_both_labs_and_adapts_the_new_ones_slides(lab,
     assert ("look like those of a lab whose labels were added" in err) is quiet_yet_adapted
 
 
+def test_the_added_labs_note_is_not_said_of_the_first_labs_slides(lab, stain_added, tmp_path, capsys):
+    """--adapt adabn re-estimates every slide; only one nearer an added lab is said to be like it."""
+    code, out, err = run_cli(capsys, "predict", "--classifier", stain_added, "--image-dir", lab / "clean",
+                             "--size", "16", "--cache-dir", "none", "--adapt", "adabn", "--out", tmp_path / "p.csv", "--json")
+    assert code == 0, err
+    counts = json.loads(out)
+    assert counts["adapted"] == "adabn" and counts["shift_nearest_lab"] == 0
+    assert "look like those of a lab whose labels were added" not in err
+
+
 def test_a_batch_like_any_known_lab_does_not_warn():
     """KnownLabs on two synthetic labs (the second darker and moved in feature space): a
     batch of either is quiet and named by its lab, only the second's is unlike the first,
