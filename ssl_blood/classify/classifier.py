@@ -42,7 +42,7 @@ CONFIG, WEIGHTS, CARD, CARD_MD = "classifier.json", "head.pt", "card.json", "car
 HEADS = ("logistic", "propagate", "fine-tune", "fixmatch")
 TRAINED_BACKBONE_HEADS = ("fine-tune", "fixmatch")  # heads that train the backbone (minutes, not seconds)
 BACKBONE = "backbone.pt"  # a classifier's own backbone (trained heads, or `self_contained`)
-ADAPTATIONS = ("none", "adabn", "auto")  # what predict may do to a new slide first (auto: adabn where the shift check warns)
+ADAPTATIONS = ("none", "adabn", "auto")  # what predict may do to a new slide first (auto: adabn where the slide is unlike the first lab)
 ADAPTED = "adabn/"  # prefix of the AdaBN head's tensors (see _adapted_head)
 SOURCE_BATCHNORM = "adabn/batchnorm/"  # the backbone's BatchNorm statistics re-estimated on the lab's own cells (the last added ones')
 # Dihedral views averaged per cell (model.inference.DIHEDRAL): measured on BloodMNIST val (quick
