@@ -518,3 +518,33 @@ def test_new_lab_adds_a_new_labs_labels_and_resumes(tiny_run, tmp_path):
     only = tmp_path / "added_only.json"
     run_script("new_lab.py", *args[:-4], "--arms", "added", "--out", str(only), "--doc", str(doc))
     assert {r["arm"] for r in json.loads(only.read_text())["rows"]} == {"clean", "added", "added, first lab's slides"}
+
+
+def test_weight_decay_rule_chooses_by_the_rules_and_reads_paired_differences():
+    """The one-standard-error rules pick the strongest penalty within noise of the smallest loss;
+    the verdict calls a rule better or worse only beyond twice the paired standard error."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import weight_decay_rule as experiment
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    base = rng.exponential(0.5, 400)
+    losses = {0.01: base, 0.1: base + 0.005 + rng.normal(0, 0.02, 400), 1.0: base + 0.5}
+    assert experiment.smallest_loss(losses) == 0.01
+    # 0.005 is within the loss's own standard error (about 0.025), not within the paired one (0.001)
+    assert experiment.one_se(losses, paired=False) == 0.1 and experiment.one_se(losses, paired=True) == 0.01
+    noise = {0.01: base, 0.1: base + rng.normal(0, 0.02, 400), 1.0: base + 0.5}
+    assert experiment.one_se(noise, paired=True) == 0.1
+
+    def setting(**ece):
+        return {rule: {"ece": e, "new_lab": {"ece": e}, "first_lab": {"ece": e}} for rule, e in ece.items()}
+    own = [setting(**{"min": 0.05, "1se": 0.08 + 0.002 * i, "1se-paired": 0.05 + 0.01 * (-1) ** i}) for i in range(10)]
+    added = [{"shift": "medmnistc-defocus_blur", **setting(min=0.1, base=0.05 + 0.002 * i, stronger=0.1, fine=0.1)}
+             for i in range(10)]
+    said = experiment.verdict({"own_labels": own, "added_labels": added})
+    assert "own labels, 1se: ECE +0.039" in said and "(worse)" in said
+    assert "own labels, 1se-paired: ECE +0.000 ± 0.003 against min (level)" in said
+    assert "base: ECE -0.041" in said and "A rule calibrates better than `min` here" in said
+    assert "No rule calibrates better" in experiment.verdict({"own_labels": own, "added_labels": [
+        {**x, "base": x["min"]} for x in added]})
