@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from ssl_blood.analysis.robustness import available_corruptions
-from ssl_blood.analysis.select import select_cells
 from ssl_blood.classify import classifier as C
 from ssl_blood.classify.calibration import calibration_report, cell_nll, expected_calibration_error, softmax
 from ssl_blood.data import load_split
@@ -45,6 +44,7 @@ from ssl_blood.evaluation.frozen import fit_logistic
 from ssl_blood.files import write_json
 
 from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
+from semi_supervised import chosen_rows
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = frozen.PROBE_WEIGHT_DECAYS
@@ -113,18 +113,12 @@ def scored(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
             "nll": float(cell_nll(p, y).mean())}
 
 
-def labelled_rows(emb, budget: int, pick: str, seed: int, n: int) -> np.ndarray:
-    if pick == "typiclust":
-        return np.sort([p["id"] for p in select_cells(emb, budget, "typiclust", seed=seed)["picks"]])
-    return np.sort(np.random.default_rng(seed).choice(n, budget, replace=False))
-
-
 def own_labels(f: dict, emb) -> list[dict]:
     rows = []
     for budget in (40, 120, 400, 1196):
         for pick in ("typiclust", "random"):
             for seed in (0, 1, 2):
-                ids = labelled_rows(emb, budget, pick, seed, len(f["train_y"]))
+                ids = chosen_rows(emb, budget, pick, seed, len(f["train_y"]))
                 x, y = f["train"][ids], f["train_y"][ids]
                 oof, folds, losses = cross_validated(x, y, seed)
                 chosen = {"min": smallest_loss(losses), "1se": one_se(losses, False), "1se-paired": one_se(losses, True)}
@@ -138,7 +132,7 @@ def own_labels(f: dict, emb) -> list[dict]:
 def added_labels(f: dict, emb) -> list[dict]:
     rows, pool_y = [], f["train_y"][f["pool_rows"]]
     for seed in (0, 1, 2):
-        ids = labelled_rows(emb, 120, "typiclust", seed, len(f["train_y"]))
+        ids = chosen_rows(emb, 120, "typiclust", seed, len(f["train_y"]))
         x0, y0 = f["train"][ids], f["train_y"][ids]
         oof0, folds0, losses0 = cross_validated(x0, y0, seed)
         base_wd = smallest_loss(losses0)
