@@ -39,15 +39,14 @@ from ssl_blood.analysis.robustness import available_corruptions
 from ssl_blood.classify import classifier as C
 from ssl_blood.classify.calibration import calibration_report, cell_nll, expected_calibration_error, softmax
 from ssl_blood.data import load_split
-from ssl_blood.evaluation import frozen
-from ssl_blood.evaluation.frozen import fit_logistic
+from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 from ssl_blood.files import write_json
 
 from frozen_features import checkpoint_features, load_results, put_section, record_checkpoint
 from semi_supervised import chosen_rows
 
 REPO = Path(__file__).resolve().parents[1]
-GRID = frozen.PROBE_WEIGHT_DECAYS
+GRID = PROBE_WEIGHT_DECAYS
 FINE = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 SHIFTS = ("stain", "medmnistc-jpeg_compression", "medmnistc-defocus_blur")
 POOL, SEVERITY, POOL_SEED = 2000, 3, 123
@@ -74,11 +73,7 @@ def features(checkpoint: str, cache: Path) -> dict[str, np.ndarray]:
 def cross_validated(x: np.ndarray, y: np.ndarray, seed: int, grid=GRID) -> tuple[dict, np.ndarray, dict]:
     """Out-of-fold logits per weight decay of `grid` (the classifier's folds and fits), folds, per-cell NLL."""
     folds, k = C._folds(y, seed)
-    saved, frozen.PROBE_WEIGHT_DECAYS = frozen.PROBE_WEIGHT_DECAYS, grid  # _cv_logits reads the grid from there
-    try:
-        oof = C._cv_logits(lambda r: (x[r], y[r]), x, y, folds, k, NUM_CLASSES)
-    finally:
-        frozen.PROBE_WEIGHT_DECAYS = saved
+    oof = C._cv_logits(lambda r: (x[r], y[r]), x, y, folds, k, NUM_CLASSES, grid)
     return oof, folds, {wd: cell_nll(softmax(oof[wd]), y) for wd in grid}
 
 

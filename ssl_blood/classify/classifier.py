@@ -1287,19 +1287,21 @@ def _cross_validated_propagate(features: np.ndarray, labels: np.ndarray, unlabel
 
 
 def _cv_logits(training_set, features: np.ndarray, labels: np.ndarray, folds: np.ndarray, k: int,
-               num_classes: int) -> dict[float, np.ndarray]:
-    """Out-of-fold logits per weight decay of a logistic head fitted on `training_set(rows)`
-    (the fold's training rows, plus whatever it adds) and scored on the held-out rows."""
+               num_classes: int, weight_decays: Sequence[float] | None = None) -> dict[float, np.ndarray]:
+    """Out-of-fold logits per weight decay (`weight_decays`, else PROBE_WEIGHT_DECAYS) of a
+    logistic head fitted on `training_set(rows)` (the fold's training rows, plus whatever it
+    adds) and scored on the held-out rows."""
     from ssl_blood.evaluation.frozen import PROBE_WEIGHT_DECAYS, fit_logistic
 
-    oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in PROBE_WEIGHT_DECAYS}
+    weight_decays = PROBE_WEIGHT_DECAYS if weight_decays is None else weight_decays
+    oof = {wd: np.zeros((len(labels), num_classes), np.float32) for wd in weight_decays}
     for f in range(k):
         x, y = training_set(np.flatnonzero(folds != f))
         mean, std = x.mean(0), x.std(0) + 1e-6
         xt = torch.as_tensor((x - mean) / std)
         held = torch.as_tensor((features[folds == f] - mean) / std)
         previous = None
-        for wd in sorted(PROBE_WEIGHT_DECAYS, reverse=True):  # strong to weak, warm-started
+        for wd in sorted(weight_decays, reverse=True):  # strong to weak, warm-started
             previous = fit_logistic(xt, torch.as_tensor(y), num_classes, wd, start=previous)
             with torch.no_grad():
                 oof[wd][folds == f] = previous(held).numpy()
