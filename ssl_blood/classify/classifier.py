@@ -1184,6 +1184,12 @@ def cv_log_loss(oof_logits: np.ndarray, labels: np.ndarray) -> float:
     return negative_log_likelihood(softmax(oof_logits), labels)
 
 
+def chosen_weight_decay(log_loss: dict[float, float]) -> float:
+    """The weight decay whose cross-validated log loss (`cv_log_loss`) is smallest; ties: the
+    stronger penalty. (experiments/weight_decay_rule.py found no rule that calibrates better.)"""
+    return min(log_loss, key=lambda wd: (log_loss[wd], -wd))
+
+
 def _added_copies(base: "Classifier", known: int,
                   copies: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
     """The shifted copies of a classifier's labelled cells followed by those of the cells added
@@ -1216,7 +1222,7 @@ def _cross_validated_logistic(features: np.ndarray, labels: np.ndarray, num_clas
     oof = _cv_logits(training_set, features, labels, folds, k, num_classes)
     accuracy = {wd: float((oof[wd].argmax(1) == labels).mean()) for wd in PROBE_WEIGHT_DECAYS}
     loss = {wd: cv_log_loss(oof[wd], labels) for wd in PROBE_WEIGHT_DECAYS}
-    best = min(PROBE_WEIGHT_DECAYS, key=lambda wd: (loss[wd], -wd))  # ties: stronger penalty
+    best = chosen_weight_decay(loss)
     x, y = training_set(np.arange(len(labels)))
     mean, std = x.mean(0), x.std(0) + 1e-6
     head = fit_logistic(torch.as_tensor((x - mean) / std), torch.as_tensor(y), num_classes, best)
