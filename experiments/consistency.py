@@ -9,7 +9,9 @@ budget, through the Python API exactly as the command runs:
 - `fixmatch` / `fixmatch-fast` / `flexmatch` / `fixmatch-calibrated`: consistency training
   from the checkpoint for `--steps` (plain FixMatch thresholds at the default learning rate or
   3x it, FlexMatch's class-adaptive thresholds with their floor, or FixMatch from the head
-  divided by its cross-validated temperature), then the logistic head on the trained backbone.
+  divided by its cross-validated temperature), then the logistic head on the trained backbone;
+  `fixmatch-ema-teacher` / `fixmatch-ema-aligned`: fixmatch-calibrated with the pseudo-labels
+  from the weight average, and with ReMixMatch's distribution alignment on top.
   Which is reported for every seed is chosen on val with seed 0 (the benchmark's val split; a
   lab's own run has none and uses the default). Steps, not minutes: a budget in minutes would
   make the result depend on what else the machine was doing;
@@ -58,7 +60,11 @@ def markers(tag: str) -> tuple[str, str]:
 VARIANTS = {"fixmatch": {"adaptive": False, "calibrated_start": False},
             "fixmatch-fast": {"adaptive": False, "lr": 3e-3, "calibrated_start": False},
             "flexmatch": {"adaptive": True, "calibrated_start": False},
-            "fixmatch-calibrated": {"adaptive": False, "calibrated_start": True}}  # the library's default
+            "fixmatch-calibrated": {"adaptive": False, "calibrated_start": True},  # the library's default
+            # pseudo-labels from the weight average; and with distribution alignment on top
+            "fixmatch-ema-teacher": {"adaptive": False, "calibrated_start": True, "teacher": "ema"},
+            "fixmatch-ema-aligned": {"adaptive": False, "calibrated_start": True, "teacher": "ema",
+                                     "align": True}}
 PICKS = {"random": "random", "loop": "loop: typiclust then margin"}  # --picks: loop_classifier.picks' names
 
 

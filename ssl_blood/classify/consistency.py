@@ -15,7 +15,8 @@ small CPU budgets on a pretrained backbone:
 - BatchNorm statistics stay those of pretraining (the naive recipe with trained statistics
   collapsed within a few steps at a 28-px batch of 128);
 - an exponential moving average of the weights (the "EMA teacher") is what is kept: single
-  checkpoints swing by about 3 points between steps.
+  checkpoints swing by about 3 points between steps; optionally (`teacher="ema"`) it also gives
+  the pseudo-labels, and ReMixMatch's distribution alignment (`align`) re-weights them.
 
 Written here rather than taken from USB/TorchSSL: those train their own loops and data loaders
 (PIL per image); this one reuses ssl-blood's batched device augmentation and resumes exactly.
@@ -44,6 +45,8 @@ from ssl_blood.errors import UserError
 from ssl_blood.files import torch_save
 from ssl_blood.model.augment import AugmentConfig, BatchAugment
 
+TEACHERS = ("student", "ema")  # ConsistencyConfig.teacher
+ALIGN_MOMENTUM = 0.99  # running mean of the predictions over ~100 steps, as ReMixMatch's 128 batches
 BUDGET_SAFETY = 0.9  # share of the budget planned for steps: the machine may slow down later
 TIMED_STEPS = 3  # steps timed (after one warm-up step) to size a `minutes` budget
 
@@ -71,6 +74,13 @@ class ConsistencyConfig:
     threshold_floor: float = 0.7  # adaptive thresholds never below this (see class_thresholds)
     unlabelled_weight: float = 1.0  # lambda_u
     ema_decay: float = 0.99  # ~100-step horizon: runs here are hundreds of steps, not 2**20
+    # who gives the pseudo-labels: "student" (FixMatch: the network being trained) or "ema"
+    # (the weight average, as Mean Teacher: steadier calls at few labels, no extra compute)
+    teacher: str = "student"
+    # ReMixMatch's distribution alignment: the weak views' probabilities times the labelled
+    # cells' class shares over the running mean of the network's own predictions, so a class
+    # the network under-calls (basophils at 40 labels) still earns pseudo-labels
+    align: bool = False
     cutout: float = 0.5  # side of the cut-out square as a share of the view's side
     stain: float = 0.0  # HED stain jitter of both views (augment.stain_jitter): another lab's stain
     # share of unlabelled cells whose strong view is first put under a random stain, blur,
@@ -97,6 +107,9 @@ class ConsistencyConfig:
         for name in ("threshold", "threshold_floor", "ema_decay", "cutout", "stain"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"`{name}` {getattr(self, name)} must be in [0, 1)", param=name)
+        if self.teacher not in TEACHERS:
+            raise UserError(f"`teacher` {self.teacher!r} is not one of {', '.join(TEACHERS)}",
+                            param="teacher")
         if not 0 <= self.shift_augment <= 1:
             raise UserError(f"`shift_augment` {self.shift_augment} must be in [0, 1]", param="shift_augment")
 
@@ -152,6 +165,10 @@ def class_thresholds(selected: torch.Tensor, num_classes: int, tau: float,
     return (tau * beta / (2 - beta)).clamp(min=min(floor, tau))
 
 
+# settings added after states were saved, with the default those states ran under
+ADDED_LATER = {"shift_augment": 0.0, "teacher": "student", "align": False}
+
+
 def _fingerprint(cfg: ConsistencyConfig, labels: np.ndarray, n_unlabelled: int,
                  model: nn.Module) -> str:
     """What a resumable state belongs to: settings (not the budget), labels, data, the backbone
@@ -160,8 +177,9 @@ def _fingerprint(cfg: ConsistencyConfig, labels: np.ndarray, n_unlabelled: int,
     from slightly different heads (seen: the same command in a later process refused a
     500-step run's state); a resumed run loads the state's weights anyway."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("minutes", "steps", "save_every")}
-    if not settings["shift_augment"]:  # added later: a state saved before it still resumes
-        del settings["shift_augment"]
+    for name, default in ADDED_LATER.items():  # at its default, a state saved before it resumes
+        if settings[name] == default:
+            del settings[name]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(np.asarray(labels, dtype=np.int64).tobytes())
     digest.update(str(n_unlabelled).encode())
@@ -182,13 +200,17 @@ class _State:
     order_gen: torch.Generator  # which cells (CPU)
     view_gen: torch.Generator  # their views (on the device)
     history: list[dict]
+    # distribution alignment: the labelled cells' class shares and the running mean prediction
+    target_shares: torch.Tensor | None = None
+    mean_prediction: torch.Tensor | None = None
 
     def to_dict(self, fingerprint: str) -> dict[str, Any]:
         return {"fingerprint": fingerprint, "step": self.step, "total": self.total,
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "selected": self.selected,
                 "order_generator": self.order_gen.get_state(),
-                "view_generator": self.view_gen.get_state(), "history": self.history}
+                "view_generator": self.view_gen.get_state(), "history": self.history,
+                "mean_prediction": self.mean_prediction}
 
 
 def _optimizer(model: HeadedBackbone, cfg: ConsistencyConfig) -> torch.optim.Optimizer:
@@ -225,6 +247,9 @@ def train_consistency(model: HeadedBackbone, labelled: torch.Tensor, labels: np.
                    torch.full((len(unlabelled),), -1, dtype=torch.long),
                    torch.Generator().manual_seed(cfg.seed),
                    torch.Generator(device).manual_seed(cfg.seed + 1), [])
+    if cfg.align:
+        state.target_shares = class_shares(labels, num_classes)
+        state.mean_prediction = torch.full((num_classes,), 1.0 / num_classes)
     resumed = _resume(state, state_path, fingerprint)
     weak = BatchAugment(dataclasses.replace(WEAK, stain=cfg.stain), mean, std)
     strong = BatchAugment(dataclasses.replace(STRONG, stain=cfg.stain), mean, std)
@@ -284,6 +309,7 @@ def _resume(state: _State, state_path: str | Path | None, fingerprint: str) -> i
     state.order_gen.set_state(saved["order_generator"])
     state.view_gen.set_state(saved["view_generator"])  # a ByteTensor on the CPU for any device
     state.step, state.total, state.history = int(saved["step"]), int(saved["total"]), list(saved["history"])
+    state.mean_prediction = saved.get("mean_prediction")
     return state.step
 
 
@@ -348,11 +374,32 @@ def _pseudo_labels(state: _State, cfg: ConsistencyConfig, x_u: torch.Tensor, row
                    weak: BatchAugment, size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The weak views' pseudo-labels of unlabelled cells `x_u` (positions `rows`) and the mask
     of those above their class's threshold; updates the classes' learning effects."""
+    teacher = state.ema if cfg.teacher == "ema" else state.model
     with torch.no_grad():
-        probs = state.model(weak.view(x_u, state.view_gen, size, WEAK.crop_scale)).float().softmax(1)
+        probs = teacher(weak.view(x_u, state.view_gen, size, WEAK.crop_scale)).float().softmax(1)
+    if cfg.align:
+        probs = _aligned(state, probs)
     confidence, pseudo = probs.max(1)
     over_tau = (confidence > cfg.threshold).cpu()
     state.selected[rows[over_tau]] = pseudo.cpu()[over_tau]
     thresholds = class_thresholds(state.selected, num_classes, cfg.threshold, cfg.adaptive,
                                   cfg.threshold_floor)
     return pseudo, (confidence >= thresholds.to(confidence.device)[pseudo]).float()
+
+
+def class_shares(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """The labelled cells' class shares, one pseudo-count each (a class without labels is not 0)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes) + 1.0
+    return torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
+
+
+def _aligned(state: _State, probs: torch.Tensor) -> torch.Tensor:
+    """ReMixMatch's distribution alignment (Berthelot et al., ICLR 2020): `probs` times the
+    target class shares over the running mean prediction, renormalised; the running mean is
+    updated with this batch's raw mean first. Hand-written: lightly has no SSL-classification
+    losses, and USB's version is tied to its own algorithm classes."""
+    batch_mean = probs.mean(0).cpu()
+    state.mean_prediction = ALIGN_MOMENTUM * state.mean_prediction + (1 - ALIGN_MOMENTUM) * batch_mean
+    ratio = (state.target_shares / state.mean_prediction).to(probs.device)
+    aligned = probs * ratio
+    return aligned / aligned.sum(1, keepdim=True)

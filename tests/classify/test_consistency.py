@@ -102,15 +102,16 @@ def test_consistency_training_improves_over_its_initial_head(disc_data):
     assert accuracy["labelled only"] > accuracy["initial"], accuracy  # the labels alone help too
 
 
-@pytest.mark.parametrize("shift_augment", [0.0, 0.5])
-def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch, shift_augment):
+@pytest.mark.parametrize("extra", [{}, {"shift_augment": 0.5}, {"teacher": "ema", "align": True}])
+def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch, extra):
     """Interrupted after its step-4 state, a rerun continues from there and ends with the same
-    weights as a run that never stopped (with shifted views too: their draws resume)."""
+    weights as a run that never stopped (with shifted views too: their draws resume; and with
+    the EMA teacher and distribution alignment: the running mean prediction resumes)."""
     import ssl_blood.classify.consistency as consistency
 
     labelled, labels, unlabelled, _, _, mean, std = disc_data
     cfg = ConsistencyConfig(steps=10, labelled_batch=8, unlabelled_ratio=2, save_every=4,
-                            precision="fp32", shift_augment=shift_augment)
+                            precision="fp32", **extra)
     straight, _ = train_consistency(_start(labelled, labels, mean, std, unlabelled), labelled, labels,
                                     unlabelled, mean, std, 16, cfg, torch.device("cpu"))
     real_step, calls = consistency._step, []
@@ -140,6 +141,30 @@ def test_a_run_resumes_exactly(disc_data, tmp_path, monkeypatch, shift_augment):
         train_consistency(_start(labelled, labels, mean, std, unlabelled), labelled, labels, unlabelled, mean,
                           std, 16, ConsistencyConfig(steps=10, threshold=0.8), torch.device("cpu"),
                           state_path=state)
+
+
+def test_distribution_alignment_lifts_the_class_the_network_under_calls():
+    """ReMixMatch's alignment: with labelled shares 50/50 and a network that has called class 1
+    a tenth of the time, a cell at 0.6/0.4 becomes a class-1 call; the running mean moves
+    toward the batch's mean prediction; a class without labels keeps a pseudo-count."""
+    from ssl_blood.classify.consistency import _aligned, _State, class_shares
+
+    shares = class_shares(np.array([0, 0, 1, 1]), 3)
+    assert torch.allclose(shares, torch.tensor([3, 3, 1]) / 7.0)
+    state = _State(0, 1, None, None, None, None, None, None, [],
+                   target_shares=torch.tensor([0.5, 0.5]), mean_prediction=torch.tensor([0.9, 0.1]))
+    probs = torch.tensor([[0.6, 0.4], [0.9, 0.1]])
+    aligned = _aligned(state, probs)
+    assert torch.allclose(aligned.sum(1), torch.ones(2))
+    assert aligned[0].argmax() == 1 and aligned[1].argmax() == 0
+    assert 0.1 < float(state.mean_prediction[1]) < 0.25 and float(state.mean_prediction[0]) < 0.9
+
+
+def test_an_unknown_teacher_is_refused_by_name():
+    from ssl_blood.errors import UserError
+
+    with pytest.raises(UserError, match="`teacher` 'mean'"):
+        ConsistencyConfig(teacher="mean").check()
 
 
 def test_flexmatch_thresholds_scale_with_each_class_learning_effect():
