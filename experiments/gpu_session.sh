@@ -12,7 +12,8 @@
 #   probe      one SimCLR full-preset run (seed 0) through reproduce.py: linear probe, kNN, few-shot
 #   ablate     experiments/ablate.py over experiments/configs/gpu_round1_simclr.txt (val only)
 #   fixmatch   quick-preset SimCLR, then experiments/consistency.py (logistic / fixmatch / from
-#              scratch at 40 random labels, seed 0) with 3000 steps: the GPU's budget, not the CPU's
+#              scratch at 40 random labels, seed 0) with 3000 steps: the GPU's budget, not the CPU's;
+#              three recipes on val (the CPU's default, EMA teacher, EMA teacher + alignment)
 set -uo pipefail
 OUT=${OUT:-/tmp/ssl-blood-out}
 SIZE=${SIZE:-full}
@@ -21,18 +22,19 @@ DATA=${SSL_BLOOD_DATA_ROOT:?set SSL_BLOOD_DATA_ROOT}
 mkdir -p "$OUT"
 python3 -c "import torch, json; print(json.dumps({'torch': torch.__version__, 'cuda': torch.cuda.is_available(), 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))" | tee "$OUT/env.json"
 
+RECIPES=fixmatch-calibrated,fixmatch-ema-teacher,fixmatch-ema-aligned
 if [ "$SIZE" = tiny ]; then
   BENCH="--seconds 2 --rounds 1 --warmup 1 --epochs 1 --workers 2"
   RETRIEVAL="--synthetic-n 20000 --real-configs ivf:nlist=32:1,4,16 --configs ivf:nlist=64:1,4,16 --repeats 1"
   PROBE="--smoke"
   ABLATE="--preset quick --candidate tiny=epochs=1;limit=200;backbone=cnn6;knn_every=-1"
-  FIXMATCH="--steps 5 --seeds 1"
+  FIXMATCH="--steps 5 --seeds 1 --variants $RECIPES"
 else
   BENCH="--seconds 10 --rounds 3"
   RETRIEVAL="--repeats 3 --configs ivf:nlist=4096:8,16,32,64"
   PROBE="--episodes 10 --supervised-epochs 0"
   ABLATE="--preset full --candidates-file experiments/configs/gpu_round1_simclr.txt"
-  FIXMATCH="--steps 3000 --seeds 1"
+  FIXMATCH="--steps 3000 --seeds 1 --variants $RECIPES"
 fi
 
 run() {  # name, command...: time it, keep its log, never abort the script

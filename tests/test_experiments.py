@@ -263,7 +263,8 @@ def test_consistency_tiny(tiny_run, tmp_path):
                "--budgets", "8", "--out", str(out), "--doc", str(doc))
     result = json.loads(out.read_text())
     chosen = result["chosen"]
-    assert set(result["val"]) == {"fixmatch", "fixmatch-fast", "flexmatch", "fixmatch-calibrated"}
+    assert set(result["val"]) == {"fixmatch", "fixmatch-fast", "flexmatch", "fixmatch-calibrated",
+                                  "fixmatch-ema-teacher", "fixmatch-ema-aligned"}
     assert result["val"][chosen] == max(result["val"].values())
     reported = {k for k, e in result["entries"].items() if e["reported"]}
     assert reported == {f"{h}-8-seed{s}" for h in ("logistic", chosen, f"scratch-{chosen}") for s in (0, 1)}
