@@ -75,7 +75,8 @@ class ConsistencyConfig:
     unlabelled_weight: float = 1.0  # lambda_u
     ema_decay: float = 0.99  # ~100-step horizon: runs here are hundreds of steps, not 2**20
     # who gives the pseudo-labels: "student" (FixMatch: the network being trained) or "ema"
-    # (the weight average, as Mean Teacher: steadier calls at few labels, no extra compute)
+    # (the weight average, as Mean Teacher; no extra compute). Both this and `align` measured
+    # level with the defaults at 40 labels (docs/label-efficiency.md), hence off by default
     teacher: str = "student"
     # ReMixMatch's distribution alignment: the weak views' probabilities times the labelled
     # cells' class shares over the running mean of the network's own predictions, so a class
